@@ -1,0 +1,258 @@
+"""KV-cached batched sampling and the one log-prob function of comal.
+
+generate():  each prompt is prefilled once; its KV cache is replicated for
+             its n samples into a cache preallocated for the whole response
+             and updated in place; rows that emit EOS stop, and the batch is
+             compacted when enough rows have finished that the smaller batch
+             pays for the copy.
+sequence_logprobs():  per-token and per-sequence log-probs of response tokens
+             with a fused, chunked output layer: logits exist only chunk by
+             chunk, in forward and in backward, never as a (B, T, V) tensor.
+
+Both work for any transformers causal LM whose logits are
+`get_output_embeddings()(base_model(...).last_hidden_state)` (Llama, Qwen,
+Mistral, GPT-2, ...). Left padding everywhere; positions are counted from the
+first real token, so a padded batch computes exactly what each row alone does.
+"""
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import StaticCache
+
+
+@dataclass
+class Samples:
+    """n samples per prompt; row i*n + j is sample j of prompt i.
+
+    prompt_ids (N, P) left-padded, prompt_mask (N, P); response_ids (N, R)
+    right-padded with pad_token_id after EOS, response_mask (N, R) (the EOS
+    token itself counts as response); token_logps (N, R) log-probs of the
+    sampled tokens at temperature 1 (0 where masked); prompt_index (N,).
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    token_logps: torch.Tensor
+    prompt_index: torch.Tensor
+
+    def sequences(self):
+        """(input_ids, attention_mask, response_mask) of prompt + response, as sequence_logprobs takes them."""
+        input_ids = torch.cat([self.prompt_ids, self.response_ids], 1)
+        attention_mask = torch.cat([self.prompt_mask, self.response_mask], 1)
+        response_mask = torch.cat([torch.zeros_like(self.prompt_mask), self.response_mask], 1)
+        return input_ids, attention_mask, response_mask
+
+    def to(self, device):
+        return Samples(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+def left_pad(prompts, pad_token_id, device):
+    """(ids, mask) of shape (B, P) from a list of token-id lists, padded on the left."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            mask[i, P - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(mask):
+    """Position ids counted from each row's first real token (left padding)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def cache_kwargs(model, cache):
+    """The cache keyword of this model's forward ('cache' in newer transformers, else 'past_key_values')."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Restrict (N, V) logits to the top-k tokens, then to the smallest set of
+    most likely tokens whose probability reaches top_p (others -> -inf)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def check_sampling_args(prompts, n, max_new_tokens, temperature, top_p, top_k):
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+
+
+@torch.inference_mode()
+def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0,
+             eos_token_ids=None, generator=None, pad_token_id=None, device=None, compact_fraction=0.25):
+    """Sample n responses for each prompt (lists of token ids); returns Samples.
+
+    temperature 0 is greedy. eos_token_ids default to the model's
+    generation/config eos ids; pad_token_id to its pad id, else the first EOS.
+    `generator` (on the model's device) makes sampling repeatable. The batch is
+    compacted once at least `compact_fraction` of the running rows finished.
+    Results are returned on `device` (default: the model's device).
+    """
+    check_sampling_args(prompts, n, max_new_tokens, temperature, top_p, top_k)
+    dev = next(model.parameters()).device
+    cfg = model.config
+    if eos_token_ids is None:
+        gen_cfg = getattr(model, "generation_config", None)
+        eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+        eos = eos if eos is not None else cfg.eos_token_id
+        eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    eos_token_ids = [int(e) for e in eos_token_ids]
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_token_ids[0] if eos_token_ids else None)
+    if pad_token_id is None and (len({len(p) for p in prompts}) > 1 or eos_token_ids):
+        raise ValueError("pad_token_id: the model has no pad or eos token, and padding is needed; pass pad_token_id")
+    pad = 0 if pad_token_id is None else int(pad_token_id)
+
+    prompt_ids, prompt_mask = left_pad(prompts, pad, dev)
+    B, P = prompt_ids.shape
+    N, L = B * n, P + max_new_tokens
+    cache = StaticCache(config=cfg, max_cache_len=L)
+    # Prefill each prompt once; only the last position's logits are needed.
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask),
+                logits_to_keep=1, **cache_kwargs(model, cache))
+    for layer in cache.layers:  # replicate the prefilled cache for the n samples of each prompt
+        layer.keys = layer.keys.repeat_interleave(n, 0)
+        layer.values = layer.values.repeat_interleave(n, 0)
+    logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # (N, V)
+    mask = torch.zeros(N, L, dtype=torch.long, device=dev)  # attention mask over the whole cache
+    mask[:, :P] = prompt_mask.repeat_interleave(n, 0)
+    next_pos = prompt_mask.sum(-1).repeat_interleave(n, 0)  # (N,) position id of the next token
+
+    response = torch.full((N, max_new_tokens), pad, dtype=torch.long, device=dev)
+    logps = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=dev)
+    rows = torch.arange(N, device=dev)  # original row of each running row
+    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=dev)
+    finished = torch.zeros(N, dtype=torch.bool, device=dev)
+    for t in range(max_new_tokens):
+        logp_all = torch.log_softmax(logits, -1)  # temperature-1 log-probs, what the losses need
+        if temperature == 0:
+            tok = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        response[rows, t] = tok
+        logps[rows, t] = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+        if len(eos_token_ids):
+            finished |= torch.isin(tok, eos)
+        if t == max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask[:, P + t] = 1
+        if bool(finished.any()) and int(finished.sum()) >= compact_fraction * len(rows):
+            idx = (~finished).nonzero().squeeze(-1)  # drop finished rows from the cache and the batch
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+            rows, tok, mask, next_pos, finished = rows[idx], tok[idx], mask[idx], next_pos[idx], finished[idx]
+        # Finished rows not yet dropped keep decoding; what they produce after EOS is masked below.
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    cache_position=torch.tensor([P + t], device=dev), **cache_kwargs(model, cache))
+        next_pos = next_pos + 1
+        logits = out.logits[:, -1].float()
+    # Everything after each row's first EOS is padding and carries no log-prob.
+    is_eos = torch.isin(response, eos) if len(eos_token_ids) else torch.zeros_like(response, dtype=torch.bool)
+    after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    response_mask = (~after).long()
+    response = response.masked_fill(after, pad)
+    logps = logps.masked_fill(after, 0.0)
+    out_dev = dev if device is None else device
+    return Samples(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0), response, response_mask,
+                   logps, torch.arange(B, device=dev).repeat_interleave(n)).to(out_dev)
+
+
+# ---------------------------------------------------------------------------
+# Log-probs: the one function used by sampler tests, training and evaluation
+# ---------------------------------------------------------------------------
+
+
+class FusedTokenLogprob(torch.autograd.Function):
+    """log softmax(h W^T + b)[target] for (M, H) hidden states, chunk by chunk.
+
+    Forward keeps only the (M,) log-sum-exp; backward recomputes each chunk's
+    logits, so peak memory is O(chunk * V) instead of O(M * V).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        M = hidden.shape[0]
+        logp = torch.empty(M, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(M, dtype=torch.float32, device=hidden.device)
+        for s in range(0, M, chunk):
+            logits = F.linear(hidden[s:s + chunk], weight, bias).float()  # (c, V) fp32
+            lse[s:s + chunk] = torch.logsumexp(logits, -1)
+            logp[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and ctx.needs_input_grad[2] else None
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk]
+            logits = F.linear(h, weight, bias).float()
+            # d logp / d logits = onehot(target) - softmax(logits)
+            g = -torch.exp(logits - lse[s:s + chunk, None])  # (c, V)
+            g.scatter_add_(-1, targets[s:s + chunk, None], torch.ones_like(g[:, :1]))
+            g.mul_(grad_logp[s:s + chunk, None].float())
+            if grad_h is not None:
+                grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(g.T, h.float())
+            if grad_b is not None:
+                grad_b += g.sum(0)
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None
+
+
+def sequence_logprobs(model, input_ids, attention_mask, response_mask, chunk_tokens=None):
+    """Per-token (B, T) and per-sequence (B,) log-probs of the response tokens.
+
+    Token t's log-prob (under the model's prediction from positions < t) is at
+    index t; positions with response_mask 0 are 0. Only response positions
+    reach the output layer, in chunks of `chunk_tokens` rows (default: about
+    64M logits per chunk), log-softmax in fp32.
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=positions(attention_mask), use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    B, T = input_ids.shape
+    sel = response_mask[:, 1:].bool()  # token t+1 is predicted at position t
+    h = hidden[:, :-1][sel]  # (M, H)
+    targets = input_ids[:, 1:][sel]  # (M,)
+    V = head.weight.shape[0]
+    chunk = chunk_tokens or max(1, (1 << 26) // V)
+    logp = FusedTokenLogprob.apply(h, head.weight, head.bias, targets, chunk)  # (M,)
+    token_logps = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
+    token_logps[:, 1:] = token_logps[:, 1:].masked_scatter(sel, logp)
+    return token_logps, token_logps.sum(-1)
