@@ -134,9 +134,10 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     B, P = prompt_ids.shape
     N, L = B * n, P + max_new_tokens
     cache = StaticCache(config=cfg, max_cache_len=L)
+    cache_kw = cache_kwargs(model, cache)  # inspected once, not per decoded token
     # Prefill each prompt once; only the last position's logits are needed.
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask),
-                logits_to_keep=1, **cache_kwargs(model, cache))
+                logits_to_keep=1, **cache_kw)
     for layer in cache.layers:  # replicate the prefilled cache for the n samples of each prompt
         layer.keys = layer.keys.repeat_interleave(n, 0)
         layer.values = layer.values.repeat_interleave(n, 0)
@@ -151,14 +152,14 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=dev)
     finished = torch.zeros(N, dtype=torch.bool, device=dev)
     for t in range(max_new_tokens):
-        logp_all = torch.log_softmax(logits, -1)  # temperature-1 log-probs, what the losses need
         if temperature == 0:
             tok = logits.argmax(-1)
         else:
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         response[rows, t] = tok
-        logps[rows, t] = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+        # temperature-1 log-prob of the sampled token, what the losses need (no (N, V) log-softmax)
+        logps[rows, t] = logits.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
         if len(eos_token_ids):
             finished |= torch.isin(tok, eos)
         if t == max_new_tokens - 1 or bool(finished.all()):
@@ -171,7 +172,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
             rows, tok, mask, next_pos, finished = rows[idx], tok[idx], mask[idx], next_pos[idx], finished[idx]
         # Finished rows not yet dropped keep decoding; what they produce after EOS is masked below.
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    cache_position=torch.tensor([P + t], device=dev), **cache_kwargs(model, cache))
+                    cache_position=torch.tensor([P + t], device=dev), **cache_kw)
         next_pos = next_pos + 1
         logits = out.logits[:, -1].float()
     # Everything after each row's first EOS is padding and carries no log-prob.

@@ -50,7 +50,6 @@ def main():
     with torch.no_grad():
         hf = model.generate(input_ids=ids[:4], attention_mask=mask[:4], do_sample=False, max_new_tokens=16,
                             pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
-    ids4, _ = sample.left_pad(prompts[:4], 0, args.device)
     assert torch.equal(ours.response_ids, hf.to(ours.response_ids.device)), "greedy outputs differ"
     print("greedy outputs identical to model.generate: yes")
 
