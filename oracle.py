@@ -1,0 +1,547 @@
+"""Preference oracles P(y > y' | x): the category game, a mixture of Bradley-Terry
+reward models (eq. 4) and a pairwise LLM judge.
+
+Every oracle has the same three methods; prompts and responses are strings.
+    prob(prompts, responses_a, responses_b)    -> (B,) P(a > b), in [0, 1], P(a>b) + P(b>a) = 1
+    sample(prompts, responses_a, responses_b, generator) -> (B,) Bernoulli labels (lambda_P), 1 = a wins
+    winrate_matrix(prompts, groups)            -> (B, n, n) M[b, i, j] = P(y_i > y_j | x_b), diagonal 1/2
+winrate_matrix feeds best/worst pair selection, the win-rate rewards of Alg. 5
+(r_i = 1/G sum_j M[i, j]) and evaluation; it does the shared work once: a
+reward model scores each distinct response once, a judge sees each ordered
+pair once.
+
+Build one from a config block with build_oracle({"kind": ..., ...}); check_oracle_config
+validates the block (keys, types, paths, heads, templates) without loading any weights.
+
+    kind: category        categories: [rock, paper, scissors]   payoff: [[...]] (default App. I)
+    kind: bt_mixture      models: [{path: DIR, weight: 0.5}, {path: DIR2, weight: 0.5}]
+    kind: pairwise_judge  path: DIR   template: "...{instruction}...{output_a}...{output_b}..."
+
+Models are loaded from local directories only (no hub is assumed reachable).
+"""
+import json
+import math
+import os
+import string
+
+import torch
+
+PAPER_PAYOFF = [[0.5, 0.1, 0.8], [0.9, 0.5, 0.1], [0.2, 0.9, 0.5]]  # App. I; NE [4/11, 3/11, 4/11]
+PAPER_CATEGORIES = ["rock", "paper", "scissors"]
+
+# A judge prompt in the spirit of App. K's pairwise oracle: instruction, two outputs, answer "Output (a)" or "Output (b)".
+DEFAULT_JUDGE_TEMPLATE = (
+    "You are a careful evaluator. Read the instruction and the two outputs, then say which "
+    "output follows the instruction better. Answer with exactly \"Output (a)\" or \"Output (b)\".\n\n"
+    "# Instruction:\n{instruction}\n\n# Output (a):\n{output_a}\n\n# Output (b):\n{output_b}\n\n"
+    "# Which is better, Output (a) or Output (b)?"
+)
+
+
+class OracleError(ValueError):
+    """A bad oracle config, path, model or template: one line naming what is wrong."""
+
+
+class Oracle:
+    """Shared sampling and matrix logic; subclasses implement prob (and may override winrate_matrix)."""
+
+    def prob(self, prompts, responses_a, responses_b):
+        raise NotImplementedError
+
+    def sample(self, prompts, responses_a, responses_b, generator=None):
+        """Bernoulli preference labels y ~ lambda_P: 1.0 where a is preferred (float32, CPU)."""
+        p = self.prob(prompts, responses_a, responses_b).to(torch.float64)
+        return torch.bernoulli(p, generator=generator).to(torch.float32)
+
+    def winrate_matrix(self, prompts, groups):
+        """(B, n, n) from n responses per prompt; generic version: prob() on the pairs i < j."""
+        check_groups(prompts, groups)
+        n = len(groups[0])
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        xs = [x for x in prompts for _ in pairs]
+        a = [g[i] for g in groups for i, _ in pairs]
+        b = [g[j] for g in groups for _, j in pairs]
+        p = self.prob(xs, a, b).view(len(prompts), len(pairs)) if pairs else torch.zeros(len(prompts), 0)
+        M = torch.full((len(prompts), n, n), 0.5)
+        for k, (i, j) in enumerate(pairs):
+            M[:, i, j] = p[:, k]
+            M[:, j, i] = 1 - p[:, k]
+        return M
+
+
+def check_groups(prompts, groups):
+    if len(prompts) != len(groups):
+        raise ValueError(f"{len(prompts)} prompts but {len(groups)} response groups")
+    if len({len(g) for g in groups}) > 1:
+        raise ValueError("every prompt needs the same number of responses in winrate_matrix")
+
+
+def check_pairs(prompts, responses_a, responses_b):
+    if not len(prompts) == len(responses_a) == len(responses_b):
+        raise ValueError(f"prob needs equal lengths, got {len(prompts)} prompts, "
+                         f"{len(responses_a)} responses_a, {len(responses_b)} responses_b")
+
+
+# ---------------------------------------------------------------------------
+# 1. The category game (the embedded default)
+# ---------------------------------------------------------------------------
+
+
+class CategoryGame(Oracle):
+    """P(y > y') = A[c(y), c(y')], where c(y) is the response's first word if it is a category.
+
+    The rule: strip the response, take its first whitespace-separated word,
+    strip surrounding punctuation, lowercase it (unless case_sensitive); its
+    index in `categories` is the category, otherwise c(y) = -1 ("none"). A
+    response in no category loses to every categorised one and ties another
+    uncategorised one, i.e. the game is A extended by a dominated action
+    (extended_payoff). The prompt is ignored: the game is the same for every x.
+    """
+
+    def __init__(self, categories=None, payoff=None, case_sensitive=False):
+        self.categories = list(categories or PAPER_CATEGORIES)
+        self.case_sensitive = case_sensitive
+        self.A = torch.tensor(payoff if payoff is not None else PAPER_PAYOFF, dtype=torch.float64)
+        self.index = {(c if case_sensitive else c.lower()): i for i, c in enumerate(self.categories)}
+
+    def category(self, responses):
+        """(B,) long: the category index of each response, -1 for none."""
+        out = []
+        for y in responses:
+            words = y.split(maxsplit=1)
+            w = words[0].strip(string.punctuation) if words else ""
+            out.append(self.index.get(w if self.case_sensitive else w.lower(), -1))
+        return torch.tensor(out, dtype=torch.long)
+
+    def extended_payoff(self):
+        """(C+1, C+1): A plus a last "none" action that loses to every category and ties itself."""
+        C = len(self.categories)
+        E = torch.full((C + 1, C + 1), 0.5, dtype=torch.float64)
+        E[:C, :C] = self.A
+        E[:C, C] = 1.0
+        E[C, :C] = 0.0
+        return E
+
+    def prob(self, prompts, responses_a, responses_b):
+        check_pairs(prompts, responses_a, responses_b)
+        E = self.extended_payoff()
+        ca, cb = self.category(responses_a), self.category(responses_b)  # -1 indexes the "none" row
+        return E[ca, cb].to(torch.float32)
+
+    def winrate_matrix(self, prompts, groups):
+        check_groups(prompts, groups)
+        E = self.extended_payoff()
+        c = torch.stack([self.category(g) for g in groups]) if groups else torch.zeros(0, 0, dtype=torch.long)
+        return E[c[:, :, None], c[:, None, :]].to(torch.float32)  # (B, n, n)
+
+    def exploitability(self, p):
+        """max_c (E p)_c - 1/2 for a distribution p over the C categories (or C+1 with "none" last).
+
+        0 iff p is a Nash equilibrium; the best response is always a category,
+        so mass on "none" only raises exploitability.
+        """
+        p = torch.as_tensor(p, dtype=torch.float64)
+        C = len(self.categories)
+        if p.shape[-1] == C:
+            p = torch.cat([p, p.new_zeros(p.shape[:-1] + (1,))], -1)
+        if p.shape[-1] != C + 1:
+            raise ValueError(f"exploitability needs a distribution over {C} categories (+ none), got {p.shape[-1]}")
+        return ((p @ self.extended_payoff().T).max(-1).values - 0.5)
+
+
+# ---------------------------------------------------------------------------
+# Loading models from local directories
+# ---------------------------------------------------------------------------
+
+
+def check_model_dir(path, what):
+    """Fail early, without loading weights, unless `path` is a local model directory; return its config."""
+    from transformers import AutoConfig
+
+    if not isinstance(path, str) or not path:
+        raise OracleError(f"{what}: path must be a non-empty string, got {path!r}")
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise OracleError(f"{what}: {path} is a file, not a model directory (config.json + weights)")
+        looks_like_hub = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+        hint = (" -- it looks like a hub name, but no model hub is reachable here: download the model "
+                "and give its local directory") if looks_like_hub else ""
+        raise OracleError(f"{what}: model directory {path} does not exist{hint}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise OracleError(f"{what}: {path} has no config.json, it is not a transformers model directory")
+    names = os.listdir(path)
+    if not any(n.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")) for n in names):
+        raise OracleError(f"{what}: {path} has no weights (*.safetensors / *.bin)")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # malformed config.json, unknown model type, ...
+        raise OracleError(f"{what}: cannot read {path}/config.json: {str(e).splitlines()[0]}") from None
+
+
+def load_tokenizer(path, what):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise OracleError(f"{what}: cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise OracleError(f"{what}: the tokenizer in {path} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_dtype(device, dtype):
+    """bf16 on GPU, fp32 on CPU unless the config says otherwise."""
+    if dtype not in (None, "auto"):
+        return getattr(torch, dtype)
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def chat_text(tokenizer, user, assistant=None, use_chat_template=None):
+    """The text a model sees: its chat template if it has one (or if asked), else plain text."""
+    if use_chat_template is None:
+        use_chat_template = bool(getattr(tokenizer, "chat_template", None))
+    if not use_chat_template:
+        return user if assistant is None else f"{user}\n\n{assistant}"
+    messages = [{"role": "user", "content": user}]
+    if assistant is not None:
+        messages.append({"role": "assistant", "content": assistant})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=assistant is None)
+
+
+# ---------------------------------------------------------------------------
+# 2. Mixture of Bradley-Terry reward models (eq. 4)
+# ---------------------------------------------------------------------------
+
+
+class RewardModel:
+    """One sequence-classification reward model with its own tokenizer and chat template."""
+
+    def __init__(self, path, device, dtype=None, batch_size=8, max_length=4096, use_chat_template=None,
+                 reward_index=0):
+        from transformers import AutoModelForSequenceClassification
+
+        self.path, self.device, self.batch_size, self.max_length = path, device, batch_size, max_length
+        self.use_chat_template, self.reward_index = use_chat_template, reward_index
+        self.tokenizer = load_tokenizer(path, f"reward model {path}")
+        self.tokenizer.padding_side = "right"
+        self.model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=model_dtype(device, dtype), local_files_only=True, output_loading_info=True)
+        if info["missing_keys"]:
+            raise OracleError(f"reward model {path}: weights missing from the checkpoint "
+                              f"({', '.join(sorted(info['missing_keys'])[:3])}): it has no trained reward head")
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id  # rows end at their last non-pad token
+        self.model.to(device).eval()
+        self.calls = 0  # number of sequences scored, for tests and logging
+
+    @torch.no_grad()
+    def score(self, prompts, responses):
+        """(B,) float64 rewards r(x, y), longest-first batches of `batch_size`."""
+        texts = [chat_text(self.tokenizer, x, y, self.use_chat_template) for x, y in zip(prompts, responses)]
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = torch.empty(len(texts), dtype=torch.float64)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                                 max_length=self.max_length, add_special_tokens=not self.uses_template()).to(self.device)
+            logits = self.model(**enc).logits  # (b, num_labels)
+            out[idx] = logits[:, self.reward_index].double().cpu()
+            self.calls += len(idx)
+        return out
+
+    def uses_template(self):
+        # A chat template writes its own BOS; adding special tokens again would double it.
+        return self.use_chat_template if self.use_chat_template is not None else bool(self.tokenizer.chat_template)
+
+
+class BTMixture(Oracle):
+    """P(a > b | x) = sum_k w_k sigmoid(r_k(x, a) - r_k(x, b))   (eq. 4; the paper: two models, w = 1/2 each).
+
+    A mixture of Bradley-Terry models is not a Bradley-Terry model: the
+    preference can cycle, which is what makes the game general.
+    """
+
+    def __init__(self, reward_models, weights):
+        self.reward_models, self.weights = reward_models, list(weights)
+
+    def rewards(self, prompts, responses):
+        """(K, B) rewards; each distinct (prompt, response) is scored once per reward model."""
+        keys = list(zip(prompts, responses))
+        distinct = list(dict.fromkeys(keys))
+        where = {k: i for i, k in enumerate(distinct)}
+        idx = torch.tensor([where[k] for k in keys], dtype=torch.long)
+        xs, ys = [k[0] for k in distinct], [k[1] for k in distinct]
+        return torch.stack([rm.score(xs, ys)[idx] for rm in self.reward_models])
+
+    def prob(self, prompts, responses_a, responses_b):
+        check_pairs(prompts, responses_a, responses_b)
+        B = len(prompts)
+        r = self.rewards(list(prompts) * 2, list(responses_a) + list(responses_b))  # (K, 2B)
+        w = torch.tensor(self.weights, dtype=torch.float64)
+        return (w[:, None] * torch.sigmoid(r[:, :B] - r[:, B:])).sum(0).to(torch.float32)  # (B,)
+
+    def winrate_matrix(self, prompts, groups):
+        check_groups(prompts, groups)
+        B, n = len(groups), len(groups[0]) if groups else 0
+        r = self.rewards([x for x, g in zip(prompts, groups) for _ in g], [y for g in groups for y in g])
+        r = r.view(-1, B, n)  # (K, B, n)
+        w = torch.tensor(self.weights, dtype=torch.float64)
+        M = (w[:, None, None, None] * torch.sigmoid(r[..., :, None] - r[..., None, :])).sum(0)  # (B, n, n)
+        return M.to(torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# 3. Pairwise judge
+# ---------------------------------------------------------------------------
+
+
+class PairwiseJudge(Oracle):
+    """A causal LM reads (instruction, output a, output b) and answers which is better.
+
+    q(x, a, b) = p(answer_a) / (p(answer_a) + p(answer_b)) at the first token where
+    the two answer strings differ (their common prefix is appended to the prompt).
+    Both orders are judged and averaged,
+        P(a > b) = (q(x, a, b) + 1 - q(x, b, a)) / 2,
+    so position bias cancels and P(a > b) + P(b > a) = 1 exactly.
+    """
+
+    def __init__(self, path, device, template=DEFAULT_JUDGE_TEMPLATE, answer_a="Output (a)", answer_b="Output (b)",
+                 dtype=None, batch_size=8, max_length=4096, use_chat_template=None):
+        from transformers import AutoModelForCausalLM
+
+        check_template(template)
+        self.path, self.device, self.template = path, device, template
+        self.batch_size, self.max_length, self.use_chat_template = batch_size, max_length, use_chat_template
+        self.tokenizer = load_tokenizer(path, f"judge {path}")
+        self.prefix_ids, self.token_a, self.token_b = answer_tokens(self.tokenizer, answer_a, answer_b)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype(device, dtype), local_files_only=True)
+        self.model.to(device).eval()
+        self.calls = 0
+
+    def judge_ids(self, prompt, first, second):
+        text = self.template.format(instruction=prompt, output_a=first, output_b=second)
+        text = chat_text(self.tokenizer, text, None, self.use_chat_template)
+        templated = self.use_chat_template if self.use_chat_template is not None else bool(self.tokenizer.chat_template)
+        ids = self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        ids = ids[-(self.max_length - len(self.prefix_ids)):]  # keep the question at the end if too long
+        return ids + self.prefix_ids
+
+    @torch.no_grad()
+    def first_wins(self, prompts, firsts, seconds):
+        """(B,) float64 q: the judge's probability that the first-shown output is better."""
+        from sample import left_pad, positions
+
+        seqs = [self.judge_ids(x, a, b) for x, a, b in zip(prompts, firsts, seconds)]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        head = self.model.get_output_embeddings()
+        out = torch.empty(len(seqs), dtype=torch.float64)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            ids, mask = left_pad([seqs[i] for i in idx], self.tokenizer.pad_token_id, self.device)
+            h = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                                      use_cache=False).last_hidden_state[:, -1]  # (b, H)
+            logits = head(h).float()  # (b, V): only the last position reaches the output layer
+            two = torch.stack([logits[:, self.token_a], logits[:, self.token_b]], -1)
+            out[idx] = torch.softmax(two.double(), -1)[:, 0].cpu()
+            self.calls += len(idx)
+        return out
+
+    def prob(self, prompts, responses_a, responses_b):
+        check_pairs(prompts, responses_a, responses_b)
+        B = len(prompts)
+        q = self.first_wins(list(prompts) * 2, list(responses_a) + list(responses_b), list(responses_b) + list(responses_a))
+        return ((q[:B] + 1 - q[B:]) / 2).to(torch.float32)
+
+    def winrate_matrix(self, prompts, groups):
+        """Each ordered pair (i, j), i != j, is judged once; M[i, j] = (q[i, j] + 1 - q[j, i]) / 2."""
+        check_groups(prompts, groups)
+        B, n = len(groups), len(groups[0]) if groups else 0
+        ordered = [(i, j) for i in range(n) for j in range(n) if i != j]
+        q = torch.full((B, n, n), 0.5, dtype=torch.float64)
+        if ordered:
+            qs = self.first_wins([x for x in prompts for _ in ordered], [g[i] for g in groups for i, _ in ordered],
+                                 [g[j] for g in groups for _, j in ordered]).view(B, len(ordered))
+            for k, (i, j) in enumerate(ordered):
+                q[:, i, j] = qs[:, k]
+        return ((q + 1 - q.transpose(1, 2)) / 2).to(torch.float32)
+
+
+def check_template(template):
+    if not isinstance(template, str):
+        raise OracleError(f"oracle.template must be a string, got {type(template).__name__}")
+    missing = [s for s in ("{instruction}", "{output_a}", "{output_b}") if s not in template]
+    if missing:
+        raise OracleError(f"oracle.template is missing the slot(s) {', '.join(missing)}: the judge must see "
+                          "the instruction and both outputs")
+    try:
+        template.format(instruction="", output_a="", output_b="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise OracleError(f"oracle.template has a stray format field {e} (write literal braces as {{{{ }}}})") from None
+
+
+def answer_tokens(tokenizer, answer_a, answer_b):
+    """(common prefix ids, token id of a, token id of b) at the first position the two answers differ."""
+    ia = tokenizer(answer_a, add_special_tokens=False)["input_ids"]
+    ib = tokenizer(answer_b, add_special_tokens=False)["input_ids"]
+    k = 0
+    while k < min(len(ia), len(ib)) and ia[k] == ib[k]:
+        k += 1
+    if k == len(ia) or k == len(ib):
+        raise OracleError(f"oracle answers {answer_a!r} and {answer_b!r} do not differ in a token "
+                          "(one is a prefix of the other)")
+    return ia[:k], ia[k], ib[k]
+
+
+# ---------------------------------------------------------------------------
+# The config-level factory
+# ---------------------------------------------------------------------------
+
+KINDS = {
+    "category": {"kind", "categories", "payoff", "case_sensitive"},
+    "bt_mixture": {"kind", "models", "dtype", "batch_size", "max_length"},
+    "pairwise_judge": {"kind", "path", "template", "answer_a", "answer_b", "dtype", "batch_size", "max_length",
+                       "use_chat_template"},
+}
+RM_KEYS = {"path", "weight", "use_chat_template", "reward_index", "max_length"}
+
+
+def _type(block, key, types, where="oracle"):
+    v = block[key]
+    if isinstance(v, bool) and bool not in types or not isinstance(v, types):
+        names = "/".join(t.__name__ for t in types)
+        raise OracleError(f"{where}.{key} must be {names}, got {v!r}")
+    return v
+
+
+def _positive_int(block, key, where="oracle"):
+    if key in block and (_type(block, key, (int,), where) < 1):
+        raise OracleError(f"{where}.{key} must be >= 1, got {block[key]}")
+
+
+def check_oracle_config(block, check_paths=True):
+    """Validate an `oracle:` block without loading any weights; raise OracleError naming the key."""
+    if not isinstance(block, dict):
+        raise OracleError(f"oracle must be a mapping with a 'kind' key, got {block!r}")
+    kind = block.get("kind", "category")
+    if kind not in KINDS:
+        raise OracleError(f"oracle.kind: unknown kind {kind!r} (choose from {', '.join(KINDS)})")
+    unknown = sorted(set(block) - KINDS[kind])
+    if unknown:
+        raise OracleError(f"oracle.{unknown[0]}: unknown key for kind {kind} (allowed: {', '.join(sorted(KINDS[kind] - {'kind'}))})")
+    if "dtype" in block and block["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise OracleError(f"oracle.dtype must be auto, float32, bfloat16 or float16, got {block['dtype']!r}")
+    for key in ("batch_size", "max_length"):
+        _positive_int(block, key)
+    if kind == "category":
+        cats = block.get("categories", PAPER_CATEGORIES)
+        if not isinstance(cats, list) or len(cats) < 2 or not all(isinstance(c, str) and c.split() == [c] for c in cats):
+            raise OracleError(f"oracle.categories must be a list of at least 2 single words, got {cats!r}")
+        keyed = [c if block.get("case_sensitive", False) else c.lower() for c in cats]
+        if len(set(keyed)) != len(keyed):
+            raise OracleError(f"oracle.categories has duplicates: {cats}")
+        payoff = block.get("payoff", PAPER_PAYOFF if len(cats) == 3 else None)
+        if payoff is None:
+            raise OracleError(f"oracle.payoff is required for {len(cats)} categories (the default is the 3x3 of App. I)")
+        if isinstance(payoff, str):
+            payoff = load_payoff_file(payoff)
+        from toy_game import BadInput, validate_payoff
+
+        try:
+            validate_payoff(payoff)
+        except BadInput as e:
+            raise OracleError(f"oracle.{e}") from None
+        if len(payoff) != len(cats):
+            raise OracleError(f"oracle.payoff is {len(payoff)}x{len(payoff)} but there are {len(cats)} categories")
+        if "case_sensitive" in block:
+            _type(block, "case_sensitive", (bool,))
+        return {"kind": kind, "categories": cats, "payoff": payoff, "case_sensitive": block.get("case_sensitive", False)}
+    if kind == "bt_mixture":
+        models = block.get("models")
+        if not isinstance(models, list) or not models:
+            raise OracleError("oracle.models must be a non-empty list of {path: DIR, weight: w}")
+        for k, m in enumerate(models):
+            where = f"oracle.models[{k}]"
+            if not isinstance(m, dict) or "path" not in m:
+                raise OracleError(f"{where} must be a mapping with a path (and a weight), got {m!r}")
+            bad = sorted(set(m) - RM_KEYS)
+            if bad:
+                raise OracleError(f"{where}.{bad[0]}: unknown key (allowed: {', '.join(sorted(RM_KEYS))})")
+            if "weight" in m and (_type(m, "weight", (int, float), where) <= 0 or not math.isfinite(m["weight"])):
+                raise OracleError(f"{where}.weight must be a positive number, got {m['weight']}")
+            for key, types in (("reward_index", (int,)), ("max_length", (int,)), ("use_chat_template", (bool,))):
+                if key in m:
+                    _type(m, key, types, where)
+            if check_paths:
+                config = check_model_dir(m["path"], where)
+                archs = getattr(config, "architectures", None) or []
+                if not any(a.endswith("ForSequenceClassification") for a in archs):
+                    raise OracleError(f"{where}: {m['path']} is a {', '.join(archs) or 'model of unknown architecture'}, "
+                                      "not a *ForSequenceClassification reward model (no reward head)")
+                if m.get("reward_index", 0) >= getattr(config, "num_labels", 1):
+                    raise OracleError(f"{where}.reward_index {m['reward_index']} >= num_labels {config.num_labels}")
+        weights = [m.get("weight", 1.0 / len(models)) for m in models]
+        if abs(sum(weights) - 1) > 1e-6:
+            raise OracleError(f"oracle.models weights sum to {sum(weights):.6g}, must sum to 1 (eq. 4 is a mixture)")
+        return dict(block, kind=kind)
+    # pairwise_judge
+    if "path" not in block:
+        raise OracleError("oracle.path is required for kind pairwise_judge (a local causal LM directory)")
+    check_template(block.get("template", DEFAULT_JUDGE_TEMPLATE))
+    for key, types in (("answer_a", (str,)), ("answer_b", (str,)), ("use_chat_template", (bool,))):
+        if key in block:
+            _type(block, key, types)
+    if check_paths:
+        config = check_model_dir(block["path"], "oracle.path")
+        archs = getattr(config, "architectures", None) or []
+        if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+            raise OracleError(f"oracle.path: {block['path']} is a {', '.join(archs)}, not a causal LM judge")
+    return dict(block, kind=kind)
+
+
+def load_payoff_file(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise OracleError(f"oracle.payoff: cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise OracleError(f"oracle.payoff: {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def build_oracle(block=None, device=None):
+    """An Oracle from a config block (default: the category game of App. I)."""
+    cfg = check_oracle_config(block if block is not None else {"kind": "category"})
+    device = torch.device(device) if device is not None else default_device()
+    if cfg["kind"] == "category":
+        return CategoryGame(cfg["categories"], cfg["payoff"], cfg["case_sensitive"])
+    common = {k: cfg[k] for k in ("dtype", "batch_size", "max_length") if k in cfg}
+    if cfg["kind"] == "bt_mixture":
+        rms = []
+        for m in cfg["models"]:
+            kw = dict(common, **{k: m[k] for k in ("use_chat_template", "reward_index", "max_length") if k in m})
+            rms.append(RewardModel(m["path"], device, **kw))
+        return BTMixture(rms, [m.get("weight", 1.0 / len(cfg["models"])) for m in cfg["models"]])
+    kw = {k: cfg[k] for k in ("template", "answer_a", "answer_b", "use_chat_template") if k in cfg}
+    return PairwiseJudge(cfg["path"], device, **common, **kw)
+
+
+def load_oracle_yaml(path):
+    """The `oracle:` block of a YAML file (the whole file if it has no such key), validated."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise OracleError(f"cannot read oracle config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise OracleError(f"oracle config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    block = data.get("oracle", data) if isinstance(data, dict) else data
+    check_oracle_config(block)
+    return block

@@ -1,0 +1,309 @@
+"""oracle.py: the category game, the Bradley-Terry mixture (eq. 4) and the pairwise judge on tiny saved models."""
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+import oracle
+import tiny
+import toy_game
+
+PROMPTS = ["why rock", "write a short poem", "list two numbers"]
+RESPONSES = ["rock is good", "paper beats it because", "scissors and more", "the answer is no",
+             "very long story about code", "yes."]
+
+
+def llama_config(tok, **kw):
+    return LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       initializer_range=0.5, **kw)
+
+
+def save_reward_model(path, seed, vocab, chat):
+    tok = tiny.train_tokenizer(tiny.synthetic_text(seed=seed), vocab, chat_template=chat)
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(llama_config(tok, num_labels=1))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def save_judge(path, seed=7):
+    tok = tiny.train_tokenizer(tiny.synthetic_text(seed=seed), 350)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(llama_config(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("oracle_models")
+    return {"rm1": save_reward_model(d / "rm1", 1, 300, chat=True),
+            "rm2": save_reward_model(d / "rm2", 2, 420, chat=False),  # another tokenizer, no chat template
+            "judge": save_judge(d / "judge")}
+
+
+def all_pairs(prompts=PROMPTS, responses=RESPONSES):
+    xs, a, b = [], [], []
+    for x in prompts:
+        for i, ya in enumerate(responses):
+            for yb in responses[i + 1:]:
+                xs.append(x), a.append(ya), b.append(yb)
+    return xs, a, b
+
+
+# ---------------------------------------------------------------------------
+# Category game
+# ---------------------------------------------------------------------------
+
+
+def test_category_game_reproduces_the_payoff_on_hand_written_responses():
+    game = oracle.build_oracle({"kind": "category"})
+    written = ["Rock, obviously.", "paper", "  scissors! cut", "rocks are not rock", "", "paper-thin"]
+    assert game.category(written).tolist() == [0, 1, 2, -1, -1, -1]
+    cats = ["rock wins", "Paper.", "scissors"]
+    A = torch.tensor(oracle.PAPER_PAYOFF)
+    for i, a in enumerate(cats):
+        for j, b in enumerate(cats):
+            assert game.prob(["x"], [a], [b]).item() == pytest.approx(A[i, j].item(), abs=0)
+    # an uncategorised response loses to every category and ties another uncategorised one
+    assert game.prob(["x"] * 4, ["hello", "rock", "hello", "no"], ["paper", "hello", "nope", "yes"]).tolist() == [0, 1, .5, .5]
+    M = game.winrate_matrix(["x", "y"], [cats + ["none"], ["scissors", "rock", "rock", "paper"]])
+    assert torch.equal(M[0, :3, :3], A)
+    assert M[0, 3].tolist() == [0, 0, 0, 0.5] and M[0, :3, 3].tolist() == [1, 1, 1]
+    xs, a, b = ["y"] * 16, [], []
+    for ya in ["scissors", "rock", "rock", "paper"]:
+        for yb in ["scissors", "rock", "rock", "paper"]:
+            a.append(ya), b.append(yb)
+    assert torch.equal(M[1].flatten(), game.prob(xs, a, b))
+
+
+def test_category_game_exploitability_matches_the_tabular_game():
+    game = oracle.CategoryGame()
+    A = torch.tensor(oracle.PAPER_PAYOFF, dtype=torch.float64)
+    assert abs(float(game.exploitability(toy_game.PAPER_NE))) < 1e-15
+    p = [0.2, 0.5, 0.3]
+    assert float(game.exploitability(p)) == pytest.approx(toy_game.exploitability(A, p), abs=1e-15)
+    assert float(game.exploitability(p)) == pytest.approx(0.2 * 0.2 + 0.9 * 0.5 + 0.5 * 0.3 - 0.5)  # scissors is the best response
+    # mass on "none" only adds exploitability: the best response to [NE * 0.9, 0.1 none] wins 0.1 * 1 more
+    q = [x * 0.9 for x in toy_game.PAPER_NE] + [0.1]
+    assert float(game.exploitability(q)) == pytest.approx(0.9 * 0.5 + 0.1 - 0.5)
+    batch = game.exploitability(torch.tensor([p, toy_game.PAPER_NE]))
+    assert batch.shape == (2,)
+    # a 4-category game from a payoff file
+    payoff = [[0.5, 1, 0, 0.5], [0, 0.5, 1, 0.5], [1, 0, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5]]
+    g4 = oracle.build_oracle({"kind": "category", "categories": ["a", "b", "c", "d"], "payoff": payoff})
+    assert g4.prob(["x"], ["a"], ["b"]).item() == 1.0 and float(g4.exploitability([0.25] * 4)) == pytest.approx(0)
+
+
+# ---------------------------------------------------------------------------
+# Bradley-Terry mixture (eq. 4)
+# ---------------------------------------------------------------------------
+
+
+def bt(models, weights=(0.3, 0.7)):
+    return oracle.build_oracle({"kind": "bt_mixture", "batch_size": 4, "models": [
+        {"path": models["rm1"], "weight": weights[0]}, {"path": models["rm2"], "weight": weights[1]}]}, device="cpu")
+
+
+def reward_by_hand(path, x, y, chat):
+    """One unpadded forward of the saved model: the reward r(x, y)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    if chat:
+        text = tok.apply_chat_template([{"role": "user", "content": x}, {"role": "assistant", "content": y}], tokenize=False)
+    else:
+        text = f"{x}\n\n{y}"
+    ids = tok(text, return_tensors="pt", add_special_tokens=not chat)["input_ids"]
+    with torch.no_grad():
+        return float(model(input_ids=ids).logits[0, 0])
+
+
+def test_bt_mixture_is_eq4_and_symmetric(models):
+    o = bt(models)
+    xs, a, b = all_pairs()
+    p_ab, p_ba = o.prob(xs, a, b), o.prob(xs, b, a)
+    assert p_ab.shape == (len(xs),) and ((p_ab >= 0) & (p_ab <= 1)).all()
+    assert (p_ab + p_ba - 1).abs().max() < 1e-6
+    assert p_ab.std() > 0.01  # the random models do prefer some responses
+    for k in (0, 7, 20):  # eq. 4 by hand, from single unpadded forwards
+        r1 = [reward_by_hand(models["rm1"], xs[k], y, True) for y in (a[k], b[k])]
+        r2 = [reward_by_hand(models["rm2"], xs[k], y, False) for y in (a[k], b[k])]
+        s = lambda d: 1 / (1 + torch.exp(-torch.tensor(d, dtype=torch.float64)))  # noqa: E731
+        hand = 0.3 * s(r1[0] - r1[1]) + 0.7 * s(r2[0] - r2[1])
+        assert abs(p_ab[k].item() - hand.item()) < 1e-5
+
+
+def test_bt_mixture_scores_each_distinct_response_once(models):
+    o = bt(models)
+    groups = [RESPONSES[:4] + RESPONSES[:1], RESPONSES[1:]]  # a duplicate inside the first group
+    M = o.winrate_matrix(PROMPTS[:2], groups)
+    assert [rm.calls for rm in o.reward_models] == [4 + 5, 4 + 5]  # 5 responses, 4 distinct; then 5 for another prompt
+    assert torch.allclose(M + M.transpose(1, 2), torch.ones_like(M), atol=1e-6)
+    assert torch.equal(M.diagonal(dim1=1, dim2=2), torch.full((2, 5), 0.5))
+    # the matrix equals prob() on each pair, which re-scores but gives the same numbers
+    for bi, (x, g) in enumerate(zip(PROMPTS[:2], groups)):
+        a = [g[i] for i in range(5) for j in range(5)]
+        b = [g[j] for i in range(5) for j in range(5)]
+        assert torch.allclose(M[bi].flatten(), o.prob([x] * 25, a, b), atol=1e-6)
+    before = [rm.calls for rm in o.reward_models]
+    o.prob(["q"] * 10, ["same"] * 10, ["other"] * 10)
+    assert [rm.calls - c for rm, c in zip(o.reward_models, before)] == [2, 2]
+
+
+def test_sample_is_reproducible_and_its_mean_is_prob(models):
+    o = bt(models)
+    xs, a, b = all_pairs(PROMPTS[:1], RESPONSES[:4])  # 6 pairs
+    p = o.prob(xs, a, b).double()
+    reps = 4000
+    g = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+    y1 = o.sample(xs * reps, a * reps, b * reps, g())
+    y2 = o.sample(xs * reps, a * reps, b * reps, g())
+    y3 = o.sample(xs * reps, a * reps, b * reps, torch.Generator().manual_seed(12))
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+    assert set(y1.unique().tolist()) <= {0.0, 1.0}
+    mean = y1.view(reps, -1).double().mean(0)
+    z = (mean - p) / (p * (1 - p) / reps).sqrt()
+    assert z.abs().max() < 4.0  # 6 two-sided tests at ~6e-5 each
+    chi2 = float((z ** 2).sum())
+    assert chi2 < 22.46  # chi-square, 6 dof, 99.9%
+
+
+# ---------------------------------------------------------------------------
+# Pairwise judge
+# ---------------------------------------------------------------------------
+
+
+def test_judge_averages_both_orders_and_matches_a_hand_computation(models):
+    o = oracle.build_oracle({"kind": "pairwise_judge", "path": models["judge"], "batch_size": 3}, device="cpu")
+    xs, a, b = all_pairs(PROMPTS[:2], RESPONSES[:4])
+    p_ab, p_ba = o.prob(xs, a, b), o.prob(xs, b, a)
+    assert (p_ab + p_ba - 1).abs().max() < 1e-6 and p_ab.std() > 1e-3
+    # by hand: one unpadded forward per order, full logits, softmax over the two answer tokens
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models["judge"])
+    lm = AutoModelForCausalLM.from_pretrained(models["judge"]).eval()
+    ta, tb = tok("Output (a)", add_special_tokens=False)["input_ids"], tok("Output (b)", add_special_tokens=False)["input_ids"]
+    k = next(i for i in range(len(ta)) if ta[i] != tb[i])
+
+    def q(x, first, second):
+        text = oracle.DEFAULT_JUDGE_TEMPLATE.format(instruction=x, output_a=first, output_b=second)
+        text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False)["input_ids"] + ta[:k]
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([ids])).logits[0, -1].double()
+        return torch.softmax(logits[[ta[k], tb[k]]], 0)[0]
+
+    for i in (0, 5, 9):
+        hand = (q(xs[i], a[i], b[i]) + 1 - q(xs[i], b[i], a[i])) / 2
+        assert abs(p_ab[i].item() - hand.item()) < 1e-5
+    # the matrix judges each ordered pair once and agrees with prob
+    calls = o.calls
+    M = o.winrate_matrix(PROMPTS[:2], [RESPONSES[:4], RESPONSES[1:5]])
+    assert o.calls - calls == 2 * 4 * 3
+    assert torch.allclose(M + M.transpose(1, 2), torch.ones_like(M), atol=1e-6)
+    g = RESPONSES[1:5]
+    assert torch.allclose(M[1].flatten(), o.prob([PROMPTS[1]] * 16, [y for y in g for _ in g], [y for _ in g for y in g]),
+                          atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# The factory and bad input
+# ---------------------------------------------------------------------------
+
+
+def test_factory_builds_each_kind_from_yaml(models, tmp_path):
+    blocks = {
+        "category": {"kind": "category", "categories": ["rock", "paper", "scissors"]},
+        "bt_mixture": {"kind": "bt_mixture", "models": [{"path": models["rm1"], "weight": 0.5},
+                                                        {"path": models["rm2"], "weight": 0.5}]},
+        "pairwise_judge": {"kind": "pairwise_judge", "path": models["judge"], "answer_a": "Output (a)",
+                           "answer_b": "Output (b)"},
+    }
+    types = {"category": oracle.CategoryGame, "bt_mixture": oracle.BTMixture, "pairwise_judge": oracle.PairwiseJudge}
+    for kind, block in blocks.items():
+        f = tmp_path / f"{kind}.yaml"
+        f.write_text(yaml.safe_dump({"oracle": block}))
+        built = oracle.build_oracle(oracle.load_oracle_yaml(str(f)), device="cpu")
+        assert isinstance(built, types[kind])
+        p = built.prob(["why rock"], ["rock is good"], ["paper"])
+        assert p.shape == (1,) and 0 <= p.item() <= 1
+
+
+def expect_error(block, *needles, **kw):
+    with pytest.raises(oracle.OracleError) as e:
+        oracle.check_oracle_config(block, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and all(n in msg for n in needles), msg
+    return msg
+
+
+def test_factory_rejects_unknown_kinds_keys_and_values(models):
+    expect_error({"kind": "elo"}, "oracle.kind", "'elo'", "category, bt_mixture, pairwise_judge")
+    expect_error({"kind": "category", "temperature": 1}, "oracle.temperature", "unknown key", "category")
+    expect_error({"kind": "bt_mixture", "models": [{"path": models["rm1"], "wieght": 1}]}, "oracle.models[0].wieght")
+    expect_error({"kind": "bt_mixture", "models": [{"path": models["rm1"], "weight": 0.5},
+                                                   {"path": models["rm2"], "weight": 0.2}]}, "sum to 0.7")
+    expect_error({"kind": "bt_mixture", "models": [{"path": models["rm1"], "weight": -1}]}, "weight", "positive")
+    expect_error({"kind": "bt_mixture", "models": []}, "oracle.models")
+    expect_error({"kind": "bt_mixture", "models": [models["rm1"]]}, "oracle.models[0]", "mapping")
+    expect_error({"kind": "bt_mixture", "models": [{"path": models["rm1"]}], "batch_size": 0}, "oracle.batch_size", ">= 1")
+    expect_error({"kind": "pairwise_judge", "path": models["judge"], "dtype": "fp8"}, "oracle.dtype")
+    expect_error({"kind": "pairwise_judge"}, "oracle.path", "required")
+    expect_error({"kind": "category", "categories": ["rock"]}, "oracle.categories")
+    expect_error({"kind": "category", "categories": ["rock", "Rock", "x"]}, "duplicates")
+    expect_error({"kind": "category", "categories": ["a", "b"]}, "oracle.payoff is required")
+    expect_error({"kind": "category", "payoff": [[0.5, 0.6], [0.4, 0.5]]}, "oracle.payoff", "2x2", "3 categories")
+    expect_error({"kind": "category", "categories": ["a", "b"], "payoff": [[0.5, 0.7], [0.4, 0.5]]}, "must be 1")
+    expect_error({"kind": "category", "case_sensitive": "yes"}, "oracle.case_sensitive", "bool")
+    expect_error("category", "oracle must be a mapping")
+
+
+def test_bad_paths_fail_before_loading_with_one_line(models, tmp_path):
+    expect_error({"kind": "pairwise_judge", "path": "meta-llama/Llama-3-OffsetBias-8B"}, "does not exist",
+                 "hub name", "local directory")
+    expect_error({"kind": "pairwise_judge", "path": str(tmp_path / "nowhere")}, "does not exist")
+    (tmp_path / "empty").mkdir()
+    expect_error({"kind": "pairwise_judge", "path": str(tmp_path / "empty")}, "no config.json")
+    (tmp_path / "f.txt").write_text("x")
+    expect_error({"kind": "pairwise_judge", "path": str(tmp_path / "f.txt")}, "is a file")
+    noweights = tmp_path / "noweights"
+    noweights.mkdir()
+    (noweights / "config.json").write_text(open(os.path.join(models["rm1"], "config.json")).read())
+    expect_error({"kind": "bt_mixture", "models": [{"path": str(noweights)}]}, "oracle.models[0]", "no weights")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    (broken / "model.safetensors").write_text("")
+    expect_error({"kind": "pairwise_judge", "path": str(broken)}, "oracle.path", "cannot read")
+    # a causal LM is not a reward model; a reward model is not a judge
+    expect_error({"kind": "bt_mixture", "models": [{"path": models["judge"]}]}, "LlamaForCausalLM", "no reward head")
+    expect_error({"kind": "pairwise_judge", "path": models["rm1"]}, "LlamaForSequenceClassification", "not a causal LM")
+    expect_error({"kind": "bt_mixture", "models": [{"path": models["rm1"], "reward_index": 3}]}, "reward_index")
+    with pytest.raises(oracle.OracleError, match="cannot read oracle config"):
+        oracle.load_oracle_yaml(str(tmp_path / "missing.yaml"))
+    (tmp_path / "bad.yaml").write_text("oracle: [unclosed")
+    with pytest.raises(oracle.OracleError, match="not valid YAML"):
+        oracle.load_oracle_yaml(str(tmp_path / "bad.yaml"))
+    (tmp_path / "payoff.json").write_text(json.dumps([[0.5, 0.1], [0.9]]))
+    expect_error({"kind": "category", "categories": ["a", "b"], "payoff": str(tmp_path / "payoff.json")}, "not square")
+
+
+def test_bad_templates_and_answers(models):
+    j = {"kind": "pairwise_judge", "path": models["judge"]}
+    expect_error(dict(j, template="Which is better? {output_a} or {output_b}"), "oracle.template", "{instruction}")
+    expect_error(dict(j, template="{instruction}: {output_a}"), "{output_b}")
+    expect_error(dict(j, template="{instruction} {output_a} {output_b} {score}"), "stray format field", "score")
+    expect_error(dict(j, template=3), "oracle.template must be a string")
+    expect_error(dict(j, answer_a=1), "oracle.answer_a", "str")
+    expect_error(dict(j, use_chat_template="auto"), "oracle.use_chat_template", "bool")
+    with pytest.raises(oracle.OracleError, match="do not differ"):
+        oracle.build_oracle(dict(j, answer_a="Output", answer_b="Output (b)"), device="cpu")
