@@ -134,6 +134,62 @@ class CategoryGame(Oracle):
         c = torch.stack([self.category(g) for g in groups]) if groups else torch.zeros(0, 0, dtype=torch.long)
         return E[c[:, :, None], c[:, None, :]].to(torch.float32)  # (B, n, n)
 
+    def could_still_match(self, text):
+        """Whether a response starting with `text` (its first word not yet ended) can still fall in a category."""
+        word = text.lstrip()
+        core = word.lstrip(string.punctuation)
+        if not self.case_sensitive:
+            core = core.lower()
+        if not core:
+            return True
+        return any(c.startswith(core) or (core.startswith(c) and not core[len(c):].strip(string.punctuation))
+                   for c in self.index)
+
+    @torch.no_grad()
+    def policy_distribution(self, model, tokenizer, prompt_ids, eos_token_ids, min_mass=1e-7, batch_size=256):
+        """(B, C+1) exact category distribution of the policy's responses to each prompt ("none" last).
+
+        Enumerates response prefixes while their first word is open and can
+        still become a category, by batched forwards (no sampling): a prefix
+        ends when the decoded text has a complete first word (whitespace after
+        it) or an EOS. Branches with probability below `min_mass` are not
+        expanded and count as "none" (which can only raise exploitability);
+        their total is returned as the second output, the error bound.
+        """
+        from sample import left_pad, positions
+
+        dev = next(model.parameters()).device
+        C = len(self.categories)
+        dist = torch.zeros(len(prompt_ids), C + 1, dtype=torch.float64)
+        pruned = torch.zeros(len(prompt_ids), dtype=torch.float64)
+        eos = set(int(e) for e in eos_token_ids)
+        frontier = [(b, [], 0.0) for b in range(len(prompt_ids))]  # (prompt, response prefix, log-prob)
+        while frontier:
+            nxt = []
+            for s in range(0, len(frontier), batch_size):
+                chunk = frontier[s:s + batch_size]
+                ids, mask = left_pad([list(prompt_ids[b]) + r for b, r, _ in chunk], tokenizer.pad_token_id, dev)
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=1).logits
+                logp = torch.log_softmax(logits[:, -1].double(), -1).cpu()  # (b, V)
+                for (b, r, lp), row in zip(chunk, logp):
+                    total = lp + row
+                    keep = (total > math.log(min_mass)).nonzero().squeeze(-1).tolist()
+                    pruned[b] += float(total.exp().sum()) - float(total[keep].exp().sum()) if keep else float(total.exp().sum())
+                    for v in keep:
+                        mass, seq = float(total[v]), r + [v]
+                        text = tokenizer.decode(seq, skip_special_tokens=True)
+                        ended = v in eos or len(text.lstrip().split(maxsplit=1)) > 1 or (
+                            text.lstrip() and text.lstrip() != text.lstrip().rstrip())
+                        if ended:
+                            dist[b, int(self.category([text])[0])] += math.exp(mass)  # -1 is the "none" column
+                        elif self.could_still_match(text):
+                            nxt.append((b, seq, mass))
+                        else:
+                            dist[b, C] += math.exp(mass)
+            frontier = nxt
+        dist[:, C] += pruned
+        return dist, pruned
+
     def exploitability(self, p):
         """max_c (E p)_c - 1/2 for a distribution p over the C categories (or C+1 with "none" last).
 

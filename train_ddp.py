@@ -1,0 +1,618 @@
+"""Entry point: train a policy with COMAL or a baseline against a preference oracle.
+
+    torchrun --nproc_per_node N train_ddp.py cfg.yaml [key=value ...]
+    python train_ddp.py cfg.yaml [key=value ...]          # one process
+
+Data parallelism is written out here (no DistributedDataParallel wrapper):
+rank 0's parameters are broadcast at the start; every rank samples, judges
+and trains on its own share of the prompts; before each optimizer step the
+gradients are flattened into buckets and all-reduced (sum, then divide by
+the world size: gloo has no AVG); micro-steps only accumulate locally.
+gloo on CPU, nccl on CUDA. The algorithm itself is comal.run_iteration.
+
+Every key of the config is in DEFAULTS, with its meaning; the resolved config
+is written to <out_dir>/config.yaml, metrics to <out_dir>/metrics.jsonl, and a
+checkpoint after every iteration to <out_dir>/checkpoints/iter-KKKKK (an HF
+directory + trainer_state.pt, written under a temp name and renamed).
+"""
+import contextlib
+import datetime
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import comal
+import oracle as oracle_lib
+
+# key: (default, meaning). Types follow the defaults (an int is accepted for a float).
+DEFAULTS = {
+    "model": (None, "local HF directory of the base policy; null builds the tiny embedded base (tiny.py)"),
+    "out_dir": ("runs/tiny", "where config.yaml, metrics.jsonl and checkpoints/ go"),
+    "resume": ("auto", "auto: continue from the latest checkpoint in out_dir; never; or a checkpoint directory"),
+    "seed": (0, "all randomness derives from (seed, iteration, rank)"),
+    "algo": ("comal", "one of " + ", ".join(comal.ALGOS)),
+    "iterations": (30, "number of iterations k (one data subset each)"),
+    "ref_update_every": (10, "COMAL: iterations per round; pi_ref <- pi^k at the start of each round (Alg. 3)"),
+    "eta": (2.0, "mirror-descent step size eta (paper: eta^-1 = 0.002 -> 500); a list is a per-round schedule"),
+    "tau": (0.1, "KL strength tau of J_tau (eq. 2); a list is a per-round schedule"),
+    "eta_tau": (None, "if set, tau = eta_tau / eta in every round (paper: 1/3)"),
+    "n_samples": (5, "responses per prompt (paper: 5)"),
+    "temperature": (1.0, "sampling temperature (paper: 0.8; 1.0 samples mu itself, as the theory assumes)"),
+    "top_p": (1.0, "nucleus sampling"),
+    "max_new_tokens": (8, "response length limit (also Dr.GRPO's constant normaliser)"),
+    "max_prompt_tokens": (1024, "prompts are truncated on the left to this many tokens"),
+    "pair_selection": ("all", "best_worst (paper) or all (every pair, soft labels: unbiased eq. 13/14)"),
+    "prompts": (None, "JSONL/JSON/Parquet file, a local `datasets` directory or name; null = synthetic prompts"),
+    "prompt_field": ("prompt", "the field holding the instruction"),
+    "prompt_split": ("train", "split of a `datasets` prompt set"),
+    "num_subsets": (6, "the prompts are split into this many parts, used in turn (paper: 6)"),
+    "prompts_per_iteration": (32, "prompts used per iteration, from the iteration's subset (0 = all of it)"),
+    "lr": (5e-7, "AdamW peak learning rate (paper: 5e-7)"),
+    "warmup_ratio": (0.1, "linear warmup fraction of each iteration's steps, then cosine to 0 (paper: 10%)"),
+    "weight_decay": (0.0, "AdamW weight decay"),
+    "batch_size": (32, "global examples per optimizer step (paper: 32)"),
+    "micro_batch_size": (8, "examples per forward/backward on one rank"),
+    "epochs": (1, "passes over each iteration's examples (paper: 1)"),
+    "grad_clip": (1.0, "max global gradient norm (0 = off)"),
+    "dr_grpo": (False, "GRPO: Dr.GRPO objective (no std or length normalisation)"),
+    "clip_eps": (0.2, "GRPO ratio clipping"),
+    "kappa": (0.1, "NashMP: EMA rate of the target network"),
+    "beta": (None, "NashMP: KL strength to pi_ref (null = tau)"),
+    "value_lr": (0.1, "DRO: Adam learning rate of the per-prompt values V"),
+    "oracle": ({"kind": "category"}, "the preference oracle block (oracle.py)"),
+    "eval_prompts": (16, "held-out prompts for exact category-game exploitability each iteration (0 = off)"),
+    "eval_winrate": (True, "log the win rate of the updated policy against mu's responses"),
+    "dtype": ("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16; master weights stay fp32"),
+    "bucket_mb": (25, "gradient all-reduce bucket size in MiB"),
+    "keep_checkpoints": (0, "keep only the newest N checkpoints (0 = all)"),
+    "cache_dir": ("runs/cache", "where the tiny embedded base is built once"),
+}
+
+
+class ConfigError(ValueError):
+    """A bad config value: one line naming the key."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss): names step, rank and last good checkpoint."""
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+
+
+def load_config(path, overrides):
+    """DEFAULTS <- YAML file <- key=value overrides (values parsed as YAML)."""
+    import yaml
+
+    cfg = {k: v for k, (v, _) in DEFAULTS.items()}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must be a mapping of key: value")
+        for key, value in data.items():
+            set_key(cfg, key, value, path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        set_key(cfg, key, yaml.safe_load(value) if value else None, "command line")
+    return cfg
+
+
+def as_number(value):
+    """YAML 1.1 reads 1e-3 (no dot) as a string; numbers written that way are numbers here."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, list):
+        return [as_number(v) for v in value]
+    return value
+
+
+def set_key(cfg, key, value, where):
+    if key.startswith("oracle."):  # oracle.kind=... edits the block
+        cfg["oracle"] = dict(cfg["oracle"], **{key[len("oracle."):]: value})
+        return
+    if key not in DEFAULTS:
+        close = [k for k in DEFAULTS if k.split("_")[0] == key.split("_")[0]]
+        raise ConfigError(f"{key}: unknown config key ({where})" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    cfg[key] = as_number(value) if isinstance(DEFAULTS[key][0], float) or key == "eta_tau" else value
+
+
+def check_config(cfg, world):
+    """Reject wrong types and impossible values, naming the key; nothing is loaded yet."""
+    for key, (default, _) in DEFAULTS.items():
+        v = cfg[key]
+        if default is None or v is None and key in ("eta_tau", "beta", "model", "prompts"):
+            continue
+        if key in ("eta", "tau") and isinstance(v, list):
+            if not v or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+                raise ConfigError(f"{key} must be a number or a non-empty list of numbers, got {v!r}")
+            continue
+        ok = isinstance(v, type(default)) and not (isinstance(v, bool) and not isinstance(default, bool))
+        if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(f"{key} must be {type(default).__name__}, got {v!r}")
+    etas = cfg["eta"] if isinstance(cfg["eta"], list) else [cfg["eta"]]
+    taus = cfg["tau"] if isinstance(cfg["tau"], list) else [cfg["tau"]]
+    if any(not math.isfinite(e) or e <= 0 for e in etas):
+        raise ConfigError(f"eta must be > 0, got {cfg['eta']}")
+    if any(not math.isfinite(t) or t < 0 for t in taus):
+        raise ConfigError(f"tau must be >= 0, got {cfg['tau']}")
+    if cfg["eta_tau"] is not None:
+        if not isinstance(cfg["eta_tau"], (int, float)) or not 0 < cfg["eta_tau"] < 1:
+            raise ConfigError(f"eta_tau must be in (0, 1), got {cfg['eta_tau']!r} (eq. 14 needs eta * tau < 1)")
+    elif cfg["algo"] in ("comal", "inpo", "comal_sppo"):
+        for r in range(max(len(etas), len(taus))):
+            eta, tau = comal.round_params(cfg, r)
+            if eta * tau >= 1:
+                raise ConfigError(f"eta * tau = {eta * tau:g} >= 1 in round {r}: eta_tau must be < 1 "
+                                  "(eq. 14 puts weight 1 - eta*tau on mu)")
+    if cfg["algo"] not in comal.ALGOS:
+        raise ConfigError(f"algo: unknown algorithm {cfg['algo']!r}; choose from {', '.join(comal.ALGOS)}")
+    positive = ("iterations", "ref_update_every", "max_new_tokens", "max_prompt_tokens", "num_subsets", "batch_size",
+                "micro_batch_size", "epochs", "bucket_mb")
+    for key in positive:
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
+    for key in ("lr", "value_lr"):
+        if not cfg[key] > 0:
+            raise ConfigError(f"{key} must be > 0, got {cfg[key]}")
+    for key in ("prompts_per_iteration", "eval_prompts", "keep_checkpoints", "grad_clip", "weight_decay"):
+        if cfg[key] < 0:
+            raise ConfigError(f"{key} must be >= 0, got {cfg[key]}")
+    if cfg["n_samples"] < 2:
+        raise ConfigError(f"n_samples must be >= 2 (preferences compare responses), got {cfg['n_samples']}")
+    if not cfg["temperature"] > 0:
+        raise ConfigError(f"temperature must be > 0 for training (greedy samples are all alike), got {cfg['temperature']}")
+    if not 0 < cfg["top_p"] <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {cfg['top_p']}")
+    if not 0 <= cfg["warmup_ratio"] < 1:
+        raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg['warmup_ratio']}")
+    if not 0 < cfg["kappa"] <= 1:
+        raise ConfigError(f"kappa must be in (0, 1], got {cfg['kappa']}")
+    if cfg["pair_selection"] not in ("all", "best_worst"):
+        raise ConfigError(f"pair_selection must be all or best_worst, got {cfg['pair_selection']!r}")
+    if cfg["dtype"] not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg['dtype']!r}")
+    if cfg["batch_size"] % (world * cfg["micro_batch_size"]):
+        raise ConfigError(f"batch_size {cfg['batch_size']} is not divisible by world size {world} x "
+                          f"micro_batch_size {cfg['micro_batch_size']}")
+    if cfg["prompts_per_iteration"] and cfg["prompts_per_iteration"] % world:
+        raise ConfigError(f"prompts_per_iteration {cfg['prompts_per_iteration']} is not divisible by world size {world}")
+    if cfg["resume"] not in ("auto", "never") and not os.path.isfile(os.path.join(str(cfg["resume"]), "trainer_state.pt")):
+        raise ConfigError(f"resume: {cfg['resume']} is not a checkpoint directory (no trainer_state.pt)")
+    if cfg["model"] is not None:
+        try:
+            oracle_lib.check_model_dir(cfg["model"], "model")
+        except oracle_lib.OracleError as e:
+            raise ConfigError(str(e)) from None
+    if cfg["prompts"] is not None:
+        if not isinstance(cfg["prompts"], str):
+            raise ConfigError(f"prompts must be a path or a dataset name, got {cfg['prompts']!r}")
+        load_prompts(cfg)  # reads the file: a missing field is reported now, not after the models load
+    try:
+        cfg["oracle"] = oracle_lib.check_oracle_config(cfg["oracle"])
+    except oracle_lib.OracleError as e:
+        raise ConfigError(str(e)) from None
+    if cfg["eval_prompts"] and cfg["oracle"]["kind"] != "category":
+        cfg["eval_prompts"] = 0  # exploitability is exact only on the category game
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------
+
+
+def load_prompts(cfg):
+    """The instruction strings of the prompt set (synthetic when `prompts` is null)."""
+    import tiny
+
+    src, field = cfg["prompts"], cfg["prompt_field"]
+    if src is None:
+        per = cfg["prompts_per_iteration"] or 32
+        return tiny.synthetic_prompts(per * cfg["num_subsets"], cfg["seed"])
+    if os.path.isfile(src):
+        rows = read_rows(src)
+    elif os.path.isdir(src) or src.count("/") <= 1:
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        try:
+            import datasets
+
+            ds = datasets.load_from_disk(src) if os.path.isdir(src) else datasets.load_dataset(src, split=cfg["prompt_split"])
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[cfg["prompt_split"]]
+            rows = list(ds)
+        except Exception as e:
+            raise ConfigError(f"prompts: cannot load {src!r} as a file or dataset ({str(e).splitlines()[0][:160]}); "
+                              "offline, give a local JSONL/JSON/Parquet file or a saved dataset directory") from None
+    else:
+        raise ConfigError(f"prompts: {src} does not exist")
+    if not rows:
+        raise ConfigError(f"prompts: {src} has no rows")
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict) or not isinstance(r.get(field), str)), None)
+    if bad is not None:
+        raise ConfigError(f"prompts: row {bad} of {src} has no string field {field!r} (set prompt_field)")
+    return [r[field] for r in rows]
+
+
+def read_rows(path):
+    try:
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+        with open(path) as f:
+            if path.endswith(".jsonl"):
+                return [json.loads(line) for line in f if line.strip()]
+            data = json.load(f)
+        return data if isinstance(data, list) else data.get("data", [])
+    except (json.JSONDecodeError, OSError, ValueError) as e:
+        raise ConfigError(f"prompts: cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def encode_prompts(tokenizer, prompts, max_tokens):
+    """Token ids of each prompt in the policy's chat template (plain text if it has none), left-truncated."""
+    out = []
+    for x in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(x)["input_ids"]
+        out.append(ids[-max_tokens:])
+    return out
+
+
+def iteration_prompts(prompts, cfg, k, rank, world):
+    """This rank's prompts of iteration k: subset k mod num_subsets, its first prompts_per_iteration, every world-th."""
+    S = cfg["num_subsets"]
+    size = len(prompts) // S
+    if size < world:
+        raise ConfigError(f"num_subsets: {len(prompts)} prompts in {S} subsets leave fewer than {world} per subset")
+    subset = prompts[(k % S) * size:(k % S + 1) * size]
+    per = cfg["prompts_per_iteration"] or size - size % world
+    if per > size:
+        raise ConfigError(f"prompts_per_iteration {per} > {size} prompts per subset")
+    return subset[:per][rank::world]
+
+
+# ---------------------------------------------------------------------------
+# The trainer: process group, hand-written gradient all-reduce, AdamW, schedule
+# ---------------------------------------------------------------------------
+
+
+class Trainer:
+    """Everything distributed about one optimizer step, in the open."""
+
+    def __init__(self, model, cfg, rank=0, world=1, device="cpu", log=None):
+        self.model, self.cfg, self.rank, self.world = model, cfg, rank, world
+        self.device = torch.device(device)
+        self.log = log or (lambda *a, **k: None)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
+        self.buckets = make_buckets(self.params, cfg["bucket_mb"] << 20)
+        self.last_checkpoint = None
+        if world > 1:  # everyone starts from rank 0's weights
+            for p in model.parameters():
+                dist.broadcast(p.data, 0)
+
+    def autocast(self):
+        use_bf16 = self.cfg["dtype"] == "bfloat16" or (self.cfg["dtype"] == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    def all_reduce_sum(self, x):
+        if self.world == 1:
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t)
+
+    def sync_grads(self):
+        """Average gradients over ranks: one all-reduce per flat bucket, launched together, then unflattened."""
+        if self.world == 1:
+            return
+        pending = []
+        for bucket in self.buckets:
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in bucket])
+            pending.append((dist.all_reduce(flat, async_op=True), flat, bucket))
+        for work, flat, bucket in pending:
+            work.wait()
+            flat /= self.world  # gloo has no ReduceOp.AVG
+            offset = 0
+            for p in bucket:
+                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+
+    def lr_at(self, step, steps):
+        """Linear warmup over warmup_ratio of the iteration's steps, then cosine to 0 (restarted every iteration)."""
+        warm = math.ceil(self.cfg["warmup_ratio"] * steps)
+        if step < warm:
+            return self.cfg["lr"] * (step + 1) / warm
+        progress = (step - warm) / max(1, steps - warm)
+        return self.cfg["lr"] * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def step(self, micro_losses, k, step, steps, extra_optimizer=None):
+        """Accumulate the micro-batch losses (no communication), all-reduce once, clip, step. Returns the loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total, finite = 0.0, True
+        for loss in micro_losses:
+            finite &= bool(torch.isfinite(loss))
+            loss.backward()
+            total += float(loss.detach())
+        status = torch.zeros(self.world + 1, dtype=torch.float64, device=self.device)
+        status[0], status[1 + self.rank] = total if finite else 0.0, 0.0 if finite else 1.0
+        if self.world > 1:
+            dist.all_reduce(status)
+        if status[1:].any():
+            bad = [r for r in range(self.world) if status[1 + r] > 0]
+            raise TrainingError(f"non-finite loss at iteration {k} step {step} on rank(s) {bad}; "
+                                f"last good checkpoint: {self.last_checkpoint or 'none (no iteration finished)'}")
+        self.sync_grads()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg["grad_clip"] or float("inf")))
+        lr = self.lr_at(step, steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        if extra_optimizer is not None:
+            extra_optimizer.step()
+            extra_optimizer.zero_grad(set_to_none=True)
+        loss = float(status[0]) / self.world
+        self.log({"iteration": k, "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
+        return loss
+
+
+def make_buckets(params, cap_bytes):
+    """Consecutive parameters grouped into buckets of at most cap_bytes (a larger tensor gets its own)."""
+    buckets, cur, size = [], [], 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if cur and size + nbytes > cap_bytes:
+            buckets.append(cur)
+            cur, size = [], 0
+        cur.append(p)
+        size += nbytes
+    return buckets + ([cur] if cur else [])
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+
+
+def checkpoint_dir(out_dir, k):
+    return os.path.join(out_dir, "checkpoints", f"iter-{k:05d}")
+
+
+def latest_checkpoint(out_dir):
+    root = os.path.join(out_dir, "checkpoints")
+    done = sorted(d for d in os.listdir(root) if d.startswith("iter-") and not d.endswith(".tmp")) if os.path.isdir(root) else []
+    done = [d for d in done if os.path.isfile(os.path.join(root, d, "trainer_state.pt"))]
+    return os.path.join(root, done[-1]) if done else None
+
+
+def save_checkpoint(out_dir, k, state, trainer, cfg):
+    """HF directory (safetensors, loadable by from_pretrained) + trainer_state.pt, under a temp name, renamed."""
+    path = checkpoint_dir(out_dir, k)
+    if trainer.rank == 0:
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        state["policy"].save_pretrained(tmp)
+        state["tokenizer"].save_pretrained(tmp)
+        torch.save({
+            "iteration": k,
+            "optimizer": trainer.optimizer.state_dict(),
+            "ref": state["ref"].state_dict() if state.get("ref") is not None else None,
+            "extra": state["extra"].state_dict() if state.get("extra") is not None else None,
+            "config": cfg,
+        }, os.path.join(tmp, "trainer_state.pt"))
+        os.replace(tmp, path)
+        if cfg["keep_checkpoints"]:
+            root = os.path.join(out_dir, "checkpoints")
+            old = sorted(d for d in os.listdir(root) if d.startswith("iter-") and not d.endswith(".tmp"))
+            for d in old[:-cfg["keep_checkpoints"]]:
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    if trainer.world > 1:
+        dist.barrier()
+    trainer.last_checkpoint = path
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Models and the main loop
+# ---------------------------------------------------------------------------
+
+
+def frozen_copy(model, dtype):
+    import copy
+
+    m = copy.deepcopy(model).to(dtype).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def category_metrics(game, state, eval_ids, prev):
+    """Exact category distribution of the policy on the held-out prompts, its exploitability and win rate vs prev."""
+    tok = state["tokenizer"]
+    dist_, pruned = game.policy_distribution(state["policy"], tok, eval_ids, [tok.eos_token_id])
+    mean = dist_.mean(0)
+    out = {"exploitability": float(game.exploitability(dist_).mean()),
+           "exploitability_of_mean": float(game.exploitability(mean)),
+           "category_dist": [round(float(x), 5) for x in mean], "category_mass_pruned": float(pruned.max())}
+    if prev is not None:  # P(pi^{k+1} > pi^k), exact on the category game
+        out["winrate_vs_prev_exact"] = float(mean @ game.extended_payoff() @ prev)
+    return out, mean
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        raise ConfigError("usage: train_ddp.py CONFIG.yaml [key=value ...]")
+    distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = int(os.environ.get("RANK", 0)) if distributed else 0
+    world = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if distributed else 0
+    cfg = check_config(load_config(argv[0], argv[1:]), world)  # before anything heavy happens
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    try:
+        train(cfg, rank, world, device)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg, rank, world, device):
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tiny
+
+    master = rank == 0
+    out_dir = cfg["out_dir"]
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if master else (lambda msg: None)
+
+    # the base policy: a user checkpoint, or the tiny embedded one built once
+    base_path = cfg["model"]
+    if base_path is None:
+        base_path = os.path.join(cfg["cache_dir"], "tiny-base-v1")
+        if master and not os.path.isdir(base_path):
+            os.makedirs(cfg["cache_dir"], exist_ok=True)
+            say(f"building the tiny embedded base policy in {base_path} (once)")
+            tiny.build_base(base_path, log=say)
+        if world > 1:
+            dist.barrier()
+    resume = latest_checkpoint(out_dir) if cfg["resume"] == "auto" else (None if cfg["resume"] == "never" else cfg["resume"])
+    start_path = resume or base_path
+    tokenizer = AutoTokenizer.from_pretrained(start_path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    policy = AutoModelForCausalLM.from_pretrained(start_path, dtype=torch.float32, local_files_only=True).to(device)
+    policy.config.pad_token_id = tokenizer.pad_token_id
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" and cfg["dtype"] != "float32" else torch.float32
+    loss, reference = comal.ALGOS[cfg["algo"]]
+    state = {"policy": policy, "tokenizer": tokenizer, "base": None, "ref": None, "extra": None}
+    if reference in ("base", "offline"):
+        base = policy if resume is None else AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
+                                                                                  local_files_only=True).to(device)
+        state["base"] = frozen_copy(base, frozen_dtype)
+    if reference == "rounds":
+        state["ref"] = frozen_copy(policy, frozen_dtype)
+    if loss in ("omwu", "nashmp"):
+        state["extra"] = frozen_copy(policy, frozen_dtype if loss == "omwu" else torch.float32)
+    oracle = oracle_lib.build_oracle(cfg["oracle"], device=device)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+
+    def log(record):
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    trainer = Trainer(policy, cfg, rank, world, device, log=log)
+    start = 0
+    if resume is not None:
+        saved = torch.load(os.path.join(resume, "trainer_state.pt"), map_location=device, weights_only=False)
+        trainer.optimizer.load_state_dict(saved["optimizer"])
+        for key in ("ref", "extra"):
+            if saved[key] is not None and state[key] is not None:
+                state[key].load_state_dict(saved[key])
+        start = saved["iteration"] + 1
+        trainer.last_checkpoint = resume
+        if master and os.path.isfile(metrics_path):  # drop what the interrupted iteration logged
+            with open(metrics_path) as f:
+                kept = [line for line in f if json.loads(line).get("iteration", -1) < start]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+        say(f"resumed from {resume}: iteration {start}")
+    elif master and os.path.isfile(metrics_path):
+        os.remove(metrics_path)
+    if master:
+        import yaml
+
+        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+
+    prompts = load_prompts(cfg)
+    game = oracle if isinstance(oracle, oracle_lib.CategoryGame) and cfg["eval_prompts"] else None
+    eval_ids = encode_prompts(tokenizer, tiny.synthetic_prompts(cfg["eval_prompts"], cfg["seed"] + 12345),
+                              cfg["max_prompt_tokens"]) if game else None
+    prev = None
+    if game and master:
+        m, prev = category_metrics(game, state, eval_ids, None)
+        if start == 0:
+            log({"iteration": -1, **m})
+        say(f"start: exploitability {m['exploitability']:.4f}  categories {m['category_dist']}")
+    bar = tqdm(range(start, cfg["iterations"]), desc=f"{cfg['algo']}", disable=not master, file=sys.stderr)
+    for k in bar:
+        x = iteration_prompts(prompts, cfg, k, rank, world)
+        x_ids = encode_prompts(tokenizer, x, cfg["max_prompt_tokens"])
+        t0 = time.time()
+        m = comal.run_iteration(k, state, x, x_ids, oracle, trainer, cfg, say)
+        responses = m.pop("responses")
+        if cfg["eval_winrate"]:  # P(pi^{k+1} > mu) on this iteration's prompts, one fresh sample each
+            gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 31337 + k * 17 + rank)
+            policy.eval()
+            with trainer.autocast():
+                _, new = comal.sample_groups(policy, tokenizer, x_ids, dict(cfg, n_samples=1), gen)
+            wins = float(oracle.prob(x, [g[0] for g in new], responses).double().sum())
+            m["winrate_vs_mu"] = trainer.all_reduce_sum(wins) / trainer.all_reduce_sum(float(len(x)))
+        for key in ("response_length", "tokens_per_s"):
+            m[key] = trainer.all_reduce_sum(m[key]) / world
+        m["seconds"] = time.time() - t0
+        if game and master:
+            cm, prev = category_metrics(game, state, eval_ids, prev)
+            m.update(cm)
+        path = save_checkpoint(out_dir, k, state, trainer, cfg)
+        m["checkpoint"] = path
+        log(m)
+        if game:
+            say(f"iteration {k:3d}  exploitability {m.get('exploitability', float('nan')):.4f}  "
+                f"categories {m.get('category_dist')}  loss {m['loss']:.4f}  {m['seconds']:.1f}s")
+        else:
+            say(f"iteration {k:3d}  loss {m['loss']:.4f}  win rate vs mu {m.get('winrate_vs_mu', float('nan')):.3f}  "
+                f"length {m['response_length']:.1f}  {m['seconds']:.1f}s")
+    return state
+
+
+def cli(argv=None):
+    try:
+        main(argv)
+    except (ConfigError, oracle_lib.OracleError, TrainingError) as e:
+        rank = os.environ.get("RANK", "0")
+        print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
