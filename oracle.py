@@ -280,7 +280,7 @@ class RewardModel:
     """One sequence-classification reward model with its own tokenizer and chat template."""
 
     def __init__(self, path, device, dtype=None, batch_size=8, max_length=4096, use_chat_template=None,
-                 reward_index=0):
+                 reward_index=0, trust_remote_code=False):
         from transformers import AutoModelForSequenceClassification
 
         self.path, self.device, self.batch_size, self.max_length = path, device, batch_size, max_length
@@ -288,7 +288,8 @@ class RewardModel:
         self.tokenizer = load_tokenizer(path, f"reward model {path}")
         self.tokenizer.padding_side = "right"
         self.model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=model_dtype(device, dtype), local_files_only=True, output_loading_info=True)
+            path, dtype=model_dtype(device, dtype), local_files_only=True, output_loading_info=True,
+            trust_remote_code=trust_remote_code)  # custom reward heads (e.g. ArmoRM's gating head) ship their code
         if info["missing_keys"]:
             raise OracleError(f"reward model {path}: weights missing from the checkpoint "
                               f"({', '.join(sorted(info['missing_keys'])[:3])}): it has no trained reward head")
@@ -306,8 +307,10 @@ class RewardModel:
             idx = order[s:s + self.batch_size]
             enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
                                  max_length=self.max_length, add_special_tokens=not self.uses_template()).to(self.device)
-            logits = self.model(**enc).logits  # (b, num_labels)
-            out[idx] = logits[:, self.reward_index].double().cpu()
+            output = self.model(**enc)
+            score = getattr(output, "score", None)  # ArmoRM returns its preference score here
+            reward = score.reshape(len(idx), -1)[:, 0] if score is not None else output.logits[:, self.reward_index]
+            out[idx] = reward.double().cpu()
             self.calls += len(idx)
         return out
 
@@ -464,7 +467,7 @@ KINDS = {
     "pairwise_judge": {"kind", "path", "template", "answer_a", "answer_b", "dtype", "batch_size", "max_length",
                        "use_chat_template"},
 }
-RM_KEYS = {"path", "weight", "use_chat_template", "reward_index", "max_length"}
+RM_KEYS = {"path", "weight", "use_chat_template", "reward_index", "max_length", "trust_remote_code"}
 
 
 def _type(block, key, types, where="oracle"):
@@ -530,16 +533,17 @@ def check_oracle_config(block, check_paths=True):
                 raise OracleError(f"{where}.{bad[0]}: unknown key (allowed: {', '.join(sorted(RM_KEYS))})")
             if "weight" in m and (_type(m, "weight", (int, float), where) <= 0 or not math.isfinite(m["weight"])):
                 raise OracleError(f"{where}.weight must be a positive number, got {m['weight']}")
-            for key, types in (("reward_index", (int,)), ("max_length", (int,)), ("use_chat_template", (bool,))):
+            for key, types in (("reward_index", (int,)), ("max_length", (int,)), ("use_chat_template", (bool,)),
+                               ("trust_remote_code", (bool,))):
                 if key in m:
                     _type(m, key, types, where)
             if check_paths:
                 config = check_model_dir(m["path"], where)
                 archs = getattr(config, "architectures", None) or []
-                if not any(a.endswith("ForSequenceClassification") for a in archs):
+                if not m.get("trust_remote_code") and not any(a.endswith("ForSequenceClassification") for a in archs):
                     raise OracleError(f"{where}: {m['path']} is a {', '.join(archs) or 'model of unknown architecture'}, "
                                       "not a *ForSequenceClassification reward model (no reward head)")
-                if m.get("reward_index", 0) >= getattr(config, "num_labels", 1):
+                if not m.get("trust_remote_code") and m.get("reward_index", 0) >= getattr(config, "num_labels", 1):
                     raise OracleError(f"{where}.reward_index {m['reward_index']} >= num_labels {config.num_labels}")
         weights = [m.get("weight", 1.0 / len(models)) for m in models]
         if abs(sum(weights) - 1) > 1e-6:
@@ -580,7 +584,8 @@ def build_oracle(block=None, device=None):
     if cfg["kind"] == "bt_mixture":
         rms = []
         for m in cfg["models"]:
-            kw = dict(common, **{k: m[k] for k in ("use_chat_template", "reward_index", "max_length") if k in m})
+            kw = dict(common, **{k: m[k] for k in ("use_chat_template", "reward_index", "max_length", "trust_remote_code")
+                                 if k in m})
             rms.append(RewardModel(m["path"], device, **kw))
         return BTMixture(rms, [m.get("weight", 1.0 / len(cfg["models"])) for m in cfg["models"]])
     kw = {k: cfg[k] for k in ("template", "answer_a", "answer_b", "use_chat_template") if k in cfg}

@@ -201,10 +201,11 @@ class FusedTokenLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
         M = hidden.shape[0]
-        logp = torch.empty(M, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(M, dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32, or fp64 for an fp64 model
+        logp = torch.empty(M, dtype=acc, device=hidden.device)
+        lse = torch.empty(M, dtype=acc, device=hidden.device)
         for s in range(0, M, chunk):
-            logits = F.linear(hidden[s:s + chunk], weight, bias).float()  # (c, V) fp32
+            logits = F.linear(hidden[s:s + chunk], weight, bias).to(acc)  # (c, V) fp32
             lse[s:s + chunk] = torch.logsumexp(logits, -1)
             logp[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
@@ -216,19 +217,20 @@ class FusedTokenLogprob(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         chunk = ctx.chunk
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and ctx.needs_input_grad[2] else None
+        acc = lse.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None and ctx.needs_input_grad[2] else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
-            logits = F.linear(h, weight, bias).float()
+            logits = F.linear(h, weight, bias).to(acc)
             # d logp / d logits = onehot(target) - softmax(logits)
             g = -torch.exp(logits - lse[s:s + chunk, None])  # (c, V)
             g.scatter_add_(-1, targets[s:s + chunk, None], torch.ones_like(g[:, :1]))
-            g.mul_(grad_logp[s:s + chunk, None].float())
+            g.mul_(grad_logp[s:s + chunk, None].to(acc))
             if grad_h is not None:
                 grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_w is not None:
-                grad_w.addmm_(g.T, h.float())
+                grad_w.addmm_(g.T, h.to(acc))
             if grad_b is not None:
                 grad_b += g.sum(0)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
@@ -254,6 +256,6 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask, chunk_tok
     V = head.weight.shape[0]
     chunk = chunk_tokens or max(1, (1 << 26) // V)
     logp = FusedTokenLogprob.apply(h, head.weight, head.bias, targets, chunk)  # (M,)
-    token_logps = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
+    token_logps = torch.zeros(B, T, dtype=logp.dtype, device=input_ids.device)
     token_logps[:, 1:] = token_logps[:, 1:].masked_scatter(sel, logp)
     return token_logps, token_logps.sum(-1)

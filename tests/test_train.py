@@ -1,0 +1,329 @@
+"""train_ddp.py and comal.py: hand-written DDP vs one process and torch DDP, exact resume,
+every algorithm on a tiny model, config validation, non-finite losses."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import comal
+import oracle as oracle_lib
+import tiny
+import train_ddp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The tiny embedded base, built once for this module (the real builder, fewer SFT steps)."""
+    path = str(tmp_path_factory.mktemp("cache") / "tiny-base-v1")
+    tiny.build_base(path, sft_steps=150, log=lambda m: None)
+    return path
+
+
+def small_cfg(base, out_dir, **kw):
+    cfg = train_ddp.load_config(None, [])
+    cfg.update(model=base, out_dir=str(out_dir), iterations=2, prompts_per_iteration=8, n_samples=4, max_new_tokens=6,
+               lr=1e-3, batch_size=16, micro_batch_size=8, eval_prompts=2, num_subsets=3, eta=2.0, tau=0.1,
+               ref_update_every=2)
+    cfg.update(kw)
+    return train_ddp.check_config(cfg, 1)
+
+
+# ---------------------------------------------------------------------------
+# Hand-written DDP == one process == torch DDP
+# ---------------------------------------------------------------------------
+
+TRAIN_CFG = dict(lr=1e-2, weight_decay=0.01, warmup_ratio=0.25, grad_clip=0.5, bucket_mb=1, dtype="float32")
+
+
+def ddp_model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    return LlamaForCausalLM(cfg).double()  # fp64: summation order (2 ranks vs 1) must not show at 1e-6 after Adam
+
+
+def global_batches(steps=3, rows=8, T=10):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(1, 50, (rows, T), generator=g) for _ in range(steps)]
+
+
+def micro_losses(model, ids, micro=2):
+    """Mean negative log-likelihood of the rows `ids`, in micro-batches (accumulated, no sync)."""
+    from sample import sequence_logprobs
+
+    mask = torch.ones_like(ids)
+    resp = mask.clone()
+    resp[:, :3] = 0
+    for s in range(0, len(ids), micro):
+        yield -sequence_logprobs(model, ids[s:s + micro], mask[s:s + micro], resp[s:s + micro])[1].sum() / len(ids)
+
+
+def run_trainer(rank, world, batches):
+    model = ddp_model()
+    if rank == 1:  # rank 1 starts from other weights: the broadcast from rank 0 must fix that
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+    trainer = train_ddp.Trainer(model, dict(train_ddp.load_config(None, []), **TRAIN_CFG), rank, world)
+    for step, ids in enumerate(batches):
+        local = ids.chunk(world)[rank]
+        trainer.step(micro_losses(model, local), 0, step, len(batches))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def run_torch_ddp(rank, world, batches):
+    from torch.nn.parallel import DistributedDataParallel as DDP  # the reference only
+
+    model = ddp_model()
+    ddp = DDP(model)
+    t = train_ddp.Trainer(model, dict(train_ddp.load_config(None, []), **TRAIN_CFG), 0, 1)  # for its lr schedule
+    opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.01},
+                             {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}], lr=1e-2)
+    for step, ids in enumerate(batches):
+        local = ids.chunk(world)[rank]
+        opt.zero_grad()
+        parts = list(range(0, len(local), 2))
+        for i, s in enumerate(parts):
+            ctx = ddp.no_sync() if i < len(parts) - 1 else torch.enable_grad()
+            with ctx:
+                loss = next(micro_losses(ddp.module, local[s:s + 2], micro=2)) * 2 / len(local)
+                # DDP's hooks need the wrapper's forward: run it once for the graph
+                out = ddp(input_ids=local[s:s + 2]).logits.sum() * 0
+                (loss + out).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        for group in opt.param_groups:
+            group["lr"] = t.lr_at(step, len(batches))
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def ddp_worker(rank, world, init_file, out_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    batches = global_batches()
+    mine = run_trainer(rank, world, batches)
+    dist.barrier()
+    ref = run_torch_ddp(rank, world, batches)
+    if rank == 0:
+        torch.save({"mine": mine, "torch_ddp": ref}, out_file)
+    dist.destroy_process_group()
+
+
+def test_hand_written_ddp_equals_one_process_and_torch_ddp(tmp_path):
+    out = tmp_path / "params.pt"
+    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    single = run_trainer(0, 1, global_batches())
+    start = ddp_model().state_dict()
+    moved = max(float((single[k] - start[k]).abs().max()) for k in single)
+    assert moved > 1e-3  # the steps did something
+    for k in single:
+        assert torch.allclose(got["mine"][k], single[k], atol=1e-6, rtol=0), k
+        assert torch.allclose(got["mine"][k], got["torch_ddp"][k], atol=1e-6, rtol=0), k
+
+
+def test_buckets_cover_every_parameter_once():
+    params = list(ddp_model().parameters())
+    buckets = train_ddp.make_buckets(params, 20_000)
+    assert len(buckets) > 1 and [p for b in buckets for p in b] == params
+    assert all(sum(p.numel() * 4 for p in b) <= 20_000 or len(b) == 1 for b in buckets)
+
+
+# ---------------------------------------------------------------------------
+# End to end: metrics, checkpoints, exact resume, the real torchrun path
+# ---------------------------------------------------------------------------
+
+
+def final_weights(out_dir, k):
+    m = AutoModelForCausalLM.from_pretrained(train_ddp.checkpoint_dir(str(out_dir), k))
+    return m.state_dict()
+
+
+def test_resume_is_bitwise_and_checkpoints_load(base, tmp_path):
+    full = small_cfg(base, tmp_path / "full", iterations=3, algo="comal")
+    train_ddp.train(full, 0, 1, torch.device("cpu"))
+    part = small_cfg(base, tmp_path / "part", iterations=2, algo="comal")
+    train_ddp.train(part, 0, 1, torch.device("cpu"))
+    # the interrupted run left a half-written temp checkpoint and a partial log line behind
+    os.makedirs(train_ddp.checkpoint_dir(str(tmp_path / "part"), 2) + ".tmp")
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"iteration": 2, "step": 0, "loss": 9.9}) + "\n")
+    train_ddp.train(small_cfg(base, tmp_path / "part", iterations=3, algo="comal"), 0, 1, torch.device("cpu"))
+    a, b = final_weights(tmp_path / "full", 2), final_weights(tmp_path / "part", 2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], AutoModelForCausalLM.from_pretrained(base).state_dict()[k]) for k in a)
+    # the resumed log equals the uninterrupted one, line for line, except timings
+    def lines(d):
+        drop = ("seconds", "sample_s", "judge_s", "train_s", "tokens_per_s", "checkpoint")
+        return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in open(d / "metrics.jsonl")]
+    assert lines(tmp_path / "full") == lines(tmp_path / "part")
+    rec = [x for x in lines(tmp_path / "full") if "exploitability" in x and x["iteration"] >= 0]
+    assert len(rec) == 3 and all(0 <= x["exploitability"] <= 1 for x in rec)
+    assert AutoTokenizer.from_pretrained(train_ddp.checkpoint_dir(str(tmp_path / "full"), 2)).pad_token_id == 0
+    assert os.path.isfile(tmp_path / "full" / "config.yaml")
+
+
+def test_torchrun_two_ranks_end_to_end(base, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(ROOT, "train_ddp.py"),
+           os.path.join(ROOT, "configs", "tiny.yaml"), f"model={base}", f"out_dir={out}", "iterations=2",
+           "prompts_per_iteration=8", "n_samples=4", "batch_size=16", "micro_batch_size=8", "eval_prompts=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    records = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    its = [x for x in records if "exploitability" in x and x["iteration"] >= 0]
+    assert [x["iteration"] for x in its] == [0, 1]
+    assert "iteration   1  exploitability" in r.stderr  # rank 0 prints; rank 1 does not duplicate
+    assert r.stderr.count("iteration   1  exploitability") == 1
+    AutoModelForCausalLM.from_pretrained(train_ddp.checkpoint_dir(str(out), 1))
+
+
+# ---------------------------------------------------------------------------
+# Every algorithm: one iteration on a tiny model; the loss decreases on a fixed batch
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", list(comal.ALGOS))
+def test_each_algorithm_runs_and_lowers_its_loss(base, algo, tmp_path):
+    cfg = small_cfg(base, tmp_path, algo=algo, epochs=6, batch_size=512, micro_batch_size=512, warmup_ratio=0.0,
+                    lr=3e-4, eta=1.0, tau=0.2, prompts_per_iteration=6, n_samples=4)
+    cfg["dr_grpo"] = algo == "grpo"  # covers the Dr.GRPO variant too (comal_grpo keeps plain GRPO)
+    policy = AutoModelForCausalLM.from_pretrained(base)
+    tok = AutoTokenizer.from_pretrained(base)
+    state = {"policy": policy, "tokenizer": tok, "base": train_ddp.frozen_copy(policy, torch.float32),
+             "ref": train_ddp.frozen_copy(policy, torch.float32), "extra": train_ddp.frozen_copy(policy, torch.float32)}
+    steps = []
+    trainer = train_ddp.Trainer(policy, cfg, 0, 1, log=steps.append)
+    prompts = tiny.synthetic_prompts(6, 3)
+    ids = train_ddp.encode_prompts(tok, prompts, 64)
+    before = [p.detach().clone() for p in policy.parameters()]
+    m = comal.run_iteration(0, state, prompts, ids, oracle_lib.CategoryGame(), trainer, cfg, print)
+    assert len(steps) == 6  # one full-batch step per epoch: the same fixed batch each time
+    losses = [s["loss"] for s in steps]
+    assert all(map(lambda x: x == x, losses))
+    assert losses[-1] < losses[0] - 1e-4, losses
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    assert m["response_length"] > 0
+
+
+def test_pairs_and_winrates_are_what_the_paper_says():
+    M = torch.tensor([[[0.5, 0.1, 0.8], [0.9, 0.5, 0.1], [0.2, 0.9, 0.5]],
+                      [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]])
+    w, l, weight = comal.build_pairs(M, 3, "best_worst")
+    # group 0: mean win rates [.467, .5, .533] -> best 2, worst 0; group 1 ties -> weight 0
+    assert w.tolist()[0] == 2 and l.tolist()[0] == 0 and weight.tolist() == [1.0, 0.0]
+    w, l, weight = comal.build_pairs(M, 3, "all")
+    assert len(w) == 12 and torch.allclose(weight.view(2, -1).sum(-1), torch.ones(2))
+    assert torch.allclose(comal.loo_winrates(M)[0], torch.tensor([0.45, 0.5, 0.55]))
+    # the soft-labelled IPO loss over all pairs is minimised at h(i, j) = eta (M[i, j] - 1/2) (eq. 13 in expectation)
+    eta = 2.0
+    h = torch.zeros(3, 3, requires_grad=True)
+    w, l, weight = comal.build_pairs(M[:1], 3, "all")
+    opt = torch.optim.LBFGS([h], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14)
+
+    def closure():
+        opt.zero_grad()
+        hs = h - h.T  # antisymmetric log-ratio differences
+        loss = (weight * (hs[w, l] - eta / 2) ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    hs = (h - h.T).detach()
+    i, j = torch.triu_indices(3, 3, 1)
+    assert torch.allclose(hs[i, j], eta * (M[0][i, j] - 0.5), atol=1e-5)
+
+
+def test_eta_tau_schedule_and_rounds():
+    cfg = {"eta": [500, 10], "tau": 0.1, "eta_tau": 1 / 3, "algo": "comal", "ref_update_every": 6}
+    assert comal.round_params(cfg, 0) == (500.0, 1 / 1500) and comal.round_params(cfg, 5)[0] == 10.0
+    assert [comal.round_of(cfg, k) for k in (0, 5, 6, 17)] == [0, 0, 1, 2]
+    assert comal.round_of(dict(cfg, algo="mirror_prox"), 3) == 1  # Mirror-Prox: a round is two half-steps
+
+
+# ---------------------------------------------------------------------------
+# Bad config values and non-finite losses
+# ---------------------------------------------------------------------------
+
+
+def config_error(base, tmp_path, world=1, **kw):
+    cfg = train_ddp.load_config(None, [])
+    cfg.update(model=base, out_dir=str(tmp_path))
+    cfg.update(kw)
+    with pytest.raises(train_ddp.ConfigError) as e:
+        train_ddp.check_config(cfg, world)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_invalid_config_values_name_the_key(base, tmp_path):
+    assert "lr must be > 0" in config_error(base, tmp_path, lr=0.0)
+    assert "lr must be > 0" in config_error(base, tmp_path, lr=-1e-6)
+    assert "eta * tau" in config_error(base, tmp_path, eta=10.0, tau=0.1)
+    assert "eta * tau" in config_error(base, tmp_path, eta=[1.0, 20.0], tau=0.1)
+    assert "eta_tau" in config_error(base, tmp_path, eta_tau=1.0)
+    assert "eta must be > 0" in config_error(base, tmp_path, eta=0.0)
+    assert "batch_size 32 is not divisible by world size 2 x micro_batch_size 12" in config_error(
+        base, tmp_path, world=2, batch_size=32, micro_batch_size=12)
+    assert "lr must be float" in config_error(base, tmp_path, lr="fast")
+    assert "iterations must be int" in config_error(base, tmp_path, iterations=2.5)
+    assert "dr_grpo must be bool" in config_error(base, tmp_path, dr_grpo="yes")
+    assert "algo: unknown algorithm 'ppo'" in config_error(base, tmp_path, algo="ppo")
+    assert "n_samples must be >= 2" in config_error(base, tmp_path, n_samples=1)
+    assert "temperature" in config_error(base, tmp_path, temperature=0.0)
+    assert "top_p" in config_error(base, tmp_path, top_p=1.5)
+    assert "pair_selection" in config_error(base, tmp_path, pair_selection="random")
+    assert "model: model directory" in config_error(base, tmp_path, model=str(tmp_path / "missing"))
+    assert "hub name" in config_error(base, tmp_path, model="meta-llama/Meta-Llama-3-8B-Instruct")
+    assert "resume" in config_error(base, tmp_path, resume=str(tmp_path))
+    assert "oracle.kind" in config_error(base, tmp_path, oracle={"kind": "elo"})
+    assert "prompts_per_iteration 7 is not divisible" in config_error(base, tmp_path, world=2, prompts_per_iteration=7)
+    rows = tmp_path / "p.jsonl"
+    rows.write_text('{"instruction": "hi"}\n')
+    assert "no string field 'prompt'" in config_error(base, tmp_path, prompts=str(rows))
+    assert "does not exist" in config_error(base, tmp_path, prompts=str(tmp_path / "none.jsonl"))
+    assert "cannot load" in config_error(base, tmp_path, prompts="HuggingFaceH4/ultrafeedback_binarized")
+    with pytest.raises(train_ddp.ConfigError, match="learning_rate: unknown config key"):
+        train_ddp.load_config(None, ["learning_rate=1e-6"])
+    with pytest.raises(train_ddp.ConfigError, match="key=value"):
+        train_ddp.load_config(None, ["lr"])
+    with pytest.raises(train_ddp.ConfigError, match="does not exist"):
+        train_ddp.load_config(str(tmp_path / "nope.yaml"), [])
+    assert train_ddp.load_config(None, ["lr=1e-6", "eta=[500, 10]"])["lr"] == 1e-6  # YAML reads 1e-6 as a string
+
+
+def test_prompt_files_load_and_cli_prints_one_line(base, tmp_path):
+    rows = tmp_path / "p.jsonl"
+    rows.write_text("".join(json.dumps({"instruction": f"question {i}"}) + "\n" for i in range(12)))
+    cfg = train_ddp.load_config(None, [])
+    cfg.update(model=base, prompts=str(rows), prompt_field="instruction", num_subsets=3, prompts_per_iteration=2)
+    prompts = train_ddp.load_prompts(train_ddp.check_config(cfg, 2))
+    assert train_ddp.iteration_prompts(prompts, cfg, 1, 1, 2) == ["question 5"]  # subset 1 = 4..7; rank 1 of 2
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"instruction": ["a", "b"]}), tmp_path / "p.parquet")
+    assert train_ddp.load_prompts(dict(cfg, prompts=str(tmp_path / "p.parquet"))) == ["a", "b"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: -1\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train_ddp.py"), str(bad)], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip() == "error: lr must be > 0, got -1"
+
+
+def test_non_finite_loss_stops_with_step_rank_and_checkpoint():
+    model = ddp_model()
+    trainer = train_ddp.Trainer(model, dict(train_ddp.load_config(None, []), **TRAIN_CFG))
+    trainer.last_checkpoint = "runs/x/checkpoints/iter-00004"
+    ids = global_batches(1)[0]
+    bad = (x * float("nan") for x in micro_losses(model, ids))
+    with pytest.raises(train_ddp.TrainingError, match=r"iteration 5 step 3 on rank\(s\) \[0\].*iter-00004"):
+        trainer.step(bad, 5, 3, 10)
