@@ -16,9 +16,11 @@ the trainer's (train_ddp.py); this file only calls trainer.step().
 Which loss and which reference each `algo` uses is the ALGOS table.
 """
 import math
+import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 import losses
 from sample import generate, sequence_logprobs
@@ -261,6 +263,8 @@ def run_iteration(k, state, prompts, prompt_ids, oracle, trainer, cfg, log):
     steps = cfg["epochs"] * math.ceil(E / per_step)
     step_losses = []
     t0 = time.time()
+    bar = tqdm(total=steps, desc=f"iteration {k} train", leave=False, disable=trainer.rank != 0, file=sys.stderr)
+    bar.set_postfix(sample=f"{sample_s:.1f}s", judge=f"{judge_s:.1f}s")
     for epoch in range(cfg["epochs"]):
         order = torch.randperm(E, generator=shuffle)
         for s in range(0, E, per_step):
@@ -280,6 +284,8 @@ def run_iteration(k, state, prompts, prompt_ids, oracle, trainer, cfg, log):
                     yield (ex["weight"][idx] * per_example).sum() / scale
 
             step_losses.append(trainer.step(micro_losses(), k, len(step_losses), steps, extra_optimizer=value_opt))
+            bar.update(1)
+    bar.close()
     train_s = time.time() - t0
     if loss == "nashmp":  # target <- kappa theta + (1 - kappa) target (EMA in parameter space)
         with torch.no_grad():
