@@ -183,9 +183,9 @@ def make_examples(loss, M, n, cfg, M_prev=None):
 # ---------------------------------------------------------------------------
 
 
-def sample_groups(model, tokenizer, prompt_ids, cfg, generator):
+def sample_groups(model, tokenizer, prompt_ids, cfg, generator, all_done=None):
     s = generate(model, prompt_ids, n=cfg["n_samples"], max_new_tokens=cfg["max_new_tokens"],
-                 temperature=cfg["temperature"], top_p=cfg["top_p"], generator=generator)
+                 temperature=cfg["temperature"], top_p=cfg["top_p"], generator=generator, all_done=all_done)
     texts = tokenizer.batch_decode(s.response_ids * s.response_mask + tokenizer.pad_token_id * (1 - s.response_mask),
                                    skip_special_tokens=True)
     n = cfg["n_samples"]
@@ -207,7 +207,7 @@ def run_iteration(k, state, prompts, prompt_ids, oracle, trainer, cfg, log):
         tau = 0.0  # these losses step from their centre without the KL term of J_tau
     # 1. Alg. 3: at the start of a round pi_ref <- pi^k (the policy before this iteration's update)
     if reference == "rounds" and k % ref_update_every(cfg) == 0:
-        state["ref"].load_state_dict(policy.state_dict())
+        trainer.copy_weights(state["ref"], policy)
     gen = torch.Generator(device=trainer.device).manual_seed(cfg["seed"] * 1_000_003 + k * 1009 + trainer.rank)
     n = cfg["n_samples"]
 
@@ -216,9 +216,9 @@ def run_iteration(k, state, prompts, prompt_ids, oracle, trainer, cfg, log):
     sampler = state["base"] if reference == "offline" else policy
     policy.eval()
     with trainer.autocast():
-        samples, groups = sample_groups(sampler, tok, prompt_ids, cfg, gen)
+        samples, groups = sample_groups(sampler, tok, prompt_ids, cfg, gen, trainer.all_done)
         if loss in ("omwu", "nashmp"):  # the opponent's responses: pi^{k-1} (OMWU) or the target (NashMP)
-            _, opp = sample_groups(state["extra"], tok, prompt_ids, cfg, gen)
+            _, opp = sample_groups(state["extra"], tok, prompt_ids, cfg, gen, trainer.all_done)
     sample_s = time.time() - t0
     n_tokens = int(samples.response_mask.sum())
 
@@ -252,7 +252,7 @@ def run_iteration(k, state, prompts, prompt_ids, oracle, trainer, cfg, log):
         pre["value"] = torch.full((len(prompts),), -0.5, device=trainer.device, requires_grad=True)
         value_opt = torch.optim.Adam([pre["value"]], lr=cfg["value_lr"])
     if algo == "omwu":  # pi^{k-1} <- pi^k before the update
-        state["extra"].load_state_dict(policy.state_dict())
+        trainer.copy_weights(state["extra"], policy)
 
     # 6. minimise the loss: `epochs` passes over the examples in shuffled batches
     policy.train()
@@ -288,9 +288,7 @@ def run_iteration(k, state, prompts, prompt_ids, oracle, trainer, cfg, log):
     bar.close()
     train_s = time.time() - t0
     if loss == "nashmp":  # target <- kappa theta + (1 - kappa) target (EMA in parameter space)
-        with torch.no_grad():
-            for p_t, p in zip(state["extra"].parameters(), policy.parameters()):
-                p_t.mul_(1 - cfg["kappa"]).add_(p.detach().to(p_t.dtype), alpha=cfg["kappa"])
+        trainer.ema_weights(state["extra"], policy, cfg["kappa"])
     lengths = samples.response_mask.sum(-1).float()
     return {"iteration": k, "round": rnd, "eta": eta, "tau": tau, "loss": sum(step_losses) / len(step_losses),
             "response_length": float(lengths.mean()), "tokens_per_s": n_tokens / max(sample_s, 1e-9),

@@ -106,7 +106,8 @@ def check_sampling_args(prompts, n, max_new_tokens, temperature, top_p, top_k):
 
 @torch.inference_mode()
 def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0,
-             eos_token_ids=None, generator=None, pad_token_id=None, device=None, compact_fraction=0.25):
+             eos_token_ids=None, generator=None, pad_token_id=None, device=None, compact_fraction=0.25,
+             all_done=None):
     """Sample n responses for each prompt (lists of token ids); returns Samples.
 
     temperature 0 is greedy. eos_token_ids default to the model's
@@ -114,6 +115,9 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     `generator` (on the model's device) makes sampling repeatable. The batch is
     compacted once at least `compact_fraction` of the running rows finished.
     Results are returned on `device` (default: the model's device).
+    `all_done(local_done) -> bool` keeps ranks in lockstep when every forward
+    is a collective (sharded weights): decoding stops only when all ranks are
+    done, and a rank never compacts its batch to nothing.
     """
     check_sampling_args(prompts, n, max_new_tokens, temperature, top_p, top_k)
     dev = next(model.parameters()).device
@@ -162,10 +166,11 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
         logps[rows, t] = logits.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
         if len(eos_token_ids):
             finished |= torch.isin(tok, eos)
-        if t == max_new_tokens - 1 or bool(finished.all()):
+        done = bool(finished.all())
+        if t == max_new_tokens - 1 or (all_done(done) if all_done is not None else done):
             break
         mask[:, P + t] = 1
-        if bool(finished.any()) and int(finished.sum()) >= compact_fraction * len(rows):
+        if bool(finished.any()) and compact_fraction * len(rows) <= int(finished.sum()) < len(rows):
             idx = (~finished).nonzero().squeeze(-1)  # drop finished rows from the cache and the batch
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys[idx], layer.values[idx]

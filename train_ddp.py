@@ -70,6 +70,8 @@ DEFAULTS = {
     "eval_winrate": (True, "log the win rate of the updated policy against mu's responses"),
     "dtype": ("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16; master weights stay fp32"),
     "bucket_mb": (25, "gradient all-reduce bucket size in MiB"),
+    "parallel": ("ddp", "ddp (replicated weights, bucketed all-reduce) or fsdp (flat shards per block, ZeRO-3 style)"),
+    "activation_checkpointing": (False, "recompute each transformer block in backward instead of storing its activations"),
     "keep_checkpoints": (0, "keep only the newest N checkpoints (0 = all)"),
     "cache_dir": ("runs/cache", "where the tiny embedded base is built once"),
 }
@@ -190,6 +192,8 @@ def check_config(cfg, world):
         raise ConfigError(f"kappa must be in (0, 1], got {cfg['kappa']}")
     if cfg["pair_selection"] not in ("all", "best_worst"):
         raise ConfigError(f"pair_selection must be all or best_worst, got {cfg['pair_selection']!r}")
+    if cfg["parallel"] not in ("ddp", "fsdp"):
+        raise ConfigError(f"parallel must be ddp or fsdp, got {cfg['parallel']!r}")
     if cfg["dtype"] not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg['dtype']!r}")
     if cfg["batch_size"] % (world * cfg["micro_batch_size"]):
@@ -305,15 +309,21 @@ class Trainer:
 
     def __init__(self, model, cfg, rank=0, world=1, device="cpu", log=None):
         self.model, self.cfg, self.rank, self.world = model, cfg, rank, world
+        self.buckets = None
         self.device = torch.device(device)
         self.log = log or (lambda *a, **k: None)
+        self.units = getattr(model, "flat_units", None)  # set by shard_model: parallel = fsdp
+        self.last_checkpoint = None
+        if self.units is not None:  # AdamW on this rank's fp32 master shards; decay applied by mask in step()
+            self.params = [u.shard for u in self.units]
+            self.optimizer = torch.optim.AdamW(self.params, lr=cfg["lr"], weight_decay=0.0)
+            return
         self.params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.dim() >= 2]
         no_decay = [p for p in self.params if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
         self.buckets = make_buckets(self.params, cfg["bucket_mb"] << 20)
-        self.last_checkpoint = None
         if world > 1:  # everyone starts from rank 0's weights
             for p in model.parameters():
                 dist.broadcast(p.data, 0)
@@ -321,6 +331,14 @@ class Trainer:
     def autocast(self):
         use_bf16 = self.cfg["dtype"] == "bfloat16" or (self.cfg["dtype"] == "auto" and self.device.type == "cuda")
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    def all_done(self, local_done):
+        """Sharded runs: every forward is a collective, so a sampler stops only when all ranks are done."""
+        if self.units is None or self.world == 1:
+            return local_done
+        t = torch.tensor([0.0 if local_done else 1.0], device=self.device)
+        dist.all_reduce(t)
+        return float(t) == 0.0
 
     def all_reduce_sum(self, x):
         if self.world == 1:
@@ -344,6 +362,59 @@ class Trainer:
             for p in bucket:
                 p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
+
+    def sharded_update(self, lr):
+        """Clip by the global norm (one all-reduce of the squared shard norms), decay, AdamW, re-gather the root."""
+        for u in self.units:
+            if u.pending:  # parameters that got no gradient this step: scatter what there is
+                u.reduce_scatter_grads()
+            if u.shard.grad is None:
+                u.shard.grad = torch.zeros_like(u.shard)
+        sq = torch.stack([u.shard.grad.double().pow(2).sum() for u in self.units]).sum()
+        if self.world > 1:
+            dist.all_reduce(sq)
+        grad_norm = float(sq.sqrt())
+        clip = self.cfg["grad_clip"]
+        if clip and grad_norm > clip:
+            for u in self.units:
+                u.shard.grad.mul_(clip / (grad_norm + 1e-6))  # as clip_grad_norm_
+        with torch.no_grad():
+            if self.cfg["weight_decay"]:  # AdamW's decoupled decay, on >= 2-D parameters only (as DDP's groups)
+                for u in self.units:
+                    u.shard.mul_(1 - lr * self.cfg["weight_decay"] * u.decay_mask)
+        self.optimizer.step()
+        for u in self.units:
+            u.shard.grad = None
+            if u.keep_gathered:
+                u.gathered = False
+                u.full.untyped_storage().resize_(0)
+                u.gather()
+        return grad_norm
+
+    def copy_weights(self, dst, src):
+        """dst <- src (pi_ref <- pi^k): shard by shard when sharded."""
+        with torch.no_grad():
+            if self.units is None:
+                dst.load_state_dict(src.state_dict())
+                return
+            for ud, us in zip(dst.flat_units, src.flat_units):
+                ud.shard.copy_(us.shard)
+                if ud.keep_gathered:
+                    ud.free()
+                    ud.gather()
+
+    def ema_weights(self, dst, src, kappa):
+        """dst <- kappa src + (1 - kappa) dst (NashMP's target network)."""
+        with torch.no_grad():
+            pairs = (zip(dst.parameters(), src.parameters()) if self.units is None else
+                     ((ud.shard, us.shard) for ud, us in zip(dst.flat_units, src.flat_units)))
+            for p_t, p in pairs:
+                p_t.mul_(1 - kappa).add_(p.detach().to(p_t.dtype), alpha=kappa)
+            if self.units is not None:
+                for ud in dst.flat_units:
+                    if ud.keep_gathered:
+                        ud.free()
+                        ud.gather()
 
     def lr_at(self, step, steps):
         """Linear warmup over warmup_ratio of the iteration's steps, then cosine to 0 (restarted every iteration)."""
@@ -369,12 +440,15 @@ class Trainer:
             bad = [r for r in range(self.world) if status[1 + r] > 0]
             raise TrainingError(f"non-finite loss at iteration {k} step {step} on rank(s) {bad}; "
                                 f"last good checkpoint: {self.last_checkpoint or 'none (no iteration finished)'}")
-        self.sync_grads()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg["grad_clip"] or float("inf")))
         lr = self.lr_at(step, steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        if self.units is None:
+            self.sync_grads()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg["grad_clip"] or float("inf")))
+            self.optimizer.step()
+        else:
+            grad_norm = self.sharded_update(lr)
         if extra_optimizer is not None:
             extra_optimizer.step()
             extra_optimizer.zero_grad(set_to_none=True)
@@ -397,6 +471,169 @@ def make_buckets(params, cap_bytes):
 
 
 # ---------------------------------------------------------------------------
+# Sharded data parallelism (ZeRO-3 / FSDP style), written out
+# ---------------------------------------------------------------------------
+#
+# Each transformer block is a unit: its parameters become one flat fp32 vector,
+# padded to a multiple of the world size, of which rank r keeps slice r (the
+# master shard that AdamW updates; its Adam moments exist for that slice only).
+# The module's own parameters are views into a full-size buffer whose storage
+# is allocated only while the block runs:
+#   forward pre-hook   all_gather_single(full, shard)          (gather)
+#   forward post-hook  free the storage; when the output needs a gradient, a
+#                      hook on it gathers again just before the block's backward
+#   after the block's last parameter gradient is accumulated:
+#                      reduce_scatter_single(grad_shard, flat grads) / world, free
+# The root unit (embeddings, final norm, output layer) is sharded the same way
+# for master weights, gradients and Adam state, but stays gathered between
+# optimizer steps: sequence_logprobs uses the output weight outside any module
+# call (Llama-3-8B: 1.05B parameters, 2.1 GB in bf16).
+
+
+class FlatUnit:
+    """The parameters of one module as a flat vector sharded over the ranks."""
+
+    def __init__(self, params, names, rank, world, compute_dtype):
+        self.params, self.names, self.rank, self.world = params, names, rank, world
+        self.shapes = [p.shape for p in params]
+        self.numels = [p.numel() for p in params]
+        self.total = sum(self.numels)
+        self.size = -(-self.total // world)  # shard length; the padded flat has size * world entries
+        device = params[0].device
+        flat = torch.zeros(self.size * world, dtype=torch.float32, device=device)
+        flat[:self.total] = torch.cat([p.detach().float().flatten() for p in params])
+        self.shard = torch.nn.Parameter(flat[rank * self.size:(rank + 1) * self.size].clone())  # fp32 master
+        self.decay_mask = torch.cat([torch.full((n,), float(len(s) >= 2), device=device)
+                                     for n, s in zip(self.numels, self.shapes)] +
+                                    [torch.zeros(self.size * world - self.total, device=device)])[
+            rank * self.size:(rank + 1) * self.size]
+        self.full = torch.empty(self.size * world, dtype=compute_dtype, device=device)
+        offset = 0
+        for p, n, shape in zip(params, self.numels, self.shapes):
+            p.data = self.full[offset:offset + n].view(shape)  # the module computes with views of `full`
+            offset += n
+        self.pending = 0  # parameter gradients accumulated in the current backward
+        self.keep_gathered = False  # the root unit stays gathered between optimizer steps
+        self.gathered = True
+        self.free()
+
+    def gather(self):
+        if self.gathered:
+            return
+        self.full.untyped_storage().resize_(self.full.numel() * self.full.element_size())
+        if self.world > 1:
+            dist.all_gather_single(self.full, self.shard.detach().to(self.full.dtype))
+        else:
+            self.full.copy_(self.shard.detach())
+        self.gathered = True
+
+    def free(self):
+        if self.gathered:
+            self.full.untyped_storage().resize_(0)
+            self.gathered = False
+
+    def reduce_scatter_grads(self):
+        """Average the full gradients over ranks into this rank's shard gradient, and drop the full ones."""
+        flat = torch.zeros(self.size * self.world, dtype=torch.float32, device=self.full.device)
+        offset = 0
+        for p, n in zip(self.params, self.numels):
+            if p.grad is not None:
+                flat[offset:offset + n] = p.grad.flatten()
+                p.grad = None
+            offset += n
+        if self.world > 1:
+            out = torch.empty(self.size, dtype=torch.float32, device=flat.device)
+            dist.reduce_scatter_single(out, flat)
+            out /= self.world  # gloo has no ReduceOp.AVG
+        else:
+            out = flat
+        self.shard.grad = out if self.shard.grad is None else self.shard.grad + out
+        self.pending = 0
+
+    def gathered_fp32(self):
+        """The unpadded full fp32 vector (all ranks take part; used for checkpoints, one unit at a time)."""
+        full = torch.empty(self.size * self.world, dtype=torch.float32, device=self.shard.device)
+        if self.world > 1:
+            dist.all_gather_single(full, self.shard.detach())
+        else:
+            full.copy_(self.shard.detach())
+        return full[:self.total]
+
+
+def transformer_blocks(model):
+    """The list of transformer blocks (Llama/Qwen/Mistral: model.layers; GPT-2: transformer.h)."""
+    base = model.base_model
+    for name in ("layers", "h", "blocks"):
+        if isinstance(getattr(base, name, None), torch.nn.ModuleList):
+            return list(getattr(base, name))
+    raise ConfigError(f"parallel: fsdp cannot find the transformer blocks of {type(model).__name__}")
+
+
+def shard_model(model, rank, world, compute_dtype=torch.float32, activation_checkpointing=False):
+    """Turn `model` into a sharded one in place; returns its units (blocks first, root last)."""
+    if world > 1:  # every rank shards rank 0's weights
+        for p in model.parameters():
+            dist.broadcast(p.data, 0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    units, seen = [], set()
+
+    def make_unit(module):
+        params = [p for p in module.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        return FlatUnit(params, [names[id(p)] for p in params], rank, world, compute_dtype)
+
+    for block in transformer_blocks(model):
+        unit = make_unit(block)
+        units.append(unit)
+
+        def pre(module, args, unit=unit):
+            unit.gather()
+
+        def post(module, args, output, unit=unit):
+            out = output[0] if isinstance(output, tuple) else output
+            if torch.is_tensor(out) and out.requires_grad:
+                out.register_hook(lambda grad, unit=unit: unit.gather())  # gather again before this block's backward
+            unit.free()
+
+        block.register_forward_pre_hook(pre)
+        block.register_forward_hook(post)
+    if activation_checkpointing:
+        checkpoint_blocks(model)
+    root = make_unit(model)
+    root.keep_gathered = True
+    units.append(root)
+    root.gather()
+    for unit in units:
+        for p in unit.params:
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda p, unit=unit: grad_ready(unit))
+    model.flat_units = units
+    return units
+
+
+def checkpoint_blocks(model):
+    """Activation checkpointing per transformer block: keep only its input, recompute it in backward.
+
+    The block's forward is wrapped, so module hooks (the sharded gathers) run
+    once on the outer call; the recomputation finds the weights gathered again
+    by the hook on the block's output gradient.
+    """
+    import torch.utils.checkpoint
+
+    for block in transformer_blocks(model):
+        inner = block.forward
+        block.forward = lambda *a, inner=inner, **kw: torch.utils.checkpoint.checkpoint(inner, *a, use_reentrant=False, **kw)
+
+
+def grad_ready(unit):
+    unit.pending += 1
+    if unit.pending == len(unit.params):  # every parameter of the block has its gradient: scatter, then free
+        unit.reduce_scatter_grads()
+        if not unit.keep_gathered:
+            unit.free()
+
+
+# ---------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------
 
@@ -413,18 +650,33 @@ def latest_checkpoint(out_dir):
 
 
 def save_checkpoint(out_dir, k, state, trainer, cfg):
-    """HF directory (safetensors, loadable by from_pretrained) + trainer_state.pt, under a temp name, renamed."""
+    """HF directory (safetensors, loadable by from_pretrained) + trainer_state.pt, under a temp name, renamed.
+
+    Sharded runs write one safetensors file per unit (an HF sharded checkpoint
+    with its index) and one optimizer file per unit, gathering a single unit
+    at a time, so no rank ever holds the whole model or optimizer state.
+    """
     path = checkpoint_dir(out_dir, k)
+    tmp = path + ".tmp"
     if trainer.rank == 0:
-        tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        state["policy"].save_pretrained(tmp)
+        os.makedirs(tmp)
         state["tokenizer"].save_pretrained(tmp)
+    sharded = trainer.units is not None
+    if sharded:
+        save_sharded(state["policy"], tmp, trainer.rank, trainer.optimizer)
+        for key in ("ref", "extra"):
+            if state.get(key) is not None:
+                save_sharded(state[key], os.path.join(tmp, key), trainer.rank)
+    if trainer.rank == 0:
+        if not sharded:
+            state["policy"].save_pretrained(tmp)
         torch.save({
             "iteration": k,
-            "optimizer": trainer.optimizer.state_dict(),
-            "ref": state["ref"].state_dict() if state.get("ref") is not None else None,
-            "extra": state["extra"].state_dict() if state.get("extra") is not None else None,
+            "sharded": sharded,
+            "optimizer": None if sharded else trainer.optimizer.state_dict(),
+            "ref": state["ref"].state_dict() if state.get("ref") is not None and not sharded else None,
+            "extra": state["extra"].state_dict() if state.get("extra") is not None and not sharded else None,
             "config": cfg,
         }, os.path.join(tmp, "trainer_state.pt"))
         os.replace(tmp, path)
@@ -437,6 +689,68 @@ def save_checkpoint(out_dir, k, state, trainer, cfg):
         dist.barrier()
     trainer.last_checkpoint = path
     return path
+
+
+def save_sharded(model, path, rank, optimizer=None):
+    """Stream a sharded model to an HF directory, one unit (and its Adam moments) gathered at a time."""
+    from safetensors.torch import save_file
+
+    units = model.flat_units
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+    weight_map, total = {}, 0
+    for i, u in enumerate(units):
+        full = u.gathered_fp32()  # collective: every rank takes part, rank 0 writes
+        if rank == 0:
+            tensors, offset = {}, 0
+            for name, n, shape in zip(u.names, u.numels, u.shapes):
+                tensors[name] = full[offset:offset + n].view(shape).clone()
+                offset += n
+            fname = f"model-{i + 1:05d}-of-{len(units):05d}.safetensors"
+            save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
+            weight_map.update({name: fname for name in tensors})
+            total += 4 * u.total
+        del full
+        if optimizer is not None and optimizer.state.get(u.shard):
+            st = optimizer.state[u.shard]
+            moments = {key: gather_shard(st[key], u) for key in ("exp_avg", "exp_avg_sq")}
+            if rank == 0:
+                os.makedirs(os.path.join(path, "optimizer"), exist_ok=True)
+                torch.save({"step": st["step"], **moments}, os.path.join(path, "optimizer", f"unit-{i:05d}.pt"))
+    if rank == 0:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+        config = model.config
+        dtype = getattr(config, "dtype", None)
+        config.dtype = torch.float32  # the master weights are saved
+        config.save_pretrained(path)
+        config.dtype = dtype
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(path)
+
+
+def gather_shard(t, unit):
+    full = torch.empty(unit.size * unit.world, dtype=t.dtype, device=t.device)
+    if unit.world > 1:
+        dist.all_gather_single(full, t.contiguous())
+    else:
+        full.copy_(t)
+    return full[:unit.total].clone()
+
+
+def load_sharded_optimizer(optimizer, units, path):
+    """Adam moments from per-unit files written by any number of ranks: each rank takes its slice."""
+    for i, u in enumerate(units):
+        f = os.path.join(path, "optimizer", f"unit-{i:05d}.pt")
+        if not os.path.isfile(f):
+            continue
+        saved = torch.load(f, map_location=u.shard.device, weights_only=False)
+        st = {"step": saved["step"]}
+        for key in ("exp_avg", "exp_avg_sq"):
+            padded = torch.zeros(u.size * u.world, dtype=saved[key].dtype, device=u.shard.device)
+            padded[:u.total] = saved[key]
+            st[key] = padded[u.rank * u.size:(u.rank + 1) * u.size].clone()
+        optimizer.state[u.shard] = st
 
 
 # ---------------------------------------------------------------------------
@@ -517,19 +831,35 @@ def train(cfg, rank, world, device):
     tokenizer = AutoTokenizer.from_pretrained(start_path, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    policy = AutoModelForCausalLM.from_pretrained(start_path, dtype=torch.float32, local_files_only=True).to(device)
-    policy.config.pad_token_id = tokenizer.pad_token_id
-    frozen_dtype = torch.bfloat16 if device.type == "cuda" and cfg["dtype"] != "float32" else torch.float32
+    sharded = cfg["parallel"] == "fsdp"
+    compute_dtype = torch.bfloat16 if device.type == "cuda" and cfg["dtype"] != "float32" else torch.float32
+
+    def load(path):
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).to(device)
+        m.config.pad_token_id = tokenizer.pad_token_id
+        return m
+
+    def frozen(path, dtype):
+        m = load(path).eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        return shard_model(m, rank, world, dtype) and m if sharded else m.to(dtype)
+
+    policy = load(start_path)
     loss, reference = comal.ALGOS[cfg["algo"]]
     state = {"policy": policy, "tokenizer": tokenizer, "base": None, "ref": None, "extra": None}
+    # frozen policies: pi_ref / base / pi^{k-1} / the EMA target (sharded runs saved ref/ and extra/ beside the policy)
+    saved_copy = lambda key: os.path.join(resume, key) if resume and os.path.isdir(os.path.join(resume, key)) else start_path  # noqa: E731
     if reference in ("base", "offline"):
-        base = policy if resume is None else AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
-                                                                                  local_files_only=True).to(device)
-        state["base"] = frozen_copy(base, frozen_dtype)
+        state["base"] = frozen(base_path, compute_dtype)
     if reference == "rounds":
-        state["ref"] = frozen_copy(policy, frozen_dtype)
+        state["ref"] = frozen(saved_copy("ref"), compute_dtype)
     if loss in ("omwu", "nashmp"):
-        state["extra"] = frozen_copy(policy, frozen_dtype if loss == "omwu" else torch.float32)
+        state["extra"] = frozen(saved_copy("extra"), compute_dtype if loss == "omwu" else torch.float32)
+    if sharded:
+        shard_model(policy, rank, world, compute_dtype, cfg["activation_checkpointing"])
+    elif cfg["activation_checkpointing"]:
+        checkpoint_blocks(policy)
     oracle = oracle_lib.build_oracle(cfg["oracle"], device=device)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
 
@@ -540,11 +870,17 @@ def train(cfg, rank, world, device):
 
     trainer = Trainer(policy, cfg, rank, world, device, log=log)
     start = 0
+    if sharded:
+        say(f"parallel: fsdp, {len(trainer.units)} units, {sum(u.size for u in trainer.units) / 1e6:.2f}M "
+            f"master parameters on each of {world} rank(s)")
     if resume is not None:
         saved = torch.load(os.path.join(resume, "trainer_state.pt"), map_location=device, weights_only=False)
-        trainer.optimizer.load_state_dict(saved["optimizer"])
+        if sharded:  # written by any number of ranks: each takes its slice
+            load_sharded_optimizer(trainer.optimizer, trainer.units, resume)
+        elif saved["optimizer"] is not None:
+            trainer.optimizer.load_state_dict(saved["optimizer"])
         for key in ("ref", "extra"):
-            if saved[key] is not None and state[key] is not None:
+            if saved[key] is not None and state[key] is not None and not sharded:
                 state[key].load_state_dict(saved[key])
         start = saved["iteration"] + 1
         trainer.last_checkpoint = resume
@@ -567,7 +903,7 @@ def train(cfg, rank, world, device):
     eval_ids = encode_prompts(tokenizer, tiny.synthetic_prompts(cfg["eval_prompts"], cfg["seed"] + 12345),
                               cfg["max_prompt_tokens"]) if game else None
     prev = None
-    if game and master:
+    if game:  # every rank evaluates the same prompts: with sharded weights each forward is a collective
         m, prev = category_metrics(game, state, eval_ids, None)
         if start == 0:
             log({"iteration": -1, **m})
@@ -583,13 +919,13 @@ def train(cfg, rank, world, device):
             gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 31337 + k * 17 + rank)
             policy.eval()
             with trainer.autocast():
-                _, new = comal.sample_groups(policy, tokenizer, x_ids, dict(cfg, n_samples=1), gen)
+                _, new = comal.sample_groups(policy, tokenizer, x_ids, dict(cfg, n_samples=1), gen, trainer.all_done)
             wins = float(oracle.prob(x, [g[0] for g in new], responses).double().sum())
             m["winrate_vs_mu"] = trainer.all_reduce_sum(wins) / trainer.all_reduce_sum(float(len(x)))
         for key in ("response_length", "tokens_per_s"):
             m[key] = trainer.all_reduce_sum(m[key]) / world
         m["seconds"] = time.time() - t0
-        if game and master:
+        if game:
             cm, prev = category_metrics(game, state, eval_ids, prev)
             m.update(cm)
         path = save_checkpoint(out_dir, k, state, trainer, cfg)

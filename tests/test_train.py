@@ -43,11 +43,11 @@ def small_cfg(base, out_dir, **kw):
 TRAIN_CFG = dict(lr=1e-2, weight_decay=0.01, warmup_ratio=0.25, grad_clip=0.5, bucket_mb=1, dtype="float32")
 
 
-def ddp_model():
+def ddp_model(dtype=torch.float64):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
-    return LlamaForCausalLM(cfg).double()  # fp64: summation order (2 ranks vs 1) must not show at 1e-6 after Adam
+    return LlamaForCausalLM(cfg).to(dtype)  # fp64: summation order (2 ranks vs 1) must not show at 1e-6 after Adam
 
 
 def global_batches(steps=3, rows=8, T=10):
@@ -171,11 +171,13 @@ def test_resume_is_bitwise_and_checkpoints_load(base, tmp_path):
     assert os.path.isfile(tmp_path / "full" / "config.yaml")
 
 
-def test_torchrun_two_ranks_end_to_end(base, tmp_path):
-    out = tmp_path / "ddp"
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_ranks_end_to_end(base, tmp_path, parallel):
+    out = tmp_path / parallel
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(ROOT, "train_ddp.py"),
            os.path.join(ROOT, "configs", "tiny.yaml"), f"model={base}", f"out_dir={out}", "iterations=2",
-           "prompts_per_iteration=8", "n_samples=4", "batch_size=16", "micro_batch_size=8", "eval_prompts=2"]
+           "prompts_per_iteration=8", "n_samples=4", "batch_size=16", "micro_batch_size=8", "eval_prompts=2",
+           f"parallel={parallel}", f"activation_checkpointing={parallel == 'fsdp'}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     records = [json.loads(x) for x in open(out / "metrics.jsonl")]
@@ -281,6 +283,7 @@ def test_invalid_config_values_name_the_key(base, tmp_path):
     assert "temperature" in config_error(base, tmp_path, temperature=0.0)
     assert "top_p" in config_error(base, tmp_path, top_p=1.5)
     assert "pair_selection" in config_error(base, tmp_path, pair_selection="random")
+    assert "parallel must be ddp or fsdp" in config_error(base, tmp_path, parallel="zero2")
     assert "model: model directory" in config_error(base, tmp_path, model=str(tmp_path / "missing"))
     assert "hub name" in config_error(base, tmp_path, model="meta-llama/Meta-Llama-3-8B-Instruct")
     assert "resume" in config_error(base, tmp_path, resume=str(tmp_path))
@@ -327,3 +330,114 @@ def test_non_finite_loss_stops_with_step_rank_and_checkpoint():
     bad = (x * float("nan") for x in micro_losses(model, ids))
     with pytest.raises(train_ddp.TrainingError, match=r"iteration 5 step 3 on rank\(s\) \[0\].*iter-00004"):
         trainer.step(bad, 5, 3, 10)
+
+
+# ---------------------------------------------------------------------------
+# Sharded data parallelism (parallel: fsdp)
+# ---------------------------------------------------------------------------
+
+FSDP_CFG = dict(TRAIN_CFG, lr=1e-3)  # fp32: Adam turns rounding of near-zero gradients into ~lr-sized steps
+
+
+def plain_run(batches, dtype=torch.float32, world=1):
+    """The reference: one process, unsharded, the same global batches."""
+    model = ddp_model(dtype)
+    trainer = train_ddp.Trainer(model, dict(train_ddp.load_config(None, []), **FSDP_CFG))
+    for step, ids in enumerate(batches):
+        trainer.step(micro_losses(model, ids), 0, step, len(batches))
+    return model
+
+
+def sample_prompts(rank):
+    g = torch.Generator().manual_seed(10 + rank)  # each rank its own prompts and lengths
+    return [torch.randint(1, 50, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist() for _ in range(3)]
+
+
+def fsdp_worker(rank, world, init_file, ckpt):
+    from sample import generate
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = ddp_model(torch.float32)
+    if rank == 1:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(3.0)  # shard_model must broadcast rank 0's weights first
+    train_ddp.shard_model(model, rank, world)
+    assert all(p.untyped_storage().size() == 0 for p in model.model.layers[0].parameters())  # blocks stay freed
+    trainer = train_ddp.Trainer(model, dict(train_ddp.load_config(None, []), **FSDP_CFG), rank, world)
+    batches = global_batches()
+    for step, ids in enumerate(batches[:2]):
+        trainer.step(micro_losses(model, ids.chunk(world)[rank]), 0, step, len(batches))
+    train_ddp.save_sharded(model, ckpt, rank, trainer.optimizer)  # streamed, one unit at a time
+    out = generate(model, sample_prompts(rank), n=3, max_new_tokens=12, temperature=1.0,
+                   generator=torch.Generator().manual_seed(rank), eos_token_ids=[7], all_done=trainer.all_done)
+    if rank == 0:
+        torch.save(out.response_ids, os.path.join(ckpt, "sampled.pt"))
+    dist.destroy_process_group()
+
+
+def test_sharded_equals_one_process_samples_alike_and_resumes_on_other_world(tmp_path):
+    from sample import generate
+
+    ckpt = str(tmp_path / "ckpt")
+    mp.spawn(fsdp_worker, args=(2, str(tmp_path / "init"), ckpt), nprocs=2, join=True)
+    batches = global_batches()
+    # 1. after 2 steps the sharded run's full parameters (an ordinary HF checkpoint) equal one process
+    ref = plain_run(batches[:2])
+    loaded = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    start = ddp_model(torch.float32).state_dict()
+    sd, ref_sd = loaded.state_dict(), ref.state_dict()
+    assert max(float((ref_sd[k] - start[k]).abs().max()) for k in ref_sd) > 1e-3
+    for k in ref_sd:
+        assert torch.allclose(sd[k], ref_sd[k], atol=1e-5, rtol=0), k
+    # 2. sampling with sharded weights (per-block gathers, ranks in lockstep) equals the plain sampler
+    plain = generate(ref.eval(), sample_prompts(0), n=3, max_new_tokens=12, temperature=1.0,
+                     generator=torch.Generator().manual_seed(0), eos_token_ids=[7])
+    assert torch.equal(torch.load(os.path.join(ckpt, "sampled.pt")), plain.response_ids)
+    # 3. resume the 2-rank checkpoint on 1 rank (sharded, world 1): step 3 equals an uninterrupted run
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    train_ddp.shard_model(model, 0, 1)
+    trainer = train_ddp.Trainer(model, dict(train_ddp.load_config(None, []), **FSDP_CFG))
+    train_ddp.load_sharded_optimizer(trainer.optimizer, trainer.units, ckpt)
+    trainer.step(micro_losses(model, batches[2]), 0, 2, 3)
+    full = plain_run(batches).state_dict()
+    named = dict(model.named_parameters())
+    for unit in trainer.units:
+        flat = unit.gathered_fp32()
+        offset = 0
+        for name, n, shape in zip(unit.names, unit.numels, unit.shapes):
+            assert torch.allclose(flat[offset:offset + n].view(shape), full[name], atol=1e-5, rtol=0), name
+            offset += n
+    assert set(named) <= set(full)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_activation_checkpointing_gives_equal_gradients(sharded):
+    ids = global_batches(1)[0]
+    grads = []
+    for ckpt in (False, True):
+        model = ddp_model(torch.float64)
+        if sharded:
+            train_ddp.shard_model(model, 0, 1, torch.float64, activation_checkpointing=ckpt)
+        elif ckpt:
+            train_ddp.checkpoint_blocks(model)
+        model.train()
+        calls = []
+        model.model.layers[1].mlp.register_forward_pre_hook(lambda *a: calls.append(1))  # pre: recompute stops early
+        for loss in micro_losses(model, ids):
+            loss.backward()
+        assert len(calls) == (8 if ckpt else 4)  # 4 micro-batches; recomputed in backward when checkpointing
+        if sharded:
+            grads.append(torch.cat([u.shard.grad for u in model.flat_units]))
+        else:
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().max() > 1e-3
+    assert torch.allclose(grads[0], grads[1], atol=1e-10, rtol=0)
+
+
+def test_no_framework_sharding_in_the_training_path():
+    for f in ("train_ddp.py", "comal.py", "sample.py"):
+        src = open(os.path.join(ROOT, f)).read()
+        for banned in ("FullyShardedDataParallel", "fully_shard", "deepspeed", "DistributedDataParallel(", "accelerate"):
+            assert banned not in src, (f, banned)
