@@ -843,7 +843,10 @@ def train(cfg, rank, world, device):
         m = load(path).eval()
         for p in m.parameters():
             p.requires_grad_(False)
-        return shard_model(m, rank, world, dtype) and m if sharded else m.to(dtype)
+        if not sharded:
+            return m.to(dtype)
+        shard_model(m, rank, world, dtype)
+        return m
 
     policy = load(start_path)
     loss, reference = comal.ALGOS[cfg["algo"]]
