@@ -1,0 +1,485 @@
+"""Pairwise win-rate matrices between checkpoints, and the training dynamics of one run.
+
+    python eval.py --models base=DIR comal=DIR iter_ipo=DIR --prompts FILE --oracle ORACLE.yaml --out DIR
+    python eval.py --run RUN_DIR [--prompts FILE --oracle ORACLE.yaml] [--out DIR]
+    torchrun --nproc_per_node N eval.py ...        # prompts are split across ranks
+
+Matrix mode (the paper's Tables 1/2/5/6): every model answers every prompt
+once (sample.py; greedy unless --temperature > 0, --n samples per prompt,
+seeded), the oracle judges every pair of models on every prompt, and
+M[i][j] = 100 * mean over prompts of P(y_i > y_j) (row beats column), so
+M[i][j] + M[j][i] = 100; "Avg" is the mean of a row over the other models.
+Written to OUT: winrate.md, winrate.csv, winrate_se.csv (standard errors over
+prompts), heatmap.png, lengths.csv. Generations are cached in
+OUT/generations/ (keyed by the checkpoint's files, the prompts and the
+sampling settings) and judgments in OUT/judgments.json, so adding a model
+generates and judges only what is new.
+
+Run mode (Figures 2/5, Table 3-style lengths): each checkpoint of a
+train_ddp.py run against the base policy and against the previous iterate,
+average response length per iteration; on the category game also the exact
+exploitability and the category distribution per iteration (simplex plot).
+Written to OUT (default RUN_DIR/eval): dynamics.csv, dynamics.md and PNGs.
+"""
+import argparse
+import csv
+import hashlib
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import oracle as oracle_lib
+
+GENERATED = []  # names of the models generated for in this process (tests count them)
+
+
+class EvalError(ValueError):
+    """Bad eval input: one line naming it, before any generation."""
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------
+
+
+def check_checkpoint(path, name):
+    try:
+        config = oracle_lib.check_model_dir(path, f"model {name}")
+    except oracle_lib.OracleError as e:
+        raise EvalError(str(e)) from None
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise EvalError(f"model {name}: {path} is a {', '.join(archs)}, not a causal LM checkpoint")
+    return path
+
+
+def parse_models(items):
+    models = {}
+    for item in items or []:
+        if "=" not in item:
+            raise EvalError(f"--models takes NAME=PATH, got {item!r}")
+        name, path = item.split("=", 1)
+        if not name or any(c in name for c in "/\\|,"):
+            raise EvalError(f"--models: bad model name {name!r}")
+        if name in models:
+            raise EvalError(f"--models: model name {name!r} given twice")
+        models[name] = check_checkpoint(path, name)
+    if len(models) < 2:
+        raise EvalError(f"a win-rate matrix needs at least two models, got {len(models)}")
+    return models
+
+
+def load_prompt_file(src, field):
+    """Instructions from a JSONL/JSON/Parquet file or a `datasets` name (AlpacaEval: field `instruction`)."""
+    import train_ddp
+
+    try:
+        return train_ddp.load_prompts({"prompts": src, "prompt_field": field, "prompt_split": "eval",
+                                       "prompts_per_iteration": 0, "num_subsets": 1, "seed": 0})
+    except train_ddp.ConfigError as e:
+        raise EvalError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------
+# Generation (cached) and judging (cached)
+# ---------------------------------------------------------------------------
+
+
+def checkpoint_key(path, prompts, settings):
+    """Hash of the checkpoint's files (name, size, mtime), the prompts and the sampling settings."""
+    h = hashlib.sha256()
+    for f in sorted(os.listdir(path)):
+        if f.endswith((".safetensors", ".bin", ".json")):
+            st = os.stat(os.path.join(path, f))
+            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns};".encode())
+    h.update(json.dumps(prompts).encode())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def world_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_lists(local, rank, world):
+    """Per-prompt results of every rank's slice (prompts rank::world) back in prompt order."""
+    if world == 1:
+        return local
+    parts = [None] * world
+    dist.all_gather_object(parts, local)
+    out = [None] * sum(len(p) for p in parts)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
+def generate_for(name, path, prompts, settings, cache_dir, device):
+    """(responses (P, n) strings, lengths (P, n) token counts), from the cache or by sampling."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import sample
+    import train_ddp
+
+    key = checkpoint_key(path, prompts, settings)
+    cache = os.path.join(cache_dir, f"{name}.json")
+    if os.path.isfile(cache):
+        with open(cache) as f:
+            saved = json.load(f)
+        if saved.get("key") == key:
+            return saved["responses"], saved["lengths"], key
+    rank, world = world_info()
+    GENERATED.append(name)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                 dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model.to(device).eval()
+    mine = prompts[rank::world]
+    ids = train_ddp.encode_prompts(tok, mine, settings["max_prompt_tokens"])
+    gen = torch.Generator(device=device).manual_seed(settings["seed"] * 1009 + rank)
+    responses, lengths = [], []
+    n, B = settings["n"], settings["batch_size"]
+    for s in range(0, len(ids), B):
+        out = sample.generate(model, ids[s:s + B], n=n, max_new_tokens=settings["max_new_tokens"],
+                              temperature=settings["temperature"], top_p=settings["top_p"], generator=gen,
+                              pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(out.response_ids, skip_special_tokens=True)
+        eos = torch.isin(out.response_ids, torch.tensor([tok.eos_token_id], device=out.response_ids.device))
+        lens = (out.response_mask.sum(-1) - (eos & out.response_mask.bool()).sum(-1)).tolist()
+        for i in range(len(texts) // n):
+            responses.append(texts[i * n:(i + 1) * n])
+            lengths.append(lens[i * n:(i + 1) * n])
+    responses, lengths = gather_lists(responses, rank, world), gather_lists(lengths, rank, world)
+    if rank == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(cache + ".tmp", "w") as f:
+            json.dump({"key": key, "path": os.path.abspath(path), "responses": responses, "lengths": lengths}, f)
+        os.replace(cache + ".tmp", cache)
+    del model
+    return responses, lengths, key
+
+
+def judge_pair(oracle, prompts, resp_a, resp_b):
+    """(P,) per-prompt win rate of a over b: mean over all sample pairs of P(y_a > y_b)."""
+    rank, world = world_info()
+    xs, a, b, owner = [], [], [], []
+    for p in range(rank, len(prompts), world):
+        for ya in resp_a[p]:
+            for yb in resp_b[p]:
+                xs.append(prompts[p]), a.append(ya), b.append(yb), owner.append(p)
+    local = {}
+    if xs:
+        probs = oracle.prob(xs, a, b).double().tolist()
+        for p, v in zip(owner, probs):
+            local.setdefault(p, []).append(v)
+    mine = [sum(local[p]) / len(local[p]) for p in range(rank, len(prompts), world)]
+    return gather_lists(mine, rank, world)
+
+
+def oracle_key(block):
+    return hashlib.sha256(json.dumps(block, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pairwise_matrix(names, gens, prompts, oracle, okey, judgments_path):
+    """M (K, K) in %, SE (K, K), using and extending the judgment cache."""
+    cache = {}
+    if os.path.isfile(judgments_path):
+        with open(judgments_path) as f:
+            cache = json.load(f)
+    K = len(names)
+    M, SE = torch.full((K, K), 50.0, dtype=torch.float64), torch.zeros(K, K, dtype=torch.float64)
+    judged = 0
+    for i in range(K):
+        for j in range(i + 1, K):
+            a, b = sorted((i, j), key=lambda m: gens[names[m]][2])  # one entry per unordered pair
+            key = f"{okey}|{gens[names[a]][2]}|{gens[names[b]][2]}"
+            if key not in cache:
+                cache[key] = judge_pair(oracle, prompts, gens[names[a]][0], gens[names[b]][0])
+                judged += 1
+            w = torch.tensor(cache[key], dtype=torch.float64)  # (P,) win rate of a over b per prompt
+            if a != i:
+                w = 1 - w  # (P,) win rate of i over j
+            M[i, j], M[j, i] = 100 * w.mean(), 100 * (1 - w).mean()
+            SE[i, j] = SE[j, i] = 100 * w.std() / len(w) ** 0.5 if len(w) > 1 else 0.0
+    rank, _ = world_info()
+    if rank == 0 and judged:
+        with open(judgments_path + ".tmp", "w") as f:
+            json.dump(cache, f)
+        os.replace(judgments_path + ".tmp", judgments_path)
+    return M, SE
+
+
+# ---------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------
+
+
+def write_tables(out, names, M, SE, lengths):
+    K = len(names)
+    avg = [float(sum(M[i, j] for j in range(K) if j != i) / (K - 1)) for i in range(K)]
+    with open(os.path.join(out, "winrate.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model"] + names + ["Avg"])
+        for i, n in enumerate(names):
+            w.writerow([n] + [f"{float(M[i, j]):.4f}" for j in range(K)] + [f"{avg[i]:.4f}"])
+    with open(os.path.join(out, "winrate_se.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model"] + names)
+        for i, n in enumerate(names):
+            w.writerow([n] + [f"{float(SE[i, j]):.4f}" for j in range(K)])
+    with open(os.path.join(out, "lengths.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "mean_response_tokens"])
+        for n in names:
+            w.writerow([n, f"{lengths[n]:.2f}"])
+    lines = ["| row beats column (%) | " + " | ".join(names) + " | Avg |", "|---" * (K + 2) + "|"]
+    for i, n in enumerate(names):
+        cells = ["-" if i == j else f"{float(M[i, j]):.1f} ± {float(SE[i, j]):.1f}" for j in range(K)]
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {avg[i]:.1f} |")
+    lines += ["", "| model | mean response length (tokens) |", "|---|---|"]
+    lines += [f"| {n} | {lengths[n]:.1f} |" for n in names]
+    with open(os.path.join(out, "winrate.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return avg
+
+
+def read_winrate_csv(path):
+    """(names, M as a list of rows, Avg) parsed back from winrate.csv."""
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    names = rows[0][1:-1]
+    return names, [[float(x) for x in r[1:-1]] for r in rows[1:]], [float(r[-1]) for r in rows[1:]]
+
+
+def heatmap(path, names, M):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    K = len(names)
+    fig, ax = plt.subplots(figsize=(1.2 * K + 2, 1.0 * K + 1.5))
+    im = ax.imshow(M.numpy(), cmap="RdBu", vmin=0, vmax=100)
+    ax.set_xticks(range(K), names, rotation=30, ha="right")
+    ax.set_yticks(range(K), names)
+    for i in range(K):
+        for j in range(K):
+            if i != j:
+                ax.text(j, i, f"{float(M[i, j]):.1f}", ha="center", va="center", fontsize=9)
+    ax.set_title("win rate of row over column (%)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def line_plot(path, xs, series, ylabel, title, hline=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, (ys, err) in series.items():
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=2, label=label)
+    if hline is not None:
+        ax.axhline(hline, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# The two modes
+# ---------------------------------------------------------------------------
+
+
+def settings_of(args):
+    if args.samples < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        raise EvalError("--samples, --max-new-tokens and --batch-size must be >= 1")
+    if args.temperature < 0:
+        raise EvalError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.samples > 1 and args.temperature == 0:
+        raise EvalError("--samples > 1 needs --temperature > 0 (greedy samples are identical)")
+    return {"n": args.samples, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+            "max_prompt_tokens": args.max_prompt_tokens, "seed": args.seed, "batch_size": args.batch_size}
+
+
+def matrix_mode(args, device):
+    models = parse_models(args.models)
+    if not args.prompts:
+        raise EvalError("--prompts is required with --models")
+    if not args.oracle:
+        raise EvalError("--oracle ORACLE.yaml is required with --models")
+    prompts = load_prompt_file(args.prompts, args.prompt_field)
+    block = oracle_lib.load_oracle_yaml(args.oracle)
+    settings = settings_of(args)
+    os.makedirs(args.out, exist_ok=True)
+    oracle = oracle_lib.build_oracle(block, device=device)
+    names = list(models)
+    gens = {n: generate_for(n, models[n], prompts, settings, os.path.join(args.out, "generations"), device)
+            for n in names}
+    M, SE = pairwise_matrix(names, gens, prompts, oracle, oracle_key(block), os.path.join(args.out, "judgments.json"))
+    lengths = {n: sum(sum(x) for x in gens[n][1]) / sum(len(x) for x in gens[n][1]) for n in names}
+    rank, _ = world_info()
+    if rank == 0:
+        avg = write_tables(args.out, names, M, SE, lengths)
+        heatmap(os.path.join(args.out, "heatmap.png"), names, M)
+        print(open(os.path.join(args.out, "winrate.md")).read())
+        return {"names": names, "M": M, "SE": SE, "avg": avg, "lengths": lengths}
+    return None
+
+
+def run_mode(args, device):
+    import yaml
+
+    import tiny
+    import train_ddp
+
+    run = args.run
+    cfg_path = os.path.join(run, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise EvalError(f"--run {run} has no config.yaml: not a train_ddp.py output directory")
+    with open(cfg_path) as f:
+        cfg = yaml.safe_load(f)
+    root = os.path.join(run, "checkpoints")
+    ckpts = sorted(d for d in os.listdir(root) if d.startswith("iter-") and not d.endswith(".tmp")) if os.path.isdir(root) else []
+    if not ckpts:
+        raise EvalError(f"--run {run} has no checkpoints (checkpoints/iter-*)")
+    base = cfg.get("model") or os.path.join(cfg.get("cache_dir", "runs/cache"), "tiny-base-v1")
+    check_checkpoint(base, "base")
+    block = oracle_lib.load_oracle_yaml(args.oracle) if args.oracle else oracle_lib.check_oracle_config(cfg["oracle"])
+    game = block.get("kind", "category") == "category"
+    if args.prompts:
+        prompts = load_prompt_file(args.prompts, args.prompt_field)
+    elif game:
+        prompts = tiny.synthetic_prompts(args.num_prompts, cfg.get("seed", 0) + 999)
+    else:
+        raise EvalError("--prompts is required for a run whose oracle is not the category game")
+    settings = settings_of(args)
+    out = args.out or os.path.join(run, "eval")
+    os.makedirs(out, exist_ok=True)
+    oracle = oracle_lib.build_oracle(block, device=device)
+    names = ["base"] + ckpts
+    paths = dict(base=base, **{c: os.path.join(root, c) for c in ckpts})
+    gens = {n: generate_for(n, paths[n], prompts, settings, os.path.join(out, "generations"), device) for n in names}
+    okey, jpath = oracle_key(block), os.path.join(out, "judgments.json")
+    rows = []
+    for k, c in enumerate(ckpts):
+        prev = names[k]  # the previous iterate (the base for the first checkpoint)
+        Mb, SEb = pairwise_matrix([c, "base"], gens, prompts, oracle, okey, jpath)
+        Mp, SEp = pairwise_matrix([c, prev], gens, prompts, oracle, okey, jpath)
+        lens = gens[c][1]
+        row = {"iteration": int(c.split("-")[1]), "checkpoint": c, "winrate_vs_base": float(Mb[0, 1]),
+               "se_vs_base": float(SEb[0, 1]), "winrate_vs_prev": float(Mp[0, 1]), "se_vs_prev": float(SEp[0, 1]),
+               "mean_length": sum(map(sum, lens)) / sum(map(len, lens))}
+        rows.append(row)
+    base_len = sum(map(sum, gens["base"][1])) / sum(map(len, gens["base"][1]))
+    if game:  # exact category distributions of each checkpoint (not from samples)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        for row, c in zip(rows, ckpts):
+            model = AutoModelForCausalLM.from_pretrained(paths[c]).to(device).eval()
+            tok = AutoTokenizer.from_pretrained(paths[c])
+            ids = train_ddp.encode_prompts(tok, prompts, settings["max_prompt_tokens"])
+            d, _ = oracle.policy_distribution(model, tok, ids, [tok.eos_token_id])
+            row["exploitability"] = float(oracle.exploitability(d).mean())
+            row["category_dist"] = [round(float(x), 5) for x in d.mean(0)]
+    rank, _ = world_info()
+    if rank != 0:
+        return None
+    keys = list(rows[0])
+    with open(os.path.join(out, "dynamics.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
+    lines = ["| iteration | vs base (%) | vs previous (%) | mean length |" + (" exploitability |" if game else ""),
+             "|---|---|---|---|" + ("---|" if game else ""), f"| base | - | - | {base_len:.1f} |" + (" |" if game else "")]
+    for r in rows:
+        lines.append(f"| {r['iteration']} | {r['winrate_vs_base']:.1f} ± {r['se_vs_base']:.1f} | "
+                     f"{r['winrate_vs_prev']:.1f} ± {r['se_vs_prev']:.1f} | {r['mean_length']:.1f} |" +
+                     (f" {r['exploitability']:.4f} |" if game else ""))
+    with open(os.path.join(out, "dynamics.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    its = [r["iteration"] for r in rows]
+    line_plot(os.path.join(out, "winrate.png"), its,
+              {"vs base": ([r["winrate_vs_base"] for r in rows], [r["se_vs_base"] for r in rows]),
+               "vs previous iterate": ([r["winrate_vs_prev"] for r in rows], [r["se_vs_prev"] for r in rows])},
+              "win rate (%)", f"{cfg.get('algo', '')}: win rate per iteration", hline=50)
+    line_plot(os.path.join(out, "length.png"), its, {"mean length": ([r["mean_length"] for r in rows], None)},
+              "tokens", "mean response length", hline=base_len)
+    if game:
+        line_plot(os.path.join(out, "exploitability.png"), its,
+                  {"exploitability": ([r["exploitability"] for r in rows], None)}, "exploitability",
+                  "exact exploitability of the category distribution", hline=0)
+        if len(oracle.categories) == 3:
+            import toy_game
+
+            A = oracle.A
+            traj = []
+            for r in rows:
+                p = torch.tensor(r["category_dist"][:3], dtype=torch.float64)
+                traj.append(p / p.sum())
+            toy_game.plot({cfg.get("algo", "run"): {"policies": [p.tolist() for p in traj],
+                                                    "exploitability": [r["exploitability"] for r in rows]}},
+                          toy_game.make_game(A.tolist()), os.path.join(out, "simplex.png"),
+                          title="category distribution per iteration")
+    print("\n".join(lines))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", help="NAME=CHECKPOINT_DIR ...")
+    p.add_argument("--run", help="a train_ddp.py out_dir: training dynamics of its checkpoints")
+    p.add_argument("--prompts", help="JSONL/JSON/Parquet file or a datasets name")
+    p.add_argument("--prompt-field", default="instruction")
+    p.add_argument("--num-prompts", type=int, default=64, help="run mode on the category game: synthetic prompts")
+    p.add_argument("--oracle", help="YAML file with an oracle: block")
+    p.add_argument("--out", default=None)
+    p.add_argument("--samples", type=int, default=1, help="samples per prompt (n)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-prompt-tokens", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if bool(args.models) == bool(args.run):
+        raise EvalError("give either --models NAME=DIR ... (a win-rate matrix) or --run RUN_DIR (training dynamics)")
+    if args.models and not args.out:
+        raise EvalError("--out DIR is required with --models")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return matrix_mode(args, device) if args.models else run_mode(args, device)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def cli(argv=None):
+    try:
+        main(argv)
+    except (EvalError, oracle_lib.OracleError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

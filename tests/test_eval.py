@@ -1,0 +1,170 @@
+"""eval.py: win-rate matrices against exact category distributions, caching, outputs, bad input, run mode."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import eval as ev
+import oracle as oracle_lib
+import tiny
+import train_ddp
+
+SKEWS = {"a": (0.2, 0.5, 0.3), "b": (0.6, 0.2, 0.2), "c": (0.1, 0.2, 0.7)}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    for name, probs in SKEWS.items():
+        tiny.build_base(str(d / name), probs=probs, sft_steps=150, seed=len(name), log=lambda m: None)
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"instruction": x}) + "\n" for x in tiny.synthetic_prompts(40, 5)))
+    (d / "oracle.yaml").write_text("oracle: {kind: category}\n")
+    return d
+
+
+def args(d, names, out="out", *extra):
+    return ["--models", *[f"{n}={d / n}" for n in names], "--prompts", str(d / "prompts.jsonl"),
+            "--oracle", str(d / "oracle.yaml"), "--out", str(d / out), "--samples", "8", "--temperature", "1",
+            "--max-new-tokens", "8", *extra]
+
+
+def exact_matrix(d, names, prompts):
+    """100 * mean over prompts of p_i(x)^T E p_j(x), from each policy's exact category distribution."""
+    game = oracle_lib.CategoryGame()
+    E = game.extended_payoff()
+    dists = {}
+    for n in names:
+        model = AutoModelForCausalLM.from_pretrained(str(d / n)).eval()
+        tok = AutoTokenizer.from_pretrained(str(d / n))
+        ids = train_ddp.encode_prompts(tok, prompts, 1024)
+        dists[n] = game.policy_distribution(model, tok, ids, [tok.eos_token_id])[0]  # (P, C+1)
+    return torch.tensor([[100 * float(((dists[i] @ E) * dists[j]).sum(-1).mean()) for j in names] for i in names])
+
+
+def test_matrix_matches_exact_distributions_and_outputs_parse_back(setup):
+    d = setup
+    ev.GENERATED.clear()
+    r = ev.main(args(d, ["a", "b", "c"]))
+    M, SE = r["M"], r["SE"]
+    K = len(r["names"])
+    off = ~torch.eye(K, dtype=torch.bool)
+    assert torch.allclose((M + M.T)[off], torch.full((K * K - K,), 100.0, dtype=torch.float64), atol=1e-9, rtol=0)
+    # Sampling error: 8 samples x 40 prompts per model; SE is the standard error of the per-prompt win rates.
+    # The estimate must lie within 4 SE (+0.5 points for the pruned/none mass) of the exact value.
+    exact = exact_matrix(d, r["names"], ev.load_prompt_file(str(d / "prompts.jsonl"), "instruction")).double()
+    assert ((M - exact).abs()[off] <= 4 * SE[off] + 0.5).all(), (M, exact, SE)
+    assert (SE[off] > 0).all() and (SE[off] < 3).all()
+    # the three policies form a preference cycle: a > b > c > a
+    assert M[0, 1] > 50 and M[1, 2] > 50 and M[2, 0] > 50
+    names, rows, avg = ev.read_winrate_csv(str(d / "out" / "winrate.csv"))
+    assert names == ["a", "b", "c"]
+    assert torch.allclose(torch.tensor(rows, dtype=torch.float64), M, atol=1e-4)
+    assert avg == pytest.approx(r["avg"], abs=1e-4)
+    md = (d / "out" / "winrate.md").read_text().splitlines()
+    cells = [line.split("|")[2:5] for line in md[2:5]]
+    for i in range(3):
+        for j in range(3):
+            if i != j:
+                value, se = cells[i][j].split("±")
+                assert float(value) == pytest.approx(round(float(M[i, j]), 1), abs=0.051)
+                assert float(se) == pytest.approx(round(float(SE[i, j]), 1), abs=0.051)
+    with open(d / "out" / "winrate_se.csv") as f:
+        se_rows = [[float(x) for x in row[1:]] for row in list(csv.reader(f))[1:]]
+    assert torch.allclose(torch.tensor(se_rows, dtype=torch.float64), SE, atol=1e-4)
+    png = (d / "out" / "heatmap.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    assert Image.open(d / "out" / "heatmap.png").size[0] > 100
+
+
+def test_cached_generations_and_judgments_are_reused(setup, monkeypatch):
+    d = setup
+    ev.GENERATED.clear()
+    ev.main(args(d, ["a", "b"], "cache"))
+    assert ev.GENERATED == ["a", "b"]
+    calls = []
+    real = oracle_lib.CategoryGame.prob
+    monkeypatch.setattr(oracle_lib.CategoryGame, "prob", lambda self, x, a, b: calls.append(len(x)) or real(self, x, a, b))
+    ev.GENERATED.clear()
+    r = ev.main(args(d, ["a", "b", "c"], "cache"))
+    assert ev.GENERATED == ["c"]  # a and b come from the cache
+    assert sum(calls) == 2 * 40 * 8 * 8  # only the new pairs (a, c) and (b, c) are judged
+    first = ev.read_winrate_csv(str(d / "cache" / "winrate.csv"))[1]
+    assert first[0][1] == pytest.approx(float(r["M"][0, 1]), abs=1e-4)
+    # a changed checkpoint is generated again
+    ev.GENERATED.clear()
+    cfg = d / "a" / "config.json"
+    os.utime(cfg, ns=(os.stat(cfg).st_atime_ns, os.stat(cfg).st_mtime_ns + 10**9))
+    ev.main(args(d, ["a", "b"], "cache"))
+    assert ev.GENERATED == ["a"]
+
+
+def test_bad_input_fails_before_any_generation(setup, tmp_path, capsys):
+    d = setup
+    ev.GENERATED.clear()
+    (tmp_path / "notackpt").mkdir()
+    (tmp_path / "nofield.jsonl").write_text('{"prompt": "hi"}\n')
+    cases = [
+        (["--models", f"a={d / 'a'}", f"b={tmp_path / 'notackpt'}"], "no config.json"),
+        (["--models", f"a={d / 'a'}", f"b={tmp_path / 'missing'}"], "does not exist"),
+        (["--models", f"a={d / 'a'}"], "at least two models"),
+        (["--models", f"a={d / 'a'}", f"a={d / 'b'}"], "given twice"),
+        (["--models", f"a={d / 'a'}", f"b={d / 'b'}", "--prompts", str(tmp_path / "nofield.jsonl")],
+         "no string field 'instruction'"),
+        (["--models", f"a={d / 'a'}", f"b={d / 'b'}", "--samples", "4"], "needs --temperature > 0"),
+    ]
+    for argv, needle in cases:
+        full = argv + (["--prompts", str(d / "prompts.jsonl")] if "--prompts" not in argv else []) + \
+            ["--oracle", str(d / "oracle.yaml"), "--out", str(tmp_path / "o")]
+        assert ev.cli(full) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert ev.GENERATED == []
+    assert ev.cli(["--run", str(tmp_path)]) == 2 and "no config.yaml" in capsys.readouterr().err
+
+
+def test_run_mode_follows_the_checkpoints(setup, tmp_path):
+    d = setup
+    cfg = train_ddp.load_config(None, [])
+    cfg.update(model=str(d / "a"), out_dir=str(tmp_path / "run"), iterations=2, prompts_per_iteration=8, n_samples=4,
+               max_new_tokens=6, lr=1e-3, batch_size=16, micro_batch_size=8, eval_prompts=4, num_subsets=3,
+               eta=2.0, tau=0.1, ref_update_every=2)
+    train_ddp.train(train_ddp.check_config(cfg, 1), 0, 1, torch.device("cpu"))
+    rows = ev.main(["--run", str(tmp_path / "run"), "--num-prompts", "16", "--samples", "4", "--temperature", "1",
+                    "--max-new-tokens", "6"])
+    assert [r["iteration"] for r in rows] == [0, 1]
+    for r in rows:
+        assert 0 <= r["winrate_vs_base"] <= 100 and 0 <= r["exploitability"] <= 0.5 and r["mean_length"] > 0
+    assert rows[0]["winrate_vs_prev"] == rows[0]["winrate_vs_base"]  # the first iterate's previous is the base
+    out = tmp_path / "run" / "eval"
+    for png in ("winrate.png", "length.png", "exploitability.png", "simplex.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out / "dynamics.csv") as f:
+        back = list(csv.DictReader(f))
+    assert float(back[1]["winrate_vs_base"]) == pytest.approx(rows[1]["winrate_vs_base"])
+
+
+def test_torchrun_splits_prompts_and_gives_the_single_process_matrix(setup):
+    """Greedy generations do not depend on how prompts are split, so 2 ranks must reproduce 1 process exactly."""
+    import subprocess
+    import sys
+
+    d = setup
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = ["--models", f"a={d / 'a'}", f"c={d / 'c'}", "--prompts", str(d / "prompts.jsonl"), "--oracle",
+              str(d / "oracle.yaml"), "--max-new-tokens", "8"]
+    single = ev.main(common + ["--out", str(d / "greedy1")])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        os.path.join(root, "eval.py"), *common, "--out", str(d / "greedy2")],
+                       capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names, rows, _ = ev.read_winrate_csv(str(d / "greedy2" / "winrate.csv"))
+    assert torch.allclose(torch.tensor(rows, dtype=torch.float64), single["M"], atol=1e-4)
+    g1 = json.load(open(d / "greedy1" / "generations" / "a.json"))["responses"]
+    g2 = json.load(open(d / "greedy2" / "generations" / "a.json"))["responses"]
+    assert g1 == g2 and len(g1) == 40
+    assert r.stdout.count("row beats column") == 1  # rank 0 prints
