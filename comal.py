@@ -30,7 +30,8 @@ from sample import generate, sequence_logprobs
 #   reference "base":   pi_ref = the initial policy, fixed (INPO, Alg. 4; GRPO; NashMP)
 #   reference "rounds": pi_ref <- pi^k every ref_update_every iterations (COMAL, Alg. 1/3)
 #   reference "offline": samples always come from the base policy, centred at it (one-round DPO / IPO)
-#   reference "extra":  Mirror-Prox anchors at pi^k for two half-steps; OMWU needs pi^{k-1}
+#   reference "prev":   OMWU keeps pi^{k-1} (state["extra"]) to form its optimistic gain
+# Mirror-Prox is "rounds" with rounds of two iterations: both half-steps are centred at the round's pi^k.
 ALGOS = {
     "dpo": ("dpo", "offline"),
     "ipo": ("ipo", "offline"),
@@ -120,8 +121,7 @@ def precompute_logps(model, seqs, micro):
 
 def example_loss(loss, ex, idx, pi, rows, pre, eta, tau, cfg):
     """Per-example loss (b,) for examples `idx`; pi: (r,) or (r, T) log-probs of `rows` under pi_theta."""
-    at = {int(r): k for k, r in enumerate(rows.tolist())}
-    pick = lambda r: torch.tensor([at[int(x)] for x in r], dtype=torch.long, device=pi.device)  # noqa: E731
+    pick = lambda r: torch.searchsorted(rows, r)  # noqa: E731  (rows is sorted and unique: position of each row)
     mu, ref = pre["mu"], pre.get("ref")
     if loss in PAIR_LOSSES:
         w, l = ex["w"][idx], ex["l"][idx]
@@ -185,14 +185,14 @@ def make_examples(loss, M, n, cfg, M_prev=None):
 
 def sample_groups(model, tokenizer, prompt_ids, cfg, generator, all_done=None):
     s = generate(model, prompt_ids, n=cfg["n_samples"], max_new_tokens=cfg["max_new_tokens"],
-                 temperature=cfg["temperature"], top_p=cfg["top_p"], generator=generator, all_done=all_done)
-    texts = tokenizer.batch_decode(s.response_ids * s.response_mask + tokenizer.pad_token_id * (1 - s.response_mask),
-                                   skip_special_tokens=True)
+                 temperature=cfg["temperature"], top_p=cfg["top_p"], generator=generator, all_done=all_done,
+                 pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(s.response_ids, skip_special_tokens=True)  # after EOS: the tokenizer's pad
     n = cfg["n_samples"]
     return s, [texts[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
 
-def run_iteration(k, state, prompts, prompt_ids, oracle, trainer, cfg, log):
+def run_iteration(k, state, prompts, prompt_ids, oracle, trainer, cfg):
     """Iteration k of the algorithm `cfg['algo']` on this rank's prompts; returns its metrics.
 
     state: policy (trained), base (frozen initial policy), ref (frozen pi_ref or
@@ -235,14 +235,13 @@ def run_iteration(k, state, prompts, prompt_ids, oracle, trainer, cfg, log):
     seqs = samples.sequences()
     micro = cfg["micro_batch_size"]
     with trainer.autocast():
-        mu_tok, mu = precompute_logps(policy if reference != "offline" else state["base"], seqs, micro)
+        mu_tok, mu = precompute_logps(sampler, seqs, micro)
         pre = {"mu": mu, "mu_tok": mu_tok, "mask": seqs[2]}
-        center = {"mu": None, "base": state["base"], "rounds": state["ref"], "offline": state["base"],
-                  "prev": None}[reference]
+        center = {"base": state["base"], "rounds": state["ref"]}.get(reference)
         if center is not None:
             pre["ref_tok"], pre["ref"] = precompute_logps(center, seqs, micro)
         elif loss in PAIR_LOSSES or loss == "sppo":
-            pre["ref_tok"], pre["ref"] = mu_tok, mu  # the prox step is centred at mu
+            pre["ref_tok"], pre["ref"] = mu_tok, mu  # centred at mu (for "offline", mu is the base itself)
         if loss == "nashmp":
             pre["target"] = precompute_logps(state["extra"], seqs, micro)[1]
     for key in ex:

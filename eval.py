@@ -353,8 +353,8 @@ def run_mode(args, device):
         raise EvalError(f"--run {run} has no config.yaml: not a train_ddp.py output directory")
     with open(cfg_path) as f:
         cfg = yaml.safe_load(f)
-    root = os.path.join(run, "checkpoints")
-    ckpts = sorted(d for d in os.listdir(root) if d.startswith("iter-") and not d.endswith(".tmp")) if os.path.isdir(root) else []
+    finished = train_ddp.list_checkpoints(run)
+    ckpts = [os.path.basename(p) for p in finished]
     if not ckpts:
         raise EvalError(f"--run {run} has no checkpoints (checkpoints/iter-*)")
     base = cfg.get("model") or os.path.join(cfg.get("cache_dir", "runs/cache"), "tiny-base-v1")
@@ -372,7 +372,7 @@ def run_mode(args, device):
     os.makedirs(out, exist_ok=True)
     oracle = oracle_lib.build_oracle(block, device=device)
     names = ["base"] + ckpts
-    paths = dict(base=base, **{c: os.path.join(root, c) for c in ckpts})
+    paths = dict(base=base, **dict(zip(ckpts, finished)))
     gens = {n: generate_for(n, paths[n], prompts, settings, os.path.join(out, "generations"), device) for n in names}
     okey, jpath = oracle_key(block), os.path.join(out, "judgments.json")
     rows = []

@@ -259,11 +259,14 @@ def model_dtype(device, dtype):
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def wants_chat_template(tokenizer, use_chat_template):
+    """The config's choice, or by default: whether the tokenizer has a chat template."""
+    return use_chat_template if use_chat_template is not None else bool(getattr(tokenizer, "chat_template", None))
+
+
 def chat_text(tokenizer, user, assistant=None, use_chat_template=None):
     """The text a model sees: its chat template if it has one (or if asked), else plain text."""
-    if use_chat_template is None:
-        use_chat_template = bool(getattr(tokenizer, "chat_template", None))
-    if not use_chat_template:
+    if not wants_chat_template(tokenizer, use_chat_template):
         return user if assistant is None else f"{user}\n\n{assistant}"
     messages = [{"role": "user", "content": user}]
     if assistant is not None:
@@ -306,17 +309,16 @@ class RewardModel:
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
             enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_length, add_special_tokens=not self.uses_template()).to(self.device)
+                                 max_length=self.max_length,
+                                 # a chat template writes its own BOS; adding special tokens again would double it
+                                 add_special_tokens=not wants_chat_template(self.tokenizer, self.use_chat_template),
+                                 ).to(self.device)
             output = self.model(**enc)
             score = getattr(output, "score", None)  # ArmoRM returns its preference score here
             reward = score.reshape(len(idx), -1)[:, 0] if score is not None else output.logits[:, self.reward_index]
             out[idx] = reward.double().cpu()
             self.calls += len(idx)
         return out
-
-    def uses_template(self):
-        # A chat template writes its own BOS; adding special tokens again would double it.
-        return self.use_chat_template if self.use_chat_template is not None else bool(self.tokenizer.chat_template)
 
 
 class BTMixture(Oracle):
@@ -467,8 +469,8 @@ class PairwiseJudge(Oracle):
     def judge_ids(self, prompt, first, second):
         text = self.template.format(instruction=prompt, output_a=first, output_b=second)
         text = chat_text(self.tokenizer, text, None, self.use_chat_template)
-        templated = self.use_chat_template if self.use_chat_template is not None else bool(self.tokenizer.chat_template)
-        ids = self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=not wants_chat_template(self.tokenizer, self.use_chat_template))[
+            "input_ids"]
         ids = ids[-(self.max_length - len(self.prefix_ids)):]  # keep the question at the end if too long
         return ids + self.prefix_ids
 

@@ -208,10 +208,10 @@ def check_config(cfg, world):
             oracle_lib.check_model_dir(cfg["model"], "model")
         except oracle_lib.OracleError as e:
             raise ConfigError(str(e)) from None
-    if cfg["prompts"] is not None:
-        if not isinstance(cfg["prompts"], str):
-            raise ConfigError(f"prompts must be a path or a dataset name, got {cfg['prompts']!r}")
-        load_prompts(cfg)  # reads the file: a missing field is reported now, not after the models load
+    if cfg["prompts"] is not None and not isinstance(cfg["prompts"], str):
+        raise ConfigError(f"prompts must be a path or a dataset name, got {cfg['prompts']!r}")
+    # reads the prompts: a missing field or subsets too small for the world size are reported now
+    iteration_prompts(load_prompts(cfg), cfg, 0, 0, world)
     try:
         cfg["oracle"] = oracle_lib.check_oracle_config(cfg["oracle"])
     except oracle_lib.OracleError as e:
@@ -375,9 +375,9 @@ class Trainer:
             dist.all_reduce(sq)
         grad_norm = float(sq.sqrt())
         clip = self.cfg["grad_clip"]
-        if clip and grad_norm > clip:
+        if clip and clip / (grad_norm + 1e-6) < 1:  # as clip_grad_norm_
             for u in self.units:
-                u.shard.grad.mul_(clip / (grad_norm + 1e-6))  # as clip_grad_norm_
+                u.shard.grad.mul_(clip / (grad_norm + 1e-6))
         with torch.no_grad():
             if self.cfg["weight_decay"]:  # AdamW's decoupled decay, on >= 2-D parameters only (as DDP's groups)
                 for u in self.units:
@@ -385,10 +385,7 @@ class Trainer:
         self.optimizer.step()
         for u in self.units:
             u.shard.grad = None
-            if u.keep_gathered:
-                u.gathered = False
-                u.full.untyped_storage().resize_(0)
-                u.gather()
+            u.refresh()
         return grad_norm
 
     def copy_weights(self, dst, src):
@@ -399,9 +396,7 @@ class Trainer:
                 return
             for ud, us in zip(dst.flat_units, src.flat_units):
                 ud.shard.copy_(us.shard)
-                if ud.keep_gathered:
-                    ud.free()
-                    ud.gather()
+                ud.refresh()
 
     def ema_weights(self, dst, src, kappa):
         """dst <- kappa src + (1 - kappa) dst (NashMP's target network)."""
@@ -412,9 +407,7 @@ class Trainer:
                 p_t.mul_(1 - kappa).add_(p.detach().to(p_t.dtype), alpha=kappa)
             if self.units is not None:
                 for ud in dst.flat_units:
-                    if ud.keep_gathered:
-                        ud.free()
-                        ud.gather()
+                    ud.refresh()
 
     def lr_at(self, step, steps):
         """Linear warmup over warmup_ratio of the iteration's steps, then cosine to 0 (restarted every iteration)."""
@@ -532,6 +525,12 @@ class FlatUnit:
             self.full.untyped_storage().resize_(0)
             self.gathered = False
 
+    def refresh(self):
+        """Re-gather a unit kept gathered (the root) after its shards changed."""
+        if self.keep_gathered:
+            self.free()
+            self.gather()
+
     def reduce_scatter_grads(self):
         """Average the full gradients over ranks into this rank's shard gradient, and drop the full ones."""
         flat = torch.zeros(self.size * self.world, dtype=torch.float32, device=self.full.device)
@@ -550,13 +549,15 @@ class FlatUnit:
         self.shard.grad = out if self.shard.grad is None else self.shard.grad + out
         self.pending = 0
 
-    def gathered_fp32(self):
-        """The unpadded full fp32 vector (all ranks take part; used for checkpoints, one unit at a time)."""
-        full = torch.empty(self.size * self.world, dtype=torch.float32, device=self.shard.device)
+    def gathered_fp32(self, t=None):
+        """The unpadded full vector of a shard-shaped tensor (default: the fp32 master shard); every rank takes
+        part. Used for checkpoints (weights and Adam moments), one unit at a time."""
+        t = self.shard.detach() if t is None else t
+        full = torch.empty(self.size * self.world, dtype=t.dtype, device=t.device)
         if self.world > 1:
-            dist.all_gather_single(full, self.shard.detach())
+            dist.all_gather_single(full, t.contiguous())
         else:
-            full.copy_(self.shard.detach())
+            full.copy_(t)
         return full[:self.total]
 
 
@@ -642,11 +643,17 @@ def checkpoint_dir(out_dir, k):
     return os.path.join(out_dir, "checkpoints", f"iter-{k:05d}")
 
 
-def latest_checkpoint(out_dir):
+def list_checkpoints(out_dir):
+    """Paths of the finished checkpoints of a run, oldest first (temp directories are not finished)."""
     root = os.path.join(out_dir, "checkpoints")
-    done = sorted(d for d in os.listdir(root) if d.startswith("iter-") and not d.endswith(".tmp")) if os.path.isdir(root) else []
-    done = [d for d in done if os.path.isfile(os.path.join(root, d, "trainer_state.pt"))]
-    return os.path.join(root, done[-1]) if done else None
+    names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    return [os.path.join(root, d) for d in names if d.startswith("iter-") and not d.endswith(".tmp")
+            and os.path.isfile(os.path.join(root, d, "trainer_state.pt"))]
+
+
+def latest_checkpoint(out_dir):
+    done = list_checkpoints(out_dir)
+    return done[-1] if done else None
 
 
 def save_checkpoint(out_dir, k, state, trainer, cfg):
@@ -681,10 +688,8 @@ def save_checkpoint(out_dir, k, state, trainer, cfg):
         }, os.path.join(tmp, "trainer_state.pt"))
         os.replace(tmp, path)
         if cfg["keep_checkpoints"]:
-            root = os.path.join(out_dir, "checkpoints")
-            old = sorted(d for d in os.listdir(root) if d.startswith("iter-") and not d.endswith(".tmp"))
-            for d in old[:-cfg["keep_checkpoints"]]:
-                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+            for old in list_checkpoints(out_dir)[:-cfg["keep_checkpoints"]]:
+                shutil.rmtree(old, ignore_errors=True)
     if trainer.world > 1:
         dist.barrier()
     trainer.last_checkpoint = path
@@ -713,7 +718,7 @@ def save_sharded(model, path, rank, optimizer=None):
         del full
         if optimizer is not None and optimizer.state.get(u.shard):
             st = optimizer.state[u.shard]
-            moments = {key: gather_shard(st[key], u) for key in ("exp_avg", "exp_avg_sq")}
+            moments = {key: u.gathered_fp32(st[key]).clone() for key in ("exp_avg", "exp_avg_sq")}
             if rank == 0:
                 os.makedirs(os.path.join(path, "optimizer"), exist_ok=True)
                 torch.save({"step": st["step"], **moments}, os.path.join(path, "optimizer", f"unit-{i:05d}.pt"))
@@ -727,15 +732,6 @@ def save_sharded(model, path, rank, optimizer=None):
         config.dtype = dtype
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(path)
-
-
-def gather_shard(t, unit):
-    full = torch.empty(unit.size * unit.world, dtype=t.dtype, device=t.device)
-    if unit.world > 1:
-        dist.all_gather_single(full, t.contiguous())
-    else:
-        full.copy_(t)
-    return full[:unit.total].clone()
 
 
 def load_sharded_optimizer(optimizer, units, path):
@@ -916,7 +912,7 @@ def train(cfg, rank, world, device):
         x = iteration_prompts(prompts, cfg, k, rank, world)
         x_ids = encode_prompts(tokenizer, x, cfg["max_prompt_tokens"])
         t0 = time.time()
-        m = comal.run_iteration(k, state, x, x_ids, oracle, trainer, cfg, say)
+        m = comal.run_iteration(k, state, x, x_ids, oracle, trainer, cfg)
         responses = m.pop("responses")
         if cfg["eval_winrate"]:  # P(pi^{k+1} > mu) on this iteration's prompts, one fresh sample each
             gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 31337 + k * 17 + rank)

@@ -59,7 +59,7 @@ def main():
         for algo in (("comal", "inpo") if k % 2 == 0 else ("inpo", "comal")):
             cfg, state, trainer = runs[algo]
             t0 = time.perf_counter()
-            comal.run_iteration(k, state, x, ids, oracle, trainer, cfg, print)
+            comal.run_iteration(k, state, x, ids, oracle, trainer, cfg)
             if k:
                 times[algo].append(time.perf_counter() - t0)
     c, i = statistics.median(times["comal"]), statistics.median(times["inpo"])

@@ -207,7 +207,7 @@ def test_each_algorithm_runs_and_lowers_its_loss(base, algo, tmp_path):
     prompts = tiny.synthetic_prompts(6, 3)
     ids = train_ddp.encode_prompts(tok, prompts, 64)
     before = [p.detach().clone() for p in policy.parameters()]
-    m = comal.run_iteration(0, state, prompts, ids, oracle_lib.CategoryGame(), trainer, cfg, print)
+    m = comal.run_iteration(0, state, prompts, ids, oracle_lib.CategoryGame(), trainer, cfg)
     assert len(steps) == 6  # one full-batch step per epoch: the same fixed batch each time
     losses = [s["loss"] for s in steps]
     assert all(map(lambda x: x == x, losses))
