@@ -9,10 +9,15 @@ sequence_logprobs():  per-token and per-sequence log-probs of response tokens
              with a fused, chunked output layer: logits exist only chunk by
              chunk, in forward and in backward, never as a (B, T, V) tensor.
 
-Both work for any transformers causal LM whose logits are
-`get_output_embeddings()(base_model(...).last_hidden_state)` (Llama, Qwen,
-Mistral, GPT-2, ...). Left padding everywhere; positions are counted from the
-first real token, so a padded batch computes exactly what each row alone does.
+Both work for any transformers causal LM whose logits are the output layer
+applied to `base_model(...).last_hidden_state`, then optionally scaled and
+soft-capped (logit_transform: Cohere's logit_scale, Granite's logits_scaling,
+Falcon-H1's lm_head_multiplier, Gemma-2/3's final_logit_softcapping). The
+trainer calls check_logprob_path() on every model it loads: a model whose own
+logits differ from that form is refused with one line naming it, never
+trained on silently wrong log-probs. Left padding everywhere; positions are
+counted from the first real token, so a padded batch computes exactly what
+each row alone does.
 """
 import inspect
 from dataclasses import dataclass
@@ -196,42 +201,74 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
 # ---------------------------------------------------------------------------
 
 
+def logit_transform(model):
+    """(scale, softcap) such that the model's logits are softcap * tanh(scale * z / softcap), z = the output
+    layer's output (softcap None: scale * z). Read from the config attributes transformers models use."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = 1.0
+    if getattr(cfg, "logit_scale", None) is not None:  # Cohere, Cohere2: logits * logit_scale
+        scale *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None) is not None:  # Granite (logits), MiniCPM3 (hidden): / logits_scaling
+        scale /= float(cfg.logits_scaling)
+    if getattr(cfg, "lm_head_multiplier", None) is not None:  # Falcon-H1
+        scale *= float(cfg.lm_head_multiplier)
+    softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma-2/3: cap * tanh(logits / cap)
+    return scale, (float(softcap) if softcap else None)
+
+
+def _transform(z, scale, softcap):
+    """(logits, d logits / d z) of the output layer's z, in z's dtype."""
+    z = z * scale if scale != 1.0 else z
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return softcap * t, scale * (1 - t * t)
+
+
+def output_logits(model, hidden):
+    """The model's own logits from its last hidden states (output layer, scale, softcap): for the few
+    positions read outside the fused function (the judge's answer token)."""
+    scale, softcap = logit_transform(model)
+    return _transform(model.get_output_embeddings()(hidden), scale, softcap)[0]
+
+
 class FusedTokenLogprob(torch.autograd.Function):
-    """log softmax(h W^T + b)[target] for (M, H) hidden states, chunk by chunk.
+    """log softmax(T(h W^T + b))[target] for (M, H) hidden states, chunk by chunk; T = logit_transform.
 
     Forward keeps only the (M,) log-sum-exp; backward recomputes each chunk's
     logits, so peak memory is O(chunk * V) instead of O(M * V).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk):
+    def forward(ctx, hidden, weight, bias, targets, chunk, scale=1.0, softcap=None):
         M = hidden.shape[0]
         acc = torch.promote_types(weight.dtype, torch.float32)  # fp32, or fp64 for an fp64 model
         logp = torch.empty(M, dtype=acc, device=hidden.device)
         lse = torch.empty(M, dtype=acc, device=hidden.device)
         for s in range(0, M, chunk):
-            logits = F.linear(hidden[s:s + chunk], weight, bias).to(acc)  # (c, V) fp32
+            logits = _transform(F.linear(hidden[s:s + chunk], weight, bias).to(acc), scale, softcap)[0]  # (c, V)
             lse[s:s + chunk] = torch.logsumexp(logits, -1)
             logp[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.scale, ctx.softcap = chunk, scale, softcap
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        chunk = ctx.chunk
+        chunk, scale, softcap = ctx.chunk, ctx.scale, ctx.softcap
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         acc = lse.dtype
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None and ctx.needs_input_grad[2] else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
-            logits = F.linear(h, weight, bias).to(acc)
-            # d logp / d logits = onehot(target) - softmax(logits)
+            logits, dlogits = _transform(F.linear(h, weight, bias).to(acc), scale, softcap)
+            # d logp / d logits = onehot(target) - softmax(logits), then the chain rule through T
             g = -torch.exp(logits - lse[s:s + chunk, None])  # (c, V)
             g.scatter_add_(-1, targets[s:s + chunk, None], torch.ones_like(g[:, :1]))
             g.mul_(grad_logp[s:s + chunk, None].to(acc))
+            g = g * dlogits if dlogits is not None else (g * scale if scale != 1.0 else g)
             if grad_h is not None:
                 grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_w is not None:
@@ -240,7 +277,7 @@ class FusedTokenLogprob(torch.autograd.Function):
                 grad_b += g.sum(0)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def sequence_logprobs(model, input_ids, attention_mask, response_mask, chunk_tokens=None):
@@ -260,7 +297,38 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask, chunk_tok
     targets = input_ids[:, 1:][sel]  # (M,)
     V = head.weight.shape[0]
     chunk = chunk_tokens or max(1, (1 << 26) // V)
-    logp = FusedTokenLogprob.apply(h, head.weight, head.bias, targets, chunk)  # (M,)
+    logp = FusedTokenLogprob.apply(h, head.weight, head.bias, targets, chunk, *logit_transform(model))  # (M,)
     token_logps = torch.zeros(B, T, dtype=logp.dtype, device=input_ids.device)
     token_logps[:, 1:] = token_logps[:, 1:].masked_scatter(sel, logp)
     return token_logps, token_logps.sum(-1)
+
+
+class UnsupportedModel(ValueError):
+    """A model whose logits sequence_logprobs cannot reproduce: one line naming the architecture."""
+
+
+@torch.no_grad()
+def check_logprob_path(model, tokens=12, tol=1e-3):
+    """Refuse a model whose own logits are not what sequence_logprobs computes (an output transform this
+    file does not know): one short forward of both on a few tokens, compared in fp32."""
+    dev = next(model.parameters()).device
+    V = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, V, (1, tokens), generator=torch.Generator().manual_seed(0)).to(dev)
+    mask = torch.ones_like(ids)
+    resp = mask.clone()
+    resp[:, 0] = 0
+    was_training = model.training
+    model.eval()
+    try:
+        ours = sequence_logprobs(model, ids, mask, resp)[0][0, 1:].float()
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits.float()
+        theirs = torch.log_softmax(logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    finally:
+        model.train(was_training)
+    err = float((ours - theirs).abs().max())
+    if not err <= tol:  # also catches NaN
+        raise UnsupportedModel(
+            f"{type(model).__name__} ({model.config.model_type}): its logits are not the output layer "
+            f"(x logit scale, softcap) of the last hidden state that sequence_logprobs computes "
+            f"(max log-prob difference {err:.3g} > {tol}); add its output transform to sample.logit_transform")
+    return err

@@ -1,0 +1,111 @@
+"""sample.py on every architecture family the trainer accepts: greedy sampling equals model.generate and
+sequence_logprobs equals the model's own log-softmax, including output transforms (Gemma-2's final-logit
+softcapping, Cohere's logit scale, Granite's logits scaling); a model with an unknown transform is refused."""
+import pytest
+import torch
+import transformers as tf
+
+import sample
+
+V, PAD, EOS, BOS = 61, 0, 1, 2
+COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS,
+              bos_token_id=BOS, initializer_range=0.3)
+ARCHS = {  # name: (config class, model class, extra config)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
+    # a small cap so that softcapping changes the log-probs a lot (Gemma-2-9B uses 30)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 2.0,
+                                                      "sliding_window": 16}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 3.0}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"num_key_value_heads": None}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+}
+
+
+def build(arch, seed=0):
+    cfg_cls, model_cls, extra = ARCHS[arch]
+    kw = {k: v for k, v in dict(COMMON, **extra).items() if v is not None}
+    torch.manual_seed(seed)
+    cfg = getattr(tf, cfg_cls)(**kw)
+    if hasattr(cfg, "attn_implementation"):
+        cfg._attn_implementation = "eager"
+    return getattr(tf, model_cls)(cfg).eval()
+
+
+def prompts_of(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[BOS] + torch.randint(3, V, (L - 1,), generator=g).tolist() for L in lengths]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_greedy_generate_and_logprobs_equal_the_model_itself(arch):
+    model = build(arch)
+    prompts = prompts_of([7, 3, 10, 5])
+    out = sample.generate(model, prompts, n=1, max_new_tokens=12, temperature=0)
+    ids, mask = sample.left_pad(prompts, PAD, "cpu")
+    with torch.no_grad():
+        hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                            pad_token_id=PAD, eos_token_id=EOS)[:, ids.shape[1]:]
+    assert torch.equal(out.response_ids[:, :hf.shape[1]], hf), arch
+    # log-probs of sampled sequences (temperature 1, left-padded) against the model's own full logits
+    s = sample.generate(model, prompts, n=2, max_new_tokens=10, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    input_ids, att, resp = s.sequences()
+    tok, seq = sample.sequence_logprobs(model, input_ids, att, resp)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=att, position_ids=sample.positions(att)).logits.float()
+    naive = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1) * resp[:, 1:]
+    assert resp.sum() > 10
+    assert (tok[:, 1:] - naive).abs().max() < 1e-4, arch
+    assert (s.token_logps - tok[:, -s.token_logps.shape[1]:]).abs().max() < 1e-4, arch  # the sampler's own
+    assert sample.check_logprob_path(model) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "cohere", "granite"])
+def test_output_transforms_matter_and_their_gradients_are_exact(arch):
+    """Without the transform the log-probs would be far off (the bug this guards against); the fused
+    backward through scale and tanh equals autograd through the model's own logits."""
+    model = build(arch).double()
+    ids = torch.randint(3, V, (3, 9), generator=torch.Generator().manual_seed(2))
+    att = torch.ones_like(ids)
+    resp = att.clone()
+    resp[:, :3] = 0
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        h = model.base_model(input_ids=ids, attention_mask=att).last_hidden_state
+        plain = torch.log_softmax(head(h)[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * resp[:, 1:]
+    ours = sample.sequence_logprobs(model, ids, att, resp)[0]
+    assert (ours[:, 1:] - plain).abs().max() > 0.05  # the transform is not negligible here
+    w = torch.randn(3, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for fused in (True, False):
+        model.zero_grad()
+        if fused:
+            tok = sample.sequence_logprobs(model, ids, att, resp, chunk_tokens=5)[0]
+        else:
+            logits = model(input_ids=ids, attention_mask=att).logits
+            tok = torch.zeros_like(w)
+            tok[:, 1:] = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * resp[:, 1:]
+        (tok * w).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().max() > 1e-3
+    assert torch.allclose(grads[0], grads[1], atol=1e-9, rtol=1e-7)
+
+
+def test_a_model_with_an_unknown_output_transform_is_refused():
+    model = build("llama")
+    inner = model.forward
+
+    def forward(*a, **kw):  # a made-up architecture: logits halved after the output layer
+        out = inner(*a, **kw)
+        out.logits = out.logits * 0.5
+        return out
+
+    model.forward = forward
+    with pytest.raises(sample.UnsupportedModel, match="LlamaForCausalLM.*logit_transform"):
+        sample.check_logprob_path(model)
