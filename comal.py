@@ -1,23 +1,25 @@
-"""The algorithms on language models: COMAL (Alg. 3) and its relatives on one loop.
+"""The algorithms on language models: one table of specs (ALGOS) and Algorithm 3 as a loop (run).
 
-One iteration k (run_iteration), the same for every algorithm:
-  1. reference schedule: COMAL sets pi_ref <- pi^k at the start of each round
-     (every `ref_update_every` iterations, Alg. 3); INPO/GRPO/NashMP keep
-     pi_ref = the base policy; the iterative baselines step from mu = pi^k.
-  2. mu <- current policy; sample n responses per prompt of this iteration's
-     subset (paper: n = 5, temperature 0.8).
-  3. ask the oracle for the n x n win-rate matrix of each group.
-  4. build the training examples (pairs, or responses with win rates).
-  5. precompute log-probs of mu and pi_ref (and of other frozen policies).
-  6. minimise the algorithm's loss (losses.py) for `epochs` passes.
-The distributed details (gradient all-reduce, optimizer, checkpoints) are
-the trainer's (train_ddp.py); this file only calls trainer.step().
-
-Which loss and which reference each `algo` uses is the ALGOS table.
+run() is Algorithm 3 of the paper, for every algorithm of the table:
+    for each round t:                               (one round if the algorithm has no reference updates)
+        pi_ref <- pi^t                              (only for ref = "rounds": COMAL, Mirror-Prox)
+        eta, tau <- the round's values              (per-round schedules: round_params)
+        for each iteration k of the round:          iteration():
+            1. sample n responses per prompt from mu (the spec's sampler), and from the opponent if it has one
+            2. ask the oracle for the n x n win rates of each group (and against the opponent's group)
+            3. build the examples (make_examples, by the spec's example kind)
+            4. precompute the frozen log-probs (mu, pi_ref, opponent)
+            5. minimise the spec's loss for `epochs` passes (trainer.step does the collectives and AdamW)
+            6. update the opponent (OMWU: pi^{k-1}; NashMP: the EMA target)
+The trainer (train_ddp.py) owns processes, optimizer, checkpoints and logging;
+everything that makes an algorithm itself is its Algorithm entry in ALGOS.
+Adding one = a loss in losses.py + an entry here (README, "Adding an algorithm").
 """
 import math
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -25,83 +27,403 @@ from tqdm import tqdm
 import losses
 from sample import generate, sequence_logprobs
 
-# algo: (loss, reference)
-#   reference "mu":     no pi_ref; the prox step is centred at mu = pi^k (iterative baselines, tau = 0)
-#   reference "base":   pi_ref = the initial policy, fixed (INPO, Alg. 4; GRPO; NashMP)
-#   reference "rounds": pi_ref <- pi^k every ref_update_every iterations (COMAL, Alg. 1/3)
-#   reference "offline": samples always come from the base policy, centred at it (one-round DPO / IPO)
-#   reference "prev":   OMWU keeps pi^{k-1} (state["extra"]) to form its optimistic gain
-# Mirror-Prox is "rounds" with rounds of two iterations: both half-steps are centred at the round's pi^k.
-ALGOS = {
-    "dpo": ("dpo", "offline"),
-    "ipo": ("ipo", "offline"),
-    "iter_dpo": ("dpo", "mu"),
-    "iter_ipo": ("ipo", "mu"),
-    "inpo": ("inpo", "base"),
-    "comal": ("inpo", "rounds"),
-    "sppo": ("sppo", "mu"),
-    "comal_sppo": ("sppo", "rounds"),
-    "rebel": ("rebel", "mu"),
-    "dro": ("dro", "mu"),
-    "grpo": ("grpo", "base"),
-    "comal_grpo": ("grpo", "rounds"),
-    "mirror_prox": ("ipo", "rounds"),  # ref_update_every forced to 2: extrapolate from pi^k, then step from pi^k again
-    "omwu": ("omwu", "prev"),
-    "nashmp": ("nashmp", "base"),
+
+class SpecError(ValueError):
+    """A bad config value for the chosen algorithm (or a bad table entry): one line naming the key."""
+
+
+# ---------------------------------------------------------------------------
+# Config keys an algorithm may read. Each spec lists the ones it reads; a key set in a config for an
+# algorithm that does not read it is an error (train_ddp.check_config), never silently ignored.
+# key: (default, meaning, check(value) -> error message or None)
+# ---------------------------------------------------------------------------
+
+
+def _positive(v):
+    return None if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 else "must be > 0"
+
+
+def _schedule(lo_ok):
+    def check(v):
+        vs = v if isinstance(v, list) else [v]
+        ok = vs and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in vs)
+        if not ok or any(x < 0 or (x == 0 and not lo_ok) for x in vs):
+            return f"must be {'>= 0' if lo_ok else '> 0'} (a number, or a non-empty per-round list of numbers)"
+        return None
+    return check
+
+
+def _one_of(*choices):
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+KEYS = {
+    "eta": (2.0, "mirror-descent step size eta (paper: eta^-1 = 0.002 -> 500); a list is a per-round schedule",
+            _schedule(False)),
+    "tau": (0.1, "KL strength tau of J_tau (eq. 2) towards pi_ref; a list is a per-round schedule", _schedule(True)),
+    "eta_tau": (None, "if set, tau = eta_tau / eta in every round (paper: 1/3); replaces tau",
+                lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1
+                else "must be in (0, 1): Alg. 2's step mixes mu^(1 - eta tau) pi_ref^(eta tau)"),
+    "ref_update_every": (10, "iterations per round: pi_ref <- pi^k at the start of each round (Alg. 3)",
+                         lambda v: None if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else "must be an int >= 1"),
+    "pair_selection": ("all", "best_worst (the paper's pair per group) or all (every pair with soft labels: "
+                       "unbiased for eq. 13/14, minimiser = the prox step)", _one_of("all", "best_worst")),
+    "clip_eps": (0.2, "GRPO's ratio clipping (eq. 15)", _positive),
+    "kappa": (0.1, "NashMP: EMA rate of the target after each optimizer step",
+              lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 else "must be in (0, 1]"),
 }
-PAIR_LOSSES = ("dpo", "ipo", "inpo")
-
-
-def round_params(cfg, rnd):
-    """(eta, tau) of round `rnd`: lists in the config are per-round schedules whose last entry repeats
-    (paper: eta^-1 = 0.002 in round 0, then 0.1 -> eta: [500, 10]); eta_tau fixes eta * tau."""
-    pick = lambda v: v[min(rnd, len(v) - 1)] if isinstance(v, list) else v  # noqa: E731
-    eta = float(pick(cfg["eta"]))
-    tau = cfg["eta_tau"] / eta if cfg.get("eta_tau") is not None else float(pick(cfg["tau"]))
-    return eta, tau
-
-
-def ref_update_every(cfg):
-    return 2 if cfg["algo"] == "mirror_prox" else cfg["ref_update_every"]
-
-
-def round_of(cfg, k):
-    return k // ref_update_every(cfg) if ALGOS[cfg["algo"]][1] == "rounds" else 0
 
 
 # ---------------------------------------------------------------------------
-# Steps 4-5: examples and precomputed log-probs
+# The spec of an algorithm
 # ---------------------------------------------------------------------------
 
 
-def build_pairs(M, n, selection):
-    """Preference pairs from (P, n, n) win-rate matrices; rows index p * n + i.
+@dataclass(frozen=True)
+class Algorithm:
+    """Everything that makes an algorithm itself. The loop, the trainer and toy_game.py read only this.
 
-    best_worst (the paper): per group, the responses with the highest and the
-    lowest mean win rate in the group, weight 1 (weight 0 when all tie).
-    all: every pair i < j twice, as (i wins, weight M[i, j]) and (j wins,
-    weight M[j, i]), an unbiased estimate of the population loss of eq. (13)/(14)
-    over pairs from mu (best/worst selection changes which pairs are seen, and
-    with it the minimiser). Returns (w, l, weight), weights summing to 1 per group.
+    loss      (e, h) -> (b,) per-example loss to minimise. e: the micro-batch's fields, named
+              QUANTITY_FIELD: QUANTITY is pi (trained policy, gradients flow), mu (the sampler),
+              ref (pi_ref), opp (the opponent), center (mu or ref, see below), a per-response value
+              of the example kind (g, adv, ...), or with token_level pi_tok / mu_tok / ref_tok / mask;
+              FIELD is one of the kind's row fields (w, l, y, a, b). h: eta, tau and the spec's keys.
+    examples  the example kind (EXAMPLES): pairs, responses, response_pairs or groups.
+    ref       pi_ref: "none"; "base" (pi_0, fixed: INPO, GRPO, NashMP, offline DPO/IPO);
+              "rounds" (pi_ref <- pi^k at the start of each round: Alg. 3).
+    sampler   who samples mu: "policy" (pi^k, online) or "ref" (pi_ref's samples: offline).
+    center    where the step starts: "mu" or "ref" (Mirror-Prox's second half-step, offline DPO/IPO).
+    opponent  a second frozen policy the samples also play against (M_opp, values gopp): "none";
+              "prev" (pi^{k-1}, copied from pi^k before each update: OMWU);
+              "ema" (target <- kappa pi + (1 - kappa) target after each optimizer step: NashMP).
+    keys      the config keys it reads (KEYS, or its own in own_keys).
+    round_len iterations per round fixed by the algorithm (Mirror-Prox: 2); 0 = the ref_update_every key.
+    token_level  pi/mu/ref also per token (GRPO's ratio and k3 KL are per token).
+    on_policy the loss needs y ~ pi_theta itself (REINFORCE): one optimizer step per iteration.
+    surrogate the loss is a policy-gradient surrogate (only its gradient at pi = mu is meaningful; the
+              tabular version takes gradient steps): GRPO, NashMP.
+    prox_gain (q, h) -> gain, when the minimiser of the expected loss is exactly
+              Prox(center, eta * gain) (tests/test_exactness.py checks it); q: tabular g (= P(. > mu)),
+              gopp (= P(. > opponent)), mu, ref (log-probs). None: inexact or a surrogate.
     """
-    P = M.shape[0]
-    base = torch.arange(P)[:, None] * n
-    if selection == "best_worst":
-        score = M.mean(-1)  # (P, n)
-        best, worst = score.argmax(-1), score.argmin(-1)
-        weight = (score.max(-1).values > score.min(-1).values).float()
-        return base[:, 0] + best, base[:, 0] + worst, weight
-    i, j = torch.triu_indices(n, n, 1)
-    w = torch.cat([base + i, base + j], 1).flatten()
-    l = torch.cat([base + j, base + i], 1).flatten()
-    weight = torch.cat([M[:, i, j], M[:, j, i]], 1).flatten() / len(i)
-    return w, l, weight
+
+    loss: Callable
+    examples: str
+    keys: tuple
+    ref: str = "none"
+    sampler: str = "policy"
+    center: str = "mu"
+    opponent: str = "none"
+    round_len: int = 0
+    token_level: bool = False
+    on_policy: bool = False
+    surrogate: bool = False
+    prox_gain: Callable = None
+    own_keys: dict = field(default_factory=dict)
+    doc: str = ""
+
+    @property
+    def tau(self):
+        return "tau" in self.keys
+
+    def key_defs(self):
+        """{key: (default, meaning, check)} of every key this algorithm reads."""
+        return {k: self.own_keys[k] if k in self.own_keys else KEYS[k] for k in self.keys}
+
+
+G = lambda q, h: q.g  # noqa: E731  Prox(center, eta g_mu)
+G_TAU = lambda q, h: q.g - h.tau * (q.mu - q.ref)  # noqa: E731  g^tau_mu of Alg. 2
+PAIRS = ("eta", "pair_selection")
+TAU = ("tau", "eta_tau")
+ROUNDS = ("ref_update_every",)
+
+ALGOS = {
+    # --- pairwise preference losses (eq. 12-14) ---
+    "dpo": Algorithm(  # offline: pairs from pi_ref = pi_0, labels from the oracle, one fixed target
+        lambda e, h: losses.dpo_loss(e.pi_w, e.pi_l, e.center_w, e.center_l, h.eta),
+        "pairs", PAIRS, ref="base", sampler="ref", center="ref", doc="DPO (App. F), offline"),
+    "ipo": Algorithm(
+        lambda e, h: losses.ipo_loss(e.pi_w, e.pi_l, e.center_w, e.center_l, h.eta),
+        "pairs", PAIRS, ref="base", sampler="ref", center="ref", prox_gain=G, doc="IPO (eq. 13), offline"),
+    "iter_dpo": Algorithm(
+        lambda e, h: losses.dpo_loss(e.pi_w, e.pi_l, e.center_w, e.center_l, h.eta),
+        "pairs", PAIRS, doc="iterative DPO: DPO from mu = pi^k each iteration"),
+    "iter_ipo": Algorithm(
+        lambda e, h: losses.ipo_loss(e.pi_w, e.pi_l, e.center_w, e.center_l, h.eta),
+        "pairs", PAIRS, prox_gain=G, doc="iterative IPO = mirror descent (App. F); cycles"),
+    "inpo": Algorithm(
+        lambda e, h: losses.inpo_loss(e.pi_w, e.pi_l, e.ref_w, e.ref_l, e.mu_w, e.mu_l, h.eta, h.tau),
+        "pairs", PAIRS + TAU, ref="base", prox_gain=G_TAU, doc="INPO (Alg. 4, eq. 14), pi_ref = pi_0"),
+    "comal": Algorithm(
+        lambda e, h: losses.inpo_loss(e.pi_w, e.pi_l, e.ref_w, e.ref_l, e.mu_w, e.mu_l, h.eta, h.tau),
+        "pairs", PAIRS + TAU + ROUNDS, ref="rounds", prox_gain=G_TAU, doc="COMAL (Alg. 3) with INPO steps"),
+    "mirror_prox": Algorithm(  # round = 2 iterations: pi^{k+1/2} = Prox(pi^k, eta g(pi^k)), pi^{k+1} = Prox(pi^k, eta g(pi^{k+1/2}))
+        lambda e, h: losses.ipo_loss(e.pi_w, e.pi_l, e.center_w, e.center_l, h.eta),
+        "pairs", PAIRS, ref="rounds", center="ref", round_len=2, prox_gain=G, doc="Mirror-Prox (App. H) by IPO"),
+    # --- regression on responses with estimated win rates (App. F, G) ---
+    "sppo": Algorithm(
+        lambda e, h: losses.sppo_loss(e.pi_y, e.mu_y, e.g_y, h.eta),
+        "responses", ("eta",), doc="SPPO (App. F): log Z replaced by eta/2"),
+    "comal_sppo": Algorithm(
+        lambda e, h: losses.sppo_loss(e.pi_y, e.mu_y, e.g_y, h.eta, e.ref_y, h.tau),
+        "responses", ("eta",) + TAU + ROUNDS, ref="rounds", doc="COMAL with Reg-SPPO (Alg. 6/7)"),
+    "dro": Algorithm(
+        lambda e, h: losses.dro_group_loss(e.pi_y, e.mu_y, e.g_y, e.gw_y, h.eta),
+        "groups", ("eta",), prox_gain=G, doc="DRO (App. F), per-prompt value at its optimum"),
+    "comal_dro": Algorithm(
+        lambda e, h: losses.dro_group_loss(e.pi_y, e.mu_y, e.g_y, e.gw_y, h.eta, e.ref_y, h.tau),
+        "groups", ("eta",) + TAU + ROUNDS, ref="rounds", prox_gain=G_TAU, doc="COMAL with Reg-DRO (Alg. 8/9)"),
+    "rebel": Algorithm(
+        lambda e, h: losses.rebel_loss(e.pi_a, e.pi_b, e.mu_a, e.mu_b, e.g_a, e.g_b, h.eta),
+        "response_pairs", ("eta",), prox_gain=G, doc="REBEL (App. F)"),
+    "comal_rebel": Algorithm(
+        lambda e, h: losses.rebel_loss(e.pi_a, e.pi_b, e.mu_a, e.mu_b, e.g_a, e.g_b, h.eta, e.ref_a, e.ref_b, h.tau),
+        "response_pairs", ("eta",) + TAU + ROUNDS, ref="rounds", prox_gain=G_TAU,
+        doc="COMAL with Reg-REBEL (Alg. 10/11)"),
+    "omwu": Algorithm(  # optimistic gain 2 g_{pi^k} - g_{pi^{k-1}} (App. H) in REBEL's pairwise regression
+        lambda e, h: losses.rebel_loss(e.pi_a, e.pi_b, e.mu_a, e.mu_b, 2 * e.g_a - e.gopp_a, 2 * e.g_b - e.gopp_b, h.eta),
+        "response_pairs", ("eta",), opponent="prev", prox_gain=lambda q, h: 2 * q.g - q.gopp,
+        doc="Optimistic MWU (App. H)"),
+    # --- policy-gradient surrogates ---
+    "grpo": Algorithm(  # eq. 15 with Alg. 5's win-rate rewards; tau is the KL coefficient to pi_ref
+        lambda e, h: losses.grpo_loss(e.pi_tok_y, e.mu_tok_y, e.ref_tok_y, e.adv_y / (e.adv_std_y + 1e-6), e.mask_y,
+                                      h.tau, h.clip_eps),
+        "responses", ("tau", "clip_eps"), ref="base", token_level=True, surrogate=True,
+        doc="GRPO (eq. 15, Alg. 5), pi_ref = pi_0"),
+    "dr_grpo": Algorithm(
+        lambda e, h: losses.grpo_loss(e.pi_tok_y, e.mu_tok_y, e.ref_tok_y, e.adv_y, e.mask_y, h.tau, h.clip_eps,
+                                      dr_grpo=True, max_len=h.max_new_tokens),
+        "responses", ("tau", "clip_eps"), ref="base", token_level=True, surrogate=True,
+        doc="Dr.GRPO: no std or length normalisation"),
+    "comal_grpo": Algorithm(
+        lambda e, h: losses.grpo_loss(e.pi_tok_y, e.mu_tok_y, e.ref_tok_y, e.adv_y / (e.adv_std_y + 1e-6), e.mask_y,
+                                      h.tau, h.clip_eps),
+        "responses", ("tau", "clip_eps") + ROUNDS, ref="rounds", token_level=True, surrogate=True,
+        doc="COMAL by iterative GRPO (Alg. 5)"),
+    "comal_dr_grpo": Algorithm(
+        lambda e, h: losses.grpo_loss(e.pi_tok_y, e.mu_tok_y, e.ref_tok_y, e.adv_y, e.mask_y, h.tau, h.clip_eps,
+                                      dr_grpo=True, max_len=h.max_new_tokens),
+        "responses", ("tau", "clip_eps") + ROUNDS, ref="rounds", token_level=True, surrogate=True,
+        doc="Alg. 5 with the Dr.GRPO objective"),
+    "nashmp": Algorithm(  # -P(pi > target) + tau KL(pi||pi_ref) + (tau/eta) KL(pi||target), on-policy
+        lambda e, h: losses.nashmp_loss(e.pi_y, e.gopp_y, e.gopp_base_y, e.ref_y, e.opp_y, h.tau, h.eta),
+        "responses", ("eta", "tau", "kappa"), ref="base", opponent="ema", on_policy=True, surrogate=True,
+        doc="Nash Mirror Prox (arXiv 2505.19731), practical form with an EMA target"),
+}
+
+
+def check_spec(name, spec):
+    """The table's own consistency, checked at import: a malformed entry fails loudly, not at iteration 30."""
+    bad = lambda msg: SpecError(f"ALGOS[{name!r}]: {msg}")  # noqa: E731
+    if spec.examples not in EXAMPLES:
+        raise bad(f"examples {spec.examples!r} is not one of {', '.join(EXAMPLES)}")
+    for attr, choices in (("ref", ("none", "base", "rounds")), ("sampler", ("policy", "ref")),
+                          ("center", ("mu", "ref")), ("opponent", ("none", "prev", "ema"))):
+        if getattr(spec, attr) not in choices:
+            raise bad(f"{attr} {getattr(spec, attr)!r} is not one of {', '.join(choices)}")
+    unknown = [k for k in spec.keys if k not in KEYS and k not in spec.own_keys]
+    if unknown:
+        raise bad(f"key {unknown[0]!r} is neither in comal.KEYS nor in own_keys")
+    needs_ref = spec.sampler == "ref" or spec.center == "ref" or spec.tau
+    if needs_ref and spec.ref == "none":
+        raise bad("it samples from, steps from or regularises towards pi_ref, but ref is 'none'")
+    if spec.ref == "rounds" and not spec.round_len and "ref_update_every" not in spec.keys:
+        raise bad("ref 'rounds' needs round_len or the ref_update_every key")
+    if spec.ref != "rounds" and (spec.round_len or "ref_update_every" in spec.keys):
+        raise bad("round_len / ref_update_every need ref 'rounds'")
+    if (spec.examples == "pairs") != ("pair_selection" in spec.keys):
+        raise bad("pairs examples read the pair_selection key (and only they do)")
+    if spec.opponent == "ema" and "kappa" not in spec.keys:
+        raise bad("an EMA opponent needs the kappa key")
+
+
+# ---------------------------------------------------------------------------
+# Rounds and per-round values
+# ---------------------------------------------------------------------------
+
+
+def round_length(spec, cfg):
+    """Iterations per round: the spec's own, ref_update_every, or all of them (no reference updates)."""
+    if spec.ref != "rounds":
+        return cfg["iterations"]
+    return spec.round_len or cfg["ref_update_every"]
+
+
+def round_params(cfg, t):
+    """(eta, tau) of round t: a list is a per-round schedule whose last entry repeats (paper: eta^-1 = 0.002 in
+    round 0, then 0.1 -> eta: [500, 10]); eta_tau fixes eta * tau. None for a key the algorithm does not read."""
+    pick = lambda v: float(v[min(t, len(v) - 1)] if isinstance(v, list) else v)  # noqa: E731
+    eta = pick(cfg["eta"]) if "eta" in cfg else None
+    if cfg.get("eta_tau") is not None:
+        return eta, cfg["eta_tau"] / eta
+    return eta, pick(cfg["tau"]) if "tau" in cfg else None
+
+
+def hyper(spec, cfg, eta, tau):
+    """The loss's h: eta and tau of the round (only if the algorithm reads them), its own keys, max_new_tokens."""
+    h = {k: cfg[k] for k in spec.keys if k not in ("eta", "tau", "eta_tau")}
+    if "eta" in spec.keys:
+        h["eta"] = eta
+    if spec.tau:
+        h["tau"] = tau
+    h["max_new_tokens"] = cfg["max_new_tokens"]
+    return Hyper(h)
+
+
+class Hyper(dict):
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"h.{name}: this algorithm's loss reads a key it does not declare "
+                                 f"(its keys: {', '.join(k for k in self if k != 'max_new_tokens')})") from None
+
+
+# ---------------------------------------------------------------------------
+# Step 3: examples from the groups' win rates. Each kind gives row fields (indices of responses,
+# row p * n + i is response i of prompt p), weights that sum to 1 per group (in expectation:
+# best_worst drops ties), and per-response values whose estimates make its losses unbiased.
+# ---------------------------------------------------------------------------
 
 
 def loo_winrates(M):
-    """g_mu(y_i) ≈ mean_{j != i} M[i, j]: the unbiased leave-one-out estimate of P(y_i > mu), (P, n)."""
+    """(P, n) leave-one-out mean_{j != i} M[i, j]: unbiased for g_mu(y_i) = P(y_i > mu), given y_i."""
     n = M.shape[-1]
     return (M.sum(-1) - 0.5) / (n - 1)
+
+
+def _group_index(P, n):
+    return torch.arange(P)[:, None] * n  # (P, 1) first row of each group
+
+
+def pair_examples(M, cfg):
+    """Preference pairs (w, l). all: every pair i < j twice, (i wins, weight M[i, j] / (n(n-1)/2)) and
+    (j wins, weight M[j, i] / ...): the expected loss is eq. 13/14's over (y, y') ~ mu x mu, labels
+    ~ lambda_P. best_worst (the paper): the highest and lowest mean win rate of the group, weight 1
+    (0 when all tie); this selects which pairs are seen, so its minimiser is not the prox step."""
+    P, n = M.shape[0], M.shape[-1]
+    base = _group_index(P, n)
+    if cfg["pair_selection"] == "best_worst":
+        score = M.mean(-1)  # (P, n)
+        tie = score.max(-1).values <= score.min(-1).values
+        return {"w": base[:, 0] + score.argmax(-1), "l": base[:, 0] + score.argmin(-1)}, (~tie).double(), {}
+    i, j = torch.triu_indices(n, n, 1)
+    w = torch.cat([base + i, base + j], 1).flatten()
+    l = torch.cat([base + j, base + i], 1).flatten()
+    weight = torch.cat([M[:, i, j], M[:, j, i]], 1).flatten().double() / len(i)
+    return {"w": w, "l": l}, weight, {}
+
+
+def response_examples(M, cfg, M_opp=None):
+    """Each response y, weight 1/n. g: leave-one-out win rate (unbiased for g_mu(y): each loss term involves
+    one response only). adv = g - group mean (= g - 1/2: M + M^T = 1), adv_std: the group's std of g (GRPO's
+    std normalisation is invariant to g's affine form, so Alg. 5's diagonal-inclusive mean gives the same).
+    With an opponent: gopp = mean_j P(y > y'_j) over its n samples, gopp_base = the mean of gopp over the
+    other responses of the group (a REINFORCE baseline independent of y)."""
+    P, n = M.shape[0], M.shape[-1]
+    g = loo_winrates(M).double()
+    values = {"g": g, "adv": g - g.mean(-1, keepdim=True), "adv_std": g.std(-1, keepdim=True).expand(P, n)}
+    if M_opp is not None:
+        gopp = M_opp.double().mean(-1)
+        values.update(gopp=gopp, gopp_base=(gopp.sum(-1, keepdim=True) - gopp) / (n - 1))
+    return {"y": torch.arange(P * n)}, torch.full((P * n,), 1.0 / n, dtype=torch.float64), _flat(values)
+
+
+def response_pair_examples(M, cfg, M_opp=None):
+    """Pairs (a, b), a < b, of one group, weight 1 / (n(n-1)/2). g: the group mean of M[i, :] *with* the
+    diagonal (Alg. 5's r_i): g_a - g_b then has expectation (n-2)/n (g(a) - g(b)) + (2 A(a,b) - 1)/n, whose
+    least-squares fit over mu x mu is g(a) - g(b) exactly; the leave-one-out estimate would count the pair's
+    own comparison twice and give a step n/(n-1) too large. gopp: mean win rate against the opponent."""
+    P, n = M.shape[0], M.shape[-1]
+    i, j = torch.triu_indices(n, n, 1)
+    base = _group_index(P, n)
+    values = {"g": M.double().mean(-1)}
+    if M_opp is not None:
+        values["gopp"] = M_opp.double().mean(-1)
+    rows = {"a": (base + i).flatten(), "b": (base + j).flatten()}
+    return rows, torch.full((P * len(i),), 1.0 / len(i), dtype=torch.float64), _flat(values)
+
+
+def group_examples(M, cfg):
+    """One example per prompt: its n responses y (P, n), weight 1; g as in response_pair_examples (a loss
+    that centres within the group sees the same pair differences); gw = 1/n, the within-group weights."""
+    P, n = M.shape[0], M.shape[-1]
+    values = {"g": M.double().mean(-1), "gw": torch.full((P, n), 1.0 / n, dtype=torch.float64)}
+    return {"y": _group_index(P, n) + torch.arange(n)}, torch.ones(P, dtype=torch.float64), _flat(values)
+
+
+def _flat(values):
+    return {k: v.reshape(-1) for k, v in values.items()}
+
+
+EXAMPLES = {"pairs": pair_examples, "responses": response_examples, "response_pairs": response_pair_examples,
+            "groups": group_examples}
+
+
+def make_examples(spec, M, cfg, M_opp=None):
+    """{"rows": {field: (E,) or (E, n) row ids}, "weight": (E,) float64, "values": {name: (P*n,) per response}}
+    from the (P, n, n) win rates of the groups (and the (P, n, n) win rates against the opponent's samples)."""
+    build = EXAMPLES[spec.examples]
+    rows, weight, values = build(M, cfg, M_opp) if spec.opponent != "none" else build(M, cfg)
+    return {"rows": rows, "weight": weight, "values": values}
+
+
+class Batch:
+    """The fields a loss reads for examples `idx`: QUANTITY_FIELD (see Algorithm). `pi` holds the trained
+    policy's log-probs of the sorted unique `rows` (sequence (r,), or per token (r, T) for token-level
+    algorithms); `frozen` the precomputed per-response log-probs (N,) / (N, T) of mu, ref, opp, center."""
+
+    def __init__(self, ex, idx, pi, rows, frozen):
+        self._fields = {f: r[idx] for f, r in ex["rows"].items()}
+        self._pi, self._rows, self._frozen, self._values = pi, rows, frozen, ex["values"]
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        what, _, f = name.rpartition("_")
+        if f not in self._fields:
+            raise AttributeError(f"{name}: the examples have no field {f!r} (fields: {', '.join(self._fields)})")
+        r = self._fields[f]
+        if what in ("pi", "pi_tok"):
+            p = self._pi[torch.searchsorted(self._rows, r)]  # rows is sorted and unique: position of each row
+            if self._pi.dim() == 2:  # token-level policy log-probs (r, T)
+                return p if what == "pi_tok" else p.sum(-1)
+            if what == "pi_tok":
+                raise AttributeError(f"{name}: per-token log-probs need token_level=True in the spec")
+            return p
+        for table in (self._frozen, self._values):
+            if what in table:
+                return table[what][r]
+        raise AttributeError(f"{name}: no {what!r} here (log-probs: pi, {', '.join(self._frozen)}; "
+                             f"values: {', '.join(self._values) or 'none'})")
+
+
+def batch_loss(spec, ex, idx, pi, rows, frozen, h):
+    """Per-example loss (b,) of examples idx: the spec's loss on the Batch. Training and the exactness tests
+    call this same function."""
+    return spec.loss(Batch(ex, idx, pi, rows, frozen), h)
+
+
+# ---------------------------------------------------------------------------
+# Steps 1, 2, 4: sampling, judging, frozen log-probs
+# ---------------------------------------------------------------------------
+
+
+def seed_for(seed, purpose, k=0, rank=0):
+    """Every RNG stream of a run from (seed, purpose, iteration, rank): runs repeat; streams do not collide."""
+    return ((seed * 1_000_003 + PURPOSES.index(purpose)) * 100_003 + k) * 1009 + rank
+
+
+PURPOSES = ("sample", "shuffle", "eval_winrate", "eval_prompts", "prompts")
+
+
+def sample_groups(model, tokenizer, prompt_ids, cfg, generator, all_done=None):
+    s = generate(model, prompt_ids, n=cfg["n_samples"], max_new_tokens=cfg["max_new_tokens"],
+                 temperature=cfg["temperature"], top_p=cfg["top_p"], generator=generator, all_done=all_done,
+                 pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(s.response_ids, skip_special_tokens=True)  # after EOS: the tokenizer's pad
+    n = cfg["n_samples"]
+    return s, [texts[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
 
 @torch.no_grad()
@@ -114,181 +436,140 @@ def precompute_logps(model, seqs, micro):
     return tok, tok.sum(-1)
 
 
-# ---------------------------------------------------------------------------
-# Step 6: the loss of one micro-batch of examples
-# ---------------------------------------------------------------------------
-
-
-def example_loss(loss, ex, idx, pi, rows, pre, eta, tau, cfg):
-    """Per-example loss (b,) for examples `idx`; pi: (r,) or (r, T) log-probs of `rows` under pi_theta."""
-    pick = lambda r: torch.searchsorted(rows, r)  # noqa: E731  (rows is sorted and unique: position of each row)
-    mu, ref = pre["mu"], pre.get("ref")
-    if loss in PAIR_LOSSES:
-        w, l = ex["w"][idx], ex["l"][idx]
-        pw, pl = pi[pick(w)], pi[pick(l)]  # (b,)
-        if loss == "dpo":
-            return losses.dpo_loss(pw, pl, ref[w], ref[l], eta)
-        if loss == "ipo":
-            return losses.ipo_loss(pw, pl, ref[w], ref[l], eta)
-        return losses.inpo_loss(pw, pl, ref[w], ref[l], mu[w], mu[l], eta, tau)  # eq. (14)
-    y = ex["y"][idx]
-    py = pi[pick(y)]
-    if loss == "sppo":
-        return losses.sppo_loss(py, mu[y], ex["g"][y], eta, ref[y] if ref is not None else None, tau)
-    if loss == "dro":
-        return losses.dro_loss(py, mu[y], ex["g"][y], pre["value"][ex["prompt"][y]], eta)
-    if loss in ("rebel", "omwu"):  # pairs (y, y') of the same group; omwu's gain is 2 g_k - g_{k-1}
-        y2 = ex["y2"][idx]
-        return losses.rebel_loss(py, pi[pick(y2)], mu[y], mu[y2], ex["g"][y], ex["g"][y2], eta)
-    if loss == "grpo":  # token level: pi is (r, T)
-        return losses.grpo_loss(py, pre["mu_tok"][y], pre["ref_tok"][y], ex["adv"][y], pre["mask"][y], tau,
-                                cfg["clip_eps"], dr_grpo=cfg["dr_grpo"], max_len=cfg["max_new_tokens"])
-    if loss == "nashmp":
-        return losses.nashmp_loss(py, ex["pref"][y], ex["baseline"][y], ref[y], pre["target"][y],
-                                  cfg["beta"] if cfg["beta"] is not None else tau, eta)
-    raise ValueError(f"unknown loss {loss}")
-
-
-def make_examples(loss, M, n, cfg, M_prev=None):
-    """The training examples of one iteration from the groups' win-rate matrices (P, n, n)."""
-    P = M.shape[0]
-    if loss in PAIR_LOSSES:
-        w, l, weight = build_pairs(M, n, cfg["pair_selection"])
-        return {"w": w, "l": l, "weight": weight / P}
-    y = torch.arange(P * n)
-    uniform = torch.full((P * n,), 1.0 / (P * n))
-    if loss in ("sppo", "dro"):
-        return {"y": y, "g": loo_winrates(M).flatten(), "prompt": y // n, "weight": uniform}
-    if loss == "grpo":  # Alg. 5: r_i = 1/G sum_j P[y_i > y_j], group-relative advantages
-        adv = losses.group_advantages(losses.winrate_rewards(M), scale_by_std=not cfg["dr_grpo"]).flatten()
-        return {"y": y, "adv": adv, "weight": uniform}
-    if loss in ("rebel", "omwu"):
-        g = loo_winrates(M).flatten()
-        if loss == "omwu":  # optimistic gain 2 g_{pi^k}(y) - g_{pi^{k-1}}(y) (App. H)
-            g = 2 * g - M_prev.mean(-1).flatten()
-        i, j = torch.triu_indices(n, n, 1)
-        base = torch.arange(P)[:, None] * n
-        return {"y": (base + i).flatten(), "y2": (base + j).flatten(), "g": g,
-                "weight": torch.full((P * len(i),), 1.0 / (P * len(i)))}
-    if loss == "nashmp":  # y ~ pi against y' ~ target: M_prev holds P(y_i > y'_j) (P, n, n)
-        pref = M_prev.mean(-1).flatten()
-        per_prompt = pref.view(P, n)
-        baseline = ((per_prompt.sum(-1, keepdim=True) - per_prompt) / max(n - 1, 1)).flatten()
-        return {"y": y, "pref": pref, "baseline": baseline, "weight": uniform}
-    raise ValueError(f"unknown loss {loss}")
+def frozen_logps(spec, models, seqs, micro):
+    """mu, ref, opp (the spec's frozen policies) and center, per response (and per token if token_level)."""
+    out, cache = {}, {}
+    for name, model in models.items():
+        if id(model) not in cache:  # offline: mu is pi_ref itself, computed once
+            cache[id(model)] = precompute_logps(model, seqs, micro)
+        tok, out[name] = cache[id(model)]
+        if spec.token_level:
+            out[name + "_tok"] = tok
+    out["center"] = out[spec.center]
+    if spec.token_level:
+        out["center_tok"], out["mask"] = out[spec.center + "_tok"], seqs[2]
+    return out
 
 
 # ---------------------------------------------------------------------------
-# One iteration
+# One iteration (steps 1-6) and Algorithm 3
 # ---------------------------------------------------------------------------
 
 
-def sample_groups(model, tokenizer, prompt_ids, cfg, generator, all_done=None):
-    s = generate(model, prompt_ids, n=cfg["n_samples"], max_new_tokens=cfg["max_new_tokens"],
-                 temperature=cfg["temperature"], top_p=cfg["top_p"], generator=generator, all_done=all_done,
-                 pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(s.response_ids, skip_special_tokens=True)  # after EOS: the tokenizer's pad
-    n = cfg["n_samples"]
-    return s, [texts[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
+    """Iteration k of cfg['algo'] on this rank's prompts, with the round's eta and tau; returns its metrics.
 
-
-def run_iteration(k, state, prompts, prompt_ids, oracle, trainer, cfg):
-    """Iteration k of the algorithm `cfg['algo']` on this rank's prompts; returns its metrics.
-
-    state: policy (trained), base (frozen initial policy), ref (frozen pi_ref or
-    None), extra (pi^{k-1} for OMWU, the EMA target for NashMP), tokenizer.
+    state: policy (trained), tokenizer, and the spec's frozen copies: ref (pi_ref), opponent.
     """
-    algo = cfg["algo"]
-    loss, reference = ALGOS[algo]
-    policy, tok = state["policy"], state["tokenizer"]
-    rnd = round_of(cfg, k)
-    eta, tau = round_params(cfg, rnd)
-    if reference in ("mu", "offline") or loss in ("ipo", "dpo", "rebel", "dro", "omwu"):
-        tau = 0.0  # these losses step from their centre without the KL term of J_tau
-    # 1. Alg. 3: at the start of a round pi_ref <- pi^k (the policy before this iteration's update)
-    if reference == "rounds" and k % ref_update_every(cfg) == 0:
-        trainer.copy_weights(state["ref"], policy)
-    gen = torch.Generator(device=trainer.device).manual_seed(cfg["seed"] * 1_000_003 + k * 1009 + trainer.rank)
-    n = cfg["n_samples"]
+    spec = ALGOS[cfg["algo"]]
+    policy, tok, n, micro = state["policy"], state["tokenizer"], cfg["n_samples"], cfg["micro_batch_size"]
+    mu_model = state["ref"] if spec.sampler == "ref" else policy
+    gen = torch.Generator(device=trainer.device).manual_seed(seed_for(cfg["seed"], "sample", k, trainer.rank))
 
-    # 2. mu <- pi^k (the base for the offline baselines); sample n responses per prompt
+    # 1. mu <- the sampler; n responses per prompt (and n from the opponent)
     t0 = time.time()
-    sampler = state["base"] if reference == "offline" else policy
     policy.eval()
     with trainer.autocast():
-        samples, groups = sample_groups(sampler, tok, prompt_ids, cfg, gen, trainer.all_done)
-        if loss in ("omwu", "nashmp"):  # the opponent's responses: pi^{k-1} (OMWU) or the target (NashMP)
-            _, opp = sample_groups(state["extra"], tok, prompt_ids, cfg, gen, trainer.all_done)
+        samples, groups = sample_groups(mu_model, tok, prompt_ids, cfg, gen, trainer.all_done)
+        if spec.opponent != "none":
+            _, opp_groups = sample_groups(state["opponent"], tok, prompt_ids, cfg, gen, trainer.all_done)
     sample_s = time.time() - t0
-    n_tokens = int(samples.response_mask.sum())
 
-    # 3. the oracle: n x n win rates per group (and against the opponent's group)
+    # 2. the oracle: (P, n, n) win rates within each group, and (P, n, n) P(y_i > y'_j) against the opponent
     t0 = time.time()
-    M = oracle.winrate_matrix(prompts, groups)  # (P, n, n)
-    M_prev = None
-    if loss in ("omwu", "nashmp"):
-        M_prev = oracle.winrate_matrix(prompts, [g + o for g, o in zip(groups, opp)])[:, :n, n:]
+    M = oracle.winrate_matrix(prompts, groups)
+    M_opp = None
+    if spec.opponent != "none":
+        M_opp = oracle.winrate_matrix(prompts, [g + o for g, o in zip(groups, opp_groups)])[:, :n, n:]
     judge_s = time.time() - t0
 
-    # 4. examples; 5. frozen log-probs
-    ex = make_examples(loss, M, n, cfg, M_prev)
+    # 3. examples; 4. frozen log-probs
+    ex = make_examples(spec, M, cfg, M_opp)
+    ex = {"rows": {f: r.to(trainer.device) for f, r in ex["rows"].items()}, "weight": ex["weight"].to(trainer.device),
+          "values": {v: x.to(trainer.device) for v, x in ex["values"].items()}}
     seqs = samples.sequences()
-    micro = cfg["micro_batch_size"]
+    models = {"mu": mu_model, **{key: state[key] for key in ("ref", "opponent") if state.get(key) is not None}}
+    models["opp"] = models.pop("opponent", None)
     with trainer.autocast():
-        mu_tok, mu = precompute_logps(sampler, seqs, micro)
-        pre = {"mu": mu, "mu_tok": mu_tok, "mask": seqs[2]}
-        center = {"base": state["base"], "rounds": state["ref"]}.get(reference)
-        if center is not None:
-            pre["ref_tok"], pre["ref"] = precompute_logps(center, seqs, micro)
-        elif loss in PAIR_LOSSES or loss == "sppo":
-            pre["ref_tok"], pre["ref"] = mu_tok, mu  # centred at mu (for "offline", mu is the base itself)
-        if loss == "nashmp":
-            pre["target"] = precompute_logps(state["extra"], seqs, micro)[1]
-    for key in ex:
-        ex[key] = ex[key].to(trainer.device)
-    value_opt = None
-    if loss == "dro":  # V_phi: one free value per prompt, learned jointly by its own Adam (eta V -> -log Z)
-        pre["value"] = torch.full((len(prompts),), -0.5, device=trainer.device, requires_grad=True)
-        value_opt = torch.optim.Adam([pre["value"]], lr=cfg["value_lr"])
-    if algo == "omwu":  # pi^{k-1} <- pi^k before the update
-        trainer.copy_weights(state["extra"], policy)
+        frozen = frozen_logps(spec, {m: v for m, v in models.items() if v is not None}, seqs, micro)
+    if spec.opponent == "prev":  # OMWU: pi^{k-1} <- pi^k, before pi^k is updated
+        trainer.copy_weights(state["opponent"], policy)
 
-    # 6. minimise the loss: `epochs` passes over the examples in shuffled batches
-    policy.train()
-    token_level = loss == "grpo"
+    # 5. minimise the loss
+    t0 = time.time()
+    step_losses = minimise(spec, ex, frozen, seqs, hyper(spec, cfg, eta, tau), trainer, cfg, k, state.get("opponent"),
+                           desc=f"iteration {k} train", postfix=dict(sample=f"{sample_s:.1f}s", judge=f"{judge_s:.1f}s"))
+    train_s = time.time() - t0
+    lengths = samples.response_mask.sum(-1).float()
+    return {"iteration": k, "loss": sum(step_losses) / len(step_losses), "response_length": float(lengths.mean()),
+            "tokens_per_s": int(samples.response_mask.sum()) / max(sample_s, 1e-9), "sample_s": sample_s,
+            "judge_s": judge_s, "train_s": train_s, "responses": [g[0] for g in groups]}
+
+
+def minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, opponent=None, desc="", postfix=None):
+    """`epochs` shuffled passes of optimizer steps over the examples. Each step's loss is
+    sum_{global batch} weight * loss / (batch_size * mean weight of the iteration's examples): an unbiased
+    estimate of the iteration's weighted mean loss, with the same step size whatever a batch's realised
+    weight (a ratio to the realised weight would shrink steps and over-weight a short last batch)."""
+    policy, micro = trainer.model, cfg["micro_batch_size"]
     E = len(ex["weight"])
     per_step = max(1, cfg["batch_size"] // trainer.world)
-    shuffle = torch.Generator().manual_seed(cfg["seed"] * 7919 + k * 31 + trainer.rank)
+    mean_weight = trainer.all_reduce_sum(float(ex["weight"].sum())) / trainer.all_reduce_sum(float(E))
+    norm = per_step * mean_weight or 1.0  # per rank: the gradient all-reduce averages over ranks
+    shuffle = torch.Generator().manual_seed(seed_for(cfg["seed"], "shuffle", k, trainer.rank))
     steps = cfg["epochs"] * math.ceil(E / per_step)
     step_losses = []
-    t0 = time.time()
-    bar = tqdm(total=steps, desc=f"iteration {k} train", leave=False, disable=trainer.rank != 0, file=sys.stderr)
-    bar.set_postfix(sample=f"{sample_s:.1f}s", judge=f"{judge_s:.1f}s")
-    for epoch in range(cfg["epochs"]):
+    policy.train()
+    bar = tqdm(total=steps, desc=desc, leave=False, disable=trainer.rank != 0, file=sys.stderr)
+    bar.set_postfix(**(postfix or {}))
+    for _ in range(cfg["epochs"]):
         order = torch.randperm(E, generator=shuffle)
         for s in range(0, E, per_step):
             batch = order[s:s + per_step].to(trainer.device)
-            # gradients are averaged over ranks, so dividing by the mean weight per rank gives the
-            # weighted mean over the global batch, exactly what one process would compute
-            scale = trainer.all_reduce_sum(float(ex["weight"][batch].sum())) / trainer.world or 1.0
 
             def micro_losses():
                 for m in range(0, len(batch), micro):
                     idx = batch[m:m + micro]
-                    rows = torch.unique(torch.cat([ex[key][idx] for key in ("w", "l", "y", "y2") if key in ex]))
+                    rows = torch.unique(torch.cat([r[idx].flatten() for r in ex["rows"].values()]))
                     with trainer.autocast():
                         tok_lp, seq_lp = sequence_logprobs(policy, seqs[0][rows], seqs[1][rows], seqs[2][rows])
-                    pi = tok_lp if token_level else seq_lp
-                    per_example = example_loss(loss, ex, idx, pi, rows, pre, eta, tau, cfg)  # (b,)
-                    yield (ex["weight"][idx] * per_example).sum() / scale
+                    pi = tok_lp if spec.token_level else seq_lp
+                    per_example = batch_loss(spec, ex, idx, pi, rows, frozen, h)  # (b,)
+                    yield (ex["weight"][idx] * per_example).sum() / norm
 
-            step_losses.append(trainer.step(micro_losses(), k, len(step_losses), steps, extra_optimizer=value_opt))
+            step_losses.append(trainer.step(micro_losses(), k, len(step_losses), steps))
+            if spec.opponent == "ema":  # NashMP: target <- kappa theta + (1 - kappa) target after every step
+                trainer.ema_weights(opponent, policy, h.kappa)
             bar.update(1)
     bar.close()
-    train_s = time.time() - t0
-    if loss == "nashmp":  # target <- kappa theta + (1 - kappa) target (EMA in parameter space)
-        trainer.ema_weights(state["extra"], policy, cfg["kappa"])
-    lengths = samples.response_mask.sum(-1).float()
-    return {"iteration": k, "round": rnd, "eta": eta, "tau": tau, "loss": sum(step_losses) / len(step_losses),
-            "response_length": float(lengths.mean()), "tokens_per_s": n_tokens / max(sample_s, 1e-9),
-            "sample_s": sample_s, "judge_s": judge_s, "train_s": train_s, "responses": [g[0] for g in groups]}
+    return step_losses
+
+
+def run(state, trainer, cfg, oracle, prompts_for, start, after_iteration):
+    """Algorithm 3: rounds of iterations; pi_ref <- pi at each round's start (ref = "rounds").
+
+    prompts_for(k) -> (prompts, token ids) of this rank for iteration k; after_iteration(k, metrics)
+    evaluates, checkpoints and logs. start > 0 resumes (pi_ref and the opponent come from the checkpoint).
+    """
+    spec = ALGOS[cfg["algo"]]
+    K = round_length(spec, cfg)
+    for t in range(start // K, math.ceil(cfg["iterations"] / K)):
+        eta, tau = round_params(cfg, t)
+        if spec.ref == "rounds" and t * K >= start:
+            trainer.copy_weights(state["ref"], state["policy"])  # pi_ref <- pi^t (Alg. 3)
+        for k in range(max(t * K, start), min((t + 1) * K, cfg["iterations"])):
+            prompts, ids = prompts_for(k)
+            m = iteration(k, eta, tau, state, prompts, ids, oracle, trainer, cfg)
+            m.update(round=t, **{name: v for name, v in (("eta", eta), ("tau", tau)) if v is not None})
+            after_iteration(k, m)
+
+
+def examples_per_group(spec, cfg):
+    """How many examples one group of n responses gives (for the on-policy check, before anything loads)."""
+    n = cfg["n_samples"]
+    M = torch.full((1, n, n), 0.5)
+    return len(make_examples(spec, M, cfg, M if spec.opponent != "none" else None)["weight"])
+
+
+for _name, _spec in ALGOS.items():
+    check_spec(_name, _spec)

@@ -393,7 +393,7 @@ def run_mode(args, device):
             model = AutoModelForCausalLM.from_pretrained(paths[c]).to(device).eval()
             tok = AutoTokenizer.from_pretrained(paths[c])
             ids = train_ddp.encode_prompts(tok, prompts, settings["max_prompt_tokens"])
-            d, _ = oracle.policy_distribution(model, tok, ids, [tok.eos_token_id])
+            d, _ = oracle.policy_distribution(model, tok, ids, [tok.eos_token_id], cfg.get("max_new_tokens"))
             row["exploitability"] = float(oracle.exploitability(d).mean())
             row["category_dist"] = [round(float(x), 5) for x in d.mean(0)]
     rank, _ = world_info()

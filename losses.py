@@ -91,6 +91,18 @@ def dro_loss(pi, mu, winrate, value, eta, ref=None, tau=0.0):
     return ((pi - mu) - target) ** 2  # (B,)
 
 
+def dro_group_loss(pi, mu, winrate, weights, eta, ref=None, tau=0.0):
+    """DRO / Reg-DRO with the per-prompt value V at its optimum, on (B, n) groups of one prompt's responses.
+
+    V minimises the group's DRO loss in closed form, eta V = sum_i w_i [(pi_i - mu_i) - eta g^tau_i] (weights
+    w: (B, n), summing to 1), so the loss is the weighted variance of the residual; its gradient in pi is the
+    joint minimum's (the V-gradient vanishes there). Returns (B,).
+    """
+    residual = (pi - mu) - eta * _regularized_gain(winrate, mu, ref, tau)  # (B, n)
+    value = (weights * residual).sum(-1, keepdim=True) / eta  # (B, 1): V at its optimum
+    return (weights * dro_loss(pi, mu, winrate, value, eta, ref, tau)).sum(-1)  # (B,)
+
+
 def rebel_loss(pi_a, pi_b, mu_a, mu_b, winrate_a, winrate_b, eta, ref_a=None, ref_b=None, tau=0.0):
     """REBEL (App. F) and Reg-REBEL (Alg. 10) on response pairs (y, y') ~ mu.
 

@@ -146,13 +146,15 @@ class CategoryGame(Oracle):
                    for c in self.index)
 
     @torch.no_grad()
-    def policy_distribution(self, model, tokenizer, prompt_ids, eos_token_ids, min_mass=1e-7, batch_size=256):
+    def policy_distribution(self, model, tokenizer, prompt_ids, eos_token_ids, max_new_tokens=None, min_mass=1e-7,
+                            batch_size=256):
         """(B, C+1) exact category distribution of the policy's responses to each prompt ("none" last).
 
         Enumerates response prefixes while their first word is open and can
         still become a category, by batched forwards (no sampling): a prefix
         ends when the decoded text has a complete first word (whitespace after
-        it) or an EOS. Branches with probability below `min_mass` are not
+        it), an EOS, or max_new_tokens tokens (the sampler's cap: the oracle
+        then judges the truncated text, e.g. "roc" is none). Branches with probability below `min_mass` are not
         expanded and count as "none" (which can only raise exploitability);
         their total is returned as the second output, the error bound.
         """
@@ -179,7 +181,8 @@ class CategoryGame(Oracle):
                         mass, seq = float(total[v]), r + [v]
                         text = tokenizer.decode(seq, skip_special_tokens=True)
                         ended = v in eos or len(text.lstrip().split(maxsplit=1)) > 1 or (
-                            text.lstrip() and text.lstrip() != text.lstrip().rstrip())
+                            text.lstrip() and text.lstrip() != text.lstrip().rstrip()) or (
+                            max_new_tokens is not None and len(seq) >= max_new_tokens)
                         if ended:
                             dist[b, int(self.category([text])[0])] += math.exp(mass)  # -1 is the "none" column
                         elif self.could_still_match(text):
@@ -477,18 +480,17 @@ class PairwiseJudge(Oracle):
     @torch.no_grad()
     def first_wins(self, prompts, firsts, seconds):
         """(B,) float64 q: the judge's probability that the first-shown output is better."""
-        from sample import left_pad, positions
+        from sample import left_pad, output_logits, positions
 
         seqs = [self.judge_ids(x, a, b) for x, a, b in zip(prompts, firsts, seconds)]
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        head = self.model.get_output_embeddings()
         out = torch.empty(len(seqs), dtype=torch.float64)
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
             ids, mask = left_pad([seqs[i] for i in idx], self.tokenizer.pad_token_id, self.device)
             h = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                                       use_cache=False).last_hidden_state[:, -1]  # (b, H)
-            logits = head(h).float()  # (b, V): only the last position reaches the output layer
+            logits = output_logits(self.model, h).float()  # (b, V): only the last position reaches the output layer
             two = torch.stack([logits[:, self.token_a], logits[:, self.token_b]], -1)
             out[idx] = torch.softmax(two.double(), -1)[:, 0].cpu()
             self.calls += len(idx)

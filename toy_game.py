@@ -1,4 +1,4 @@
-"""Tabular preference games: every algorithm of the COMAL paper on a payoff matrix.
+"""Tabular preference games: every algorithm of comal's table (comal.ALGOS) on a payoff matrix.
 
 A policy is a distribution over n actions (responses) y; the oracle is a
 payoff matrix A with A[i, j] = P(y_i > y_j) and A + A^T = 1. The alignment
@@ -6,17 +6,18 @@ game (eq. 1) is J(pi1, pi2) = pi1^T A pi2 - 1/2; its symmetric Nash
 equilibrium pi* has exploitability max_i (A pi*)_i - 1/2 = 0. The default A
 is the intransitive 3x3 game of App. I, whose unique NE is [4/11, 3/11, 4/11].
 
-Two modes (`--mode`):
-- noiseless: every update sees the exact population quantities. Updates the
-  paper writes as an exact prox step (MWU, Alg. 2, Mirror-Prox, OMWU) and the
-  losses whose minimiser is proven to be that prox step (IPO, INPO, REBEL,
-  DRO; App. F) use the closed form; the others (DPO on a non-BT oracle, SPPO)
-  minimise their exact expected loss on a table of logits. `--solver loss`
+The algorithms, their loop (rounds, pi_ref, opponent) and their losses come
+from comal.ALGOS, the same specs the language-model trainer runs; exact
+mirror descent (mwu, comal_md) is the reference. Two modes (`--mode`):
+- noiseless: every update sees the exact population quantities. A spec whose
+  minimiser is exactly a prox step (its prox_gain: IPO, INPO, REBEL, DRO,
+  Mirror-Prox, OMWU) uses that closed form; the others (DPO on a non-BT
+  oracle, SPPO) minimise their exact expected loss on a table of logits, and
+  the surrogates (GRPO, NashMP) take gradient steps on it. `--solver loss`
   fits the exact expected loss for every loss-based algorithm instead.
-- sampled: each iteration draws pairs/responses from mu with a seeded
-  torch.Generator, Bernoulli labels from A, and minimises the empirical loss
-  of losses.py on the logits table (Figure 4). Closed-form updates use win
-  rates estimated from the same kind of Bernoulli queries.
+- sampled: each iteration draws groups of --group responses from mu with a
+  seeded torch.Generator, Bernoulli labels from A, and builds the examples
+  with comal.make_examples, exactly as on a language model (Figure 4).
 
 Policies are kept as log-probabilities (float64) so that nearly deterministic
 iterates (iterative DPO) neither underflow nor lose their tail.
@@ -34,7 +35,7 @@ from types import SimpleNamespace
 
 import torch
 
-import losses
+import comal
 
 DTYPE = torch.float64
 PAPER_PAYOFF = [[0.5, 0.1, 0.8], [0.9, 0.5, 0.1], [0.2, 0.9, 0.5]]  # App. I
@@ -138,33 +139,8 @@ def regularized_nash(A, log_ref, tau, tol=1e-14, max_steps=200):
 
 
 # ---------------------------------------------------------------------------
-# Data: what one iteration sees of the oracle, exact or sampled
+# Data: what one iteration sees of the oracle, exact (population) or sampled, as comal's examples
 # ---------------------------------------------------------------------------
-
-
-def pair_data(A, log_mu, n, gen):
-    """(winner, loser, weight) of pairs (y, y') ~ mu x mu labelled by lambda_P (eq. 12).
-
-    n=None: the population, every ordered pair weighted by mu(y)mu(y')P(y>y').
-    Otherwise n sampled pairs with Bernoulli labels, aggregated by (winner,
-    loser) with their frequencies: the same empirical loss, computed once per
-    distinct pair.
-    """
-    k = A.shape[0]
-    if n is None:
-        w, l = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
-        w, l = w.flatten(), l.flatten()
-        mu = log_mu.exp()
-        weight = mu[w] * mu[l] * A[w, l]
-        return w, l, weight / weight.sum()
-    mu = log_mu.exp()
-    y1 = torch.multinomial(mu, n, replacement=True, generator=gen)
-    y2 = torch.multinomial(mu, n, replacement=True, generator=gen)
-    first_wins = torch.rand(n, generator=gen, dtype=DTYPE) < A[y1, y2]
-    w, l = torch.where(first_wins, y1, y2), torch.where(first_wins, y2, y1)
-    counts = torch.bincount(w * k + l, minlength=k * k).to(DTYPE)
-    idx = counts.nonzero().squeeze(1)
-    return idx // k, idx % k, counts[idx] / n
 
 
 def bernoulli_prefs(A, y, gen):
@@ -180,39 +156,52 @@ def bernoulli_prefs(A, y, gen):
     return torch.where(torch.eye(G, dtype=torch.bool), torch.full_like(b, 0.5), b)
 
 
-def response_data(A, log_mu, n, group, gen):
-    """(actions, win-rate estimate, weight) for responses y ~ mu (Alg. 6/8/10 datasets).
-
-    n=None: every action with its exact g_mu and weight mu. Otherwise n
-    responses in groups of `group` (the paper's 5 samples per prompt); each
-    response's win rate is its mean label against the others of its group
-    (unbiased for g_mu), then averaged per action: the squared losses depend
-    on the estimates only through these means, up to a constant.
-    """
-    if n is None:
-        return torch.arange(A.shape[0]), win_rates(A, log_mu), log_mu.exp()
-    N = max(n // group, 1)
-    y = torch.multinomial(log_mu.exp(), N * group, replacement=True, generator=gen).view(N, group)
-    b = bernoulli_prefs(A, y, gen)
-    loo = (b.sum(-1) - 0.5) / (group - 1)  # (N, G) leave-one-out win rate
-    y, loo = y.flatten(), loo.flatten()
-    k = A.shape[0]
-    counts = torch.bincount(y, minlength=k).to(DTYPE)
-    sums = torch.bincount(y, weights=loo, minlength=k)
-    idx = counts.nonzero().squeeze(1)
-    return idx, sums[idx] / counts[idx], counts[idx] / counts.sum()
+def population_examples(spec, A, log_mu, log_opp=None):
+    """The population that comal's examples of the spec's kind estimate, with rows = actions: every pair
+    (or action) with its probability under mu as weight and the exact win rates as values."""
+    K = A.shape[0]
+    mu = log_mu.exp()
+    g = A @ mu  # g_mu = P(. > mu)
+    values = {"g": g, "adv": g - 0.5, "adv_std": ((mu * (g - 0.5) ** 2).sum().sqrt()).expand(K)}
+    if log_opp is not None:
+        gopp = A @ log_opp.exp()
+        values.update(gopp=gopp, gopp_base=(mu * gopp).sum().expand(K))
+    a, b = torch.meshgrid(torch.arange(K), torch.arange(K), indexing="ij")
+    a, b = a.flatten(), b.flatten()
+    if spec.examples == "pairs":  # (y, y') ~ mu x mu, the winner first: weight mu(y) mu(y') P(y > y')
+        return {"rows": {"w": a, "l": b}, "weight": mu[a] * mu[b] * A[a, b], "values": values}
+    if spec.examples == "response_pairs":
+        return {"rows": {"a": a, "b": b}, "weight": mu[a] * mu[b], "values": values}
+    if spec.examples == "groups":  # one group holding every action, weighted by mu
+        return {"rows": {"y": torch.arange(K)[None]}, "weight": torch.ones(1, dtype=DTYPE), "values": dict(values, gw=mu)}
+    return {"rows": {"y": torch.arange(K)}, "weight": mu, "values": values}
 
 
-def estimated_win_rates(A, log_mu, n, gen):
-    """g_mu for every action: exact (n=None) or from n // n_actions Bernoulli
-    comparisons of each action against fresh samples of mu."""
-    if n is None:
-        return win_rates(A, log_mu)
-    k = A.shape[0]
-    m = max(n // k, 1)
-    opp = torch.multinomial(log_mu.exp(), k * m, replacement=True, generator=gen).view(k, m)
-    wins = torch.rand(k, m, generator=gen, dtype=DTYPE) < A[torch.arange(k).unsqueeze(1), opp]
-    return wins.to(DTYPE).mean(-1)
+def sampled_examples(spec, A, log_mu, log_opp, cfg, gen):
+    """comal.make_examples on sampled groups: cfg.samples // cfg.group groups of cfg.group responses from mu
+    (and as many from the opponent), Bernoulli labels. Returns (examples, action of each row), aggregated
+    over examples that are identical for the loss (same actions and values), weights summed."""
+    N, G = max(cfg.samples // cfg.group, 1), cfg.group
+    y = torch.multinomial(log_mu.exp(), N * G, replacement=True, generator=gen).view(N, G)
+    M = bernoulli_prefs(A, y, gen)
+    M_opp = None
+    if log_opp is not None:
+        y_opp = torch.multinomial(log_opp.exp(), N * G, replacement=True, generator=gen).view(N, G)
+        M_opp = (torch.rand(N, G, G, generator=gen, dtype=DTYPE) < A[y[:, :, None], y_opp[:, None, :]]).to(DTYPE)
+    lm_cfg = {"pair_selection": "all", "n_samples": G, "max_new_tokens": 1}
+    ex = comal.make_examples(spec, M, lm_cfg, M_opp)
+    actions = y.flatten()
+    # aggregate: the loss sees an example only through its rows' actions and values
+    feats = [actions[r].reshape(len(ex["weight"]), -1).to(DTYPE) for r in ex["rows"].values()]
+    feats += [v[r].reshape(len(ex["weight"]), -1) for r in ex["rows"].values() for v in ex["values"].values()]
+    feats = torch.cat(feats, 1)  # (E, D), hashed to one key by a random projection (collisions: measure zero)
+    key = feats @ torch.rand(feats.shape[1], generator=torch.Generator().manual_seed(0), dtype=DTYPE).add_(1)
+    _, inverse = torch.unique(key, return_inverse=True)
+    U = int(inverse.max()) + 1
+    first = torch.full((U,), len(inverse), dtype=torch.long).scatter_reduce(0, inverse, torch.arange(len(inverse)), "amin")
+    weight = torch.zeros(U, dtype=DTYPE).index_add_(0, inverse, ex["weight"].to(DTYPE))
+    ex = {"rows": {f: r[first] for f, r in ex["rows"].items()}, "weight": weight / N, "values": ex["values"]}
+    return ex, actions
 
 
 # ---------------------------------------------------------------------------
@@ -256,278 +245,134 @@ def fit_logits(objective, x0, max_steps=100, tol=1e-12):
 
 
 # ---------------------------------------------------------------------------
-# One approximate prox step, by closed form or by a loss of losses.py
+# One tabular step of an algorithm of comal's table
 # ---------------------------------------------------------------------------
 
-CLOSED_FORM_LOSSES = {"ipo", "inpo", "rebel", "dro"}  # minimiser proven = exact prox step (App. F)
-SOLVERS = ("closed", "dpo", "ipo", "inpo", "sppo", "dro", "rebel")
 
+def tabular_step(spec, game, cfg, gen, log_mu, log_ref=None, tau=None, log_opp=None, eta=None):
+    """The step of comal.ALGOS's `spec` from the sampler mu, on the logits table.
 
-def prox_step(solver, game, cfg, gen, log_mu, log_ref=None, tau=0.0, log_center=None):
-    """log mu' ≈ log Prox(center, eta * g^tau_mu), g^tau_mu = P(. > mu) - tau log(mu/pi_ref).
-
-    center = mu (Alg. 2) unless given (IPO's eq. 13 and Mirror-Prox's second
-    step sample from mu but step from another center). `solver` names how the
-    step is computed: the closed form or one of the losses.
+    noiseless with --solver auto and an exact spec: the closed form Prox(center, eta * spec.prox_gain).
+    Otherwise the spec's own loss (comal.batch_loss) on the population (noiseless) or on sampled groups
+    (comal.make_examples), minimised exactly (fit_logits), or for a surrogate (GRPO, NashMP) followed by
+    gradient steps of size cfg.lr: cfg.grad_steps of them, one for an on-policy spec.
     """
-    A, eta = game.A, cfg.eta
-    center = log_mu if log_center is None else log_center
-    n = None if cfg.mode == "noiseless" else cfg.samples
-    if log_ref is None:
-        log_ref, tau = log_mu, 0.0
-    if solver == "closed" or (n is None and cfg.solver == "auto" and solver in CLOSED_FORM_LOSSES):
-        g = estimated_win_rates(A, log_mu, n, gen) - tau * (log_mu - log_ref)
-        return log_prox(center, g, eta)
-    if solver != "ipo" and log_center is not None:
-        raise ValueError(f"solver {solver} steps from mu only; a separate center needs ipo or closed")
-    if solver in ("dpo", "ipo", "inpo"):
-        if solver != "inpo" and tau != 0:
-            raise ValueError(f"{solver} solves the unregularised prox step only (tau = 0)")
-        w, l, weight = pair_data(A, log_mu, n, gen)
+    A, eta = game.A, cfg.eta if eta is None else eta
+    log_center = {"mu": log_mu, "ref": log_ref}[spec.center]
+    h = comal.Hyper(eta=eta, max_new_tokens=1, clip_eps=cfg.clip_eps, kappa=cfg.kappa)
+    if spec.tau:
+        h["tau"] = cfg.tau if tau is None else tau
+    elif tau:
+        raise ValueError(f"this algorithm has no KL term: tau = {tau} would be ignored")
+    noiseless = cfg.mode == "noiseless"
+    if noiseless and cfg.solver == "auto" and spec.prox_gain is not None:
+        q = SimpleNamespace(g=win_rates(A, log_mu), mu=log_mu, ref=log_ref,
+                            gopp=win_rates(A, log_opp) if log_opp is not None else None)
+        return log_prox(log_center, spec.prox_gain(q, h), eta)
+    if noiseless:
+        ex, actions = population_examples(spec, A, log_mu, log_opp), torch.arange(A.shape[0])
+    else:
+        ex, actions = sampled_examples(spec, A, log_mu, log_opp, cfg, gen)
+    frozen = {"mu": log_mu[actions], "center": log_center[actions]}
+    frozen.update({name: lp[actions] for name, lp in (("ref", log_ref), ("opp", log_opp)) if lp is not None})
+    if spec.token_level:  # one-token responses: per-token log-probs are the sequence's
+        frozen.update({f"{k}_tok": v[:, None] for k, v in list(frozen.items())}, mask=torch.ones(len(actions), 1, dtype=DTYPE))
+    rows, idx = torch.arange(len(actions)), torch.arange(len(ex["weight"]))
 
-        def objective(theta):
-            pi = torch.log_softmax(theta, -1)
-            if solver == "dpo":
-                loss = losses.dpo_loss(pi[w], pi[l], center[w], center[l], eta)
-            elif solver == "ipo":
-                loss = losses.ipo_loss(pi[w], pi[l], center[w], center[l], eta)
-            else:
-                loss = losses.inpo_loss(pi[w], pi[l], log_ref[w], log_ref[l], log_mu[w], log_mu[l], eta, tau)
-            return (weight * loss).sum()
+    def objective(theta):
+        pi = torch.log_softmax(theta, -1)[actions]
+        pi = pi[:, None] if spec.token_level else pi
+        return (ex["weight"] * comal.batch_loss(spec, ex, idx, pi, rows, frozen, h)).sum()
 
-        return torch.log_softmax(fit_logits(objective, center), -1)
-    y, ghat, weight = response_data(A, log_mu, n, cfg.group, gen)
-    if solver == "sppo":
-        def objective(theta):
-            pi = torch.log_softmax(theta, -1)
-            return (weight * losses.sppo_loss(pi[y], log_mu[y], ghat, eta, log_ref[y], tau)).sum()
+    if not spec.surrogate:
+        return torch.log_softmax(fit_logits(objective, log_center), -1)
+    theta = log_center.clone()
+    for _ in range(1 if spec.on_policy else cfg.grad_steps):
+        theta.requires_grad_(True)
+        (grad,) = torch.autograd.grad(objective(theta), theta)
+        theta = (theta - cfg.lr * grad).detach()
+    return torch.log_softmax(theta, -1)
 
-        return torch.log_softmax(fit_logits(objective, center), -1)
-    if solver == "dro":
-        def objective(params):  # logits table and the scalar value V_phi
-            pi = torch.log_softmax(params[:-1], -1)
-            return (weight * losses.dro_loss(pi[y], log_mu[y], ghat, params[-1], eta, log_ref[y], tau)).sum()
 
-        x0 = torch.cat([center, torch.full((1,), -0.5, dtype=DTYPE)])  # eta V ≈ -log Z ≈ -eta/2
-        return torch.log_softmax(fit_logits(objective, x0)[:-1], -1)
-    if solver == "rebel":
-        a, b = torch.meshgrid(torch.arange(len(y)), torch.arange(len(y)), indexing="ij")
-        a, b = a.flatten(), b.flatten()
-        ya, yb, pair_w = y[a], y[b], weight[a] * weight[b]
+def prox_step(name, game, cfg, gen, log_mu, log_ref=None, tau=None, log_opp=None):
+    """One step of algorithm `name` (comal.ALGOS) from mu, or "closed": exact mirror descent (Alg. 2),
+    log Prox(mu, eta g^tau_mu), the reference every exact algorithm is tested against."""
+    if name == "closed":
+        g = estimated_win_rates(game.A, log_mu, None if cfg.mode == "noiseless" else cfg.samples, gen)
+        if log_ref is not None and tau:
+            g = g - tau * (log_mu - log_ref)
+        return log_prox(log_mu, g, cfg.eta)
+    return tabular_step(comal.ALGOS[name], game, cfg, gen, log_mu, log_ref, tau, log_opp)
 
-        def objective(theta):
-            pi = torch.log_softmax(theta, -1)
-            loss = losses.rebel_loss(pi[ya], pi[yb], log_mu[ya], log_mu[yb], ghat[a], ghat[b], eta,
-                                     log_ref[ya], log_ref[yb], tau)
-            return (pair_w * loss).sum()
 
-        return torch.log_softmax(fit_logits(objective, center), -1)
-    raise ValueError(f"unknown solver {solver!r}")
+def estimated_win_rates(A, log_mu, n, gen):
+    """g_mu for every action: exact (n=None) or from n // n_actions Bernoulli
+    comparisons of each action against fresh samples of mu."""
+    if n is None:
+        return win_rates(A, log_mu)
+    k = A.shape[0]
+    m = max(n // k, 1)
+    opp = torch.multinomial(log_mu.exp(), k * m, replacement=True, generator=gen).view(k, m)
+    wins = torch.rand(k, m, generator=gen, dtype=DTYPE) < A[torch.arange(k).unsqueeze(1), opp]
+    return wins.to(DTYPE).mean(-1)
 
 
 # ---------------------------------------------------------------------------
-# The algorithms. Each returns the list of log-policies, iterate 0 = init.
+# The algorithms: comal.run's loop (Algorithm 3) on the table, for every spec of comal.ALGOS,
+# plus exact mirror descent (mwu, comal_md), the references. Each returns the log-policies, 0 = init.
 # ---------------------------------------------------------------------------
 
 
-def md_rounds(solver, game, cfg, gen, rounds, steps, tau):
-    """The COMAL skeleton (Alg. 1 / 3): `rounds` rounds; each sets pi_ref to the
-    latest iterate and runs `steps` Alg.-2 steps mu <- Prox(mu, eta g^tau_mu)
-    by `solver`. rounds=1 is INPO (Alg. 4, pi_ref fixed); tau=0 is plain
-    mirror descent / MWU, i.e. the iterative baselines."""
+def play(spec, game, cfg, gen):
+    """Rounds of iterations as comal.run: pi_ref <- pi at each round start (ref "rounds": cfg.outer rounds of
+    cfg.inner, or cfg.iters rounds of the spec's round_len, one iterate per round); otherwise cfg.iters
+    iterations with pi_ref = pi_init (ref "base"). The opponent is pi^{k-1} (copied before each update)
+    or an EMA of the logits (after each update), as on language models."""
+    log_pi, target = game.log_init, game.log_init.clone()
+    log_ref = game.log_init if spec.ref == "base" else None
+    log_opp = game.log_init if spec.opponent != "none" else None  # pi^{-1} = pi^0
+    traj = [log_pi]
+    if spec.ref == "rounds":
+        rounds, K = (cfg.iters, spec.round_len) if spec.round_len else (cfg.outer, cfg.inner)
+    else:
+        rounds, K = 1, cfg.iters
+    for _ in range(rounds):
+        if spec.ref == "rounds":
+            log_ref = log_pi  # pi_ref <- pi^t
+        for _ in range(K):
+            log_mu = log_ref if spec.sampler == "ref" else log_pi
+            new = tabular_step(spec, game, cfg, gen, log_mu, log_ref, None, log_opp)
+            if spec.opponent == "prev":
+                log_opp = log_pi
+            elif spec.opponent == "ema":
+                target = cfg.kappa * new + (1 - cfg.kappa) * target
+                log_opp = torch.log_softmax(target, -1)
+            log_pi = new
+            if not spec.round_len:
+                traj.append(log_pi)
+        if spec.round_len:
+            traj.append(log_pi)
+    return traj
+
+
+def md_rounds(game, cfg, gen, rounds, steps, tau):
+    """Exact mirror descent in COMAL's rounds (Alg. 1 with Alg. 2 steps): rounds=1, tau=0 is MWU."""
     log_pi = game.log_init
     traj = [log_pi]
     for _ in range(rounds):
         log_ref = log_pi  # pi_ref <- pi^t
         for _ in range(steps):
-            log_pi = prox_step(solver, game, cfg, gen, log_pi, log_ref, tau)
+            log_pi = prox_step("closed", game, cfg, gen, log_pi, log_ref, tau)
             traj.append(log_pi)
     return traj
 
 
-def mwu(game, cfg, gen):
-    """Mirror descent / MWU (eq. 3): pi^{t+1} = Prox(pi^t, eta g(pi^t)); cycles."""
-    return md_rounds("closed", game, cfg, gen, 1, cfg.iters, 0.0)
-
-
-def iter_dpo(game, cfg, gen):
-    """Iterative DPO: each iteration fits DPO on pairs from pi^t with reference pi^t."""
-    return md_rounds("dpo", game, cfg, gen, 1, cfg.iters, 0.0)
-
-
-def iter_ipo(game, cfg, gen):
-    """Iterative IPO: eq. (13) with pi = mu = pi^t each iteration, i.e. MWU (App. F)."""
-    return md_rounds("ipo", game, cfg, gen, 1, cfg.iters, 0.0)
-
-
-def sppo(game, cfg, gen):
-    """Iterative SPPO (App. F): regress log(pi/pi^t) on eta(g - 1/2)."""
-    return md_rounds("sppo", game, cfg, gen, 1, cfg.iters, 0.0)
-
-
-def rebel(game, cfg, gen):
-    """Iterative REBEL (App. F): pairwise regression on win-rate differences."""
-    return md_rounds("rebel", game, cfg, gen, 1, cfg.iters, 0.0)
-
-
-def dro(game, cfg, gen):
-    """Iterative DRO (App. F): pointwise regression with a learned value V."""
-    return md_rounds("dro", game, cfg, gen, 1, cfg.iters, 0.0)
-
-
-def inpo(game, cfg, gen):
-    """INPO (Alg. 4): eq. (14) with pi_ref = pi_init fixed; converges to pi_tau*, not pi*."""
-    return md_rounds("inpo", game, cfg, gen, 1, cfg.iters, cfg.tau)
-
-
-def comal(game, cfg, gen):
-    """COMAL with INPO as the regularised-game solver (Alg. 3): `outer` rounds of
-    `inner` INPO iterations, pi_ref <- latest iterate at every round."""
-    return md_rounds("inpo", game, cfg, gen, cfg.outer, cfg.inner, cfg.tau)
-
-
-def comal_md(game, cfg, gen):
-    """COMAL (Alg. 1) with exact mirror-descent steps (Alg. 2) as inner solver."""
-    return md_rounds("closed", game, cfg, gen, cfg.outer, cfg.inner, cfg.tau)
-
-
-def comal_sppo(game, cfg, gen):
-    """COMAL with Reg-SPPO (Alg. 7 / 6)."""
-    return md_rounds("sppo", game, cfg, gen, cfg.outer, cfg.inner, cfg.tau)
-
-
-def comal_rebel(game, cfg, gen):
-    """COMAL with Reg-REBEL (Alg. 11 / 10)."""
-    return md_rounds("rebel", game, cfg, gen, cfg.outer, cfg.inner, cfg.tau)
-
-
-def comal_dro(game, cfg, gen):
-    """COMAL with Reg-DRO (Alg. 9 / 8)."""
-    return md_rounds("dro", game, cfg, gen, cfg.outer, cfg.inner, cfg.tau)
-
-
-def mirror_prox(game, cfg, gen):
-    """Mirror-Prox (App. H): an extrapolation step, then a step from pi^t with
-    the gradient at the extrapolated point; two oracle rounds per iteration."""
-    log_pi = game.log_init
-    traj = [log_pi]
-    for _ in range(cfg.iters):
-        log_half = prox_step("closed", game, cfg, gen, log_pi)
-        log_pi = prox_step("closed", game, cfg, gen, log_half, log_center=log_pi)
-        traj.append(log_pi)
-    return traj
-
-
-def omwu(game, cfg, gen):
-    """Optimistic MWU (App. H), one-prox form: pi^{t+1} = Prox(pi^t, eta(2 g(pi^t) - g(pi^{t-1})))."""
-    n = None if cfg.mode == "noiseless" else cfg.samples
-    log_pi = game.log_init
-    g_prev = estimated_win_rates(game.A, log_pi, n, gen)  # pi^0 = pi^1 = pi_init
-    traj = [log_pi]
-    for _ in range(cfg.iters):
-        g = estimated_win_rates(game.A, log_pi, n, gen)
-        log_pi = log_prox(log_pi, 2 * g - g_prev, cfg.eta)
-        g_prev = g
-        traj.append(log_pi)
-    return traj
-
-
-def grpo_rounds(game, cfg, gen, rounds, steps, dr_grpo):
-    """Iterative GRPO with win-rate rewards (Alg. 5): each iteration samples
-    from pi_old = pi_theta, rewards r_i = win rate in the group, group-relative
-    advantages, then `grad_steps` gradient steps on the clipped objective (15)
-    with KL to pi_ref. rounds > 1 resets pi_ref to the latest iterate per round
-    (COMAL); rounds = 1 keeps pi_ref = pi_init. noiseless: the exact
-    expectation over y ~ pi_old with the population advantages."""
-    theta = game.log_init.clone()
-    traj = [game.log_init]
-    for _ in range(rounds):
-        log_ref = torch.log_softmax(theta, -1)  # pi_ref <- pi^t
-        for _ in range(steps):
-            log_old = torch.log_softmax(theta, -1)
-            if cfg.mode == "noiseless":
-                y = torch.arange(game.A.shape[0])
-                g = win_rates(game.A, log_old)
-                mean = (log_old.exp() * g).sum()
-                adv = g - mean
-                if not dr_grpo:
-                    adv = adv / ((log_old.exp() * adv**2).sum().sqrt() + 1e-6)
-                weight = log_old.exp()
-            else:
-                N = max(cfg.samples // cfg.group, 1)
-                yg = torch.multinomial(log_old.exp(), N * cfg.group, replacement=True, generator=gen).view(N, cfg.group)
-                rewards = losses.winrate_rewards(bernoulli_prefs(game.A, yg, gen))
-                adv = losses.group_advantages(rewards, scale_by_std=not dr_grpo).flatten()
-                y = yg.flatten()
-                weight = torch.full((len(y),), 1.0 / len(y), dtype=DTYPE)
-            mask = torch.ones(len(y), 1, dtype=DTYPE)
-            for _ in range(cfg.grad_steps):
-                theta.requires_grad_(True)
-                pi = torch.log_softmax(theta, -1)
-                per_seq = losses.grpo_loss(pi[y].unsqueeze(1), log_old[y].unsqueeze(1), log_ref[y].unsqueeze(1),
-                                           adv, mask, cfg.tau, cfg.clip_eps, dr_grpo=dr_grpo)
-                (grad,) = torch.autograd.grad((weight * per_seq).sum(), theta)
-                theta = (theta - cfg.lr * grad).detach()
-            traj.append(torch.log_softmax(theta, -1))
-    return traj
-
-
-def grpo(game, cfg, gen):
-    """GRPO with win-rate rewards and a fixed pi_ref = pi_init."""
-    return grpo_rounds(game, cfg, gen, 1, cfg.iters, dr_grpo=False)
-
-
-def dr_grpo(game, cfg, gen):
-    """Dr.GRPO (no std / length normalisation) with a fixed pi_ref."""
-    return grpo_rounds(game, cfg, gen, 1, cfg.iters, dr_grpo=True)
-
-
-def comal_grpo(game, cfg, gen):
-    """COMAL by iterative GRPO (Alg. 5): pi_ref <- pi^t every `inner` iterations."""
-    return grpo_rounds(game, cfg, gen, cfg.outer, cfg.inner, dr_grpo=False)
-
-
-def comal_dr_grpo(game, cfg, gen):
-    """Alg. 5 with the Dr.GRPO objective."""
-    return grpo_rounds(game, cfg, gen, cfg.outer, cfg.inner, dr_grpo=True)
-
-
-def nashmp(game, cfg, gen):
-    """Nash Mirror Prox, practical form (arXiv 2505.19731): the online policy takes
-    `grad_steps` gradient steps on -P(pi > pi_k) + beta KL(pi||pi_ref) +
-    (beta/eta) KL(pi||pi_k) against the target pi_k, then the target logits
-    follow an EMA: target <- kappa theta + (1 - kappa) target. noiseless: the
-    exact objective; sampled: the REINFORCE loss of losses.nashmp_loss."""
-    beta = cfg.beta if cfg.beta is not None else cfg.tau
-    log_ref = game.log_init
-    theta, target = game.log_init.clone(), game.log_init.clone()
-    traj = [game.log_init]
-    for _ in range(cfg.iters):
-        log_k = torch.log_softmax(target, -1)
-        for _ in range(cfg.grad_steps):
-            theta.requires_grad_(True)
-            pi = torch.log_softmax(theta, -1)
-            if cfg.mode == "noiseless":
-                p = pi.exp()
-                loss = -(p * win_rates(game.A, log_k)).sum() + beta * (p * (pi - log_ref)).sum() \
-                    + (beta / cfg.eta) * (p * (pi - log_k)).sum()
-            else:
-                n = cfg.samples
-                y = torch.multinomial(pi.detach().exp(), n, replacement=True, generator=gen)
-                y_opp = torch.multinomial(log_k.exp(), n, replacement=True, generator=gen)
-                pref = (torch.rand(n, generator=gen, dtype=DTYPE) < game.A[y, y_opp]).to(DTYPE)
-                baseline = (pref.sum() - pref) / (n - 1)  # leave-one-out mean
-                loss = losses.nashmp_loss(pi[y], pref, baseline, log_ref[y], log_k[y], beta, cfg.eta).mean()
-            (grad,) = torch.autograd.grad(loss, theta)
-            theta = (theta - cfg.lr * grad).detach()
-        target = cfg.kappa * theta + (1 - cfg.kappa) * target
-        traj.append(torch.log_softmax(theta, -1))
-    return traj
-
-
-ALGORITHMS = {f.__name__: f for f in (
-    mwu, iter_dpo, iter_ipo, sppo, rebel, dro, inpo, comal, comal_md, comal_sppo, comal_rebel, comal_dro,
-    grpo, dr_grpo, comal_grpo, comal_dr_grpo, mirror_prox, omwu, nashmp)}
+REFERENCES = {
+    "mwu": lambda game, cfg, gen: md_rounds(game, cfg, gen, 1, cfg.iters, 0.0),  # eq. 3: cycles
+    "comal_md": lambda game, cfg, gen: md_rounds(game, cfg, gen, cfg.outer, cfg.inner, cfg.tau),  # Alg. 1
+}
+ALGORITHMS = {**REFERENCES, **{name: (lambda game, cfg, gen, spec=spec: play(spec, game, cfg, gen))
+                               for name, spec in comal.ALGOS.items()}}
 
 
 # ---------------------------------------------------------------------------
@@ -535,7 +380,7 @@ ALGORITHMS = {f.__name__: f for f in (
 # ---------------------------------------------------------------------------
 
 DEFAULTS = dict(mode="noiseless", eta=0.3, tau=0.1, outer=200, inner=25, iters=5000, samples=1000, group=8,
-                seed=0, solver="auto", beta=None, kappa=0.1, lr=1.0, grad_steps=10, clip_eps=0.2)
+                seed=0, solver="auto", kappa=0.1, lr=1.0, grad_steps=10, clip_eps=0.2)
 
 
 def make_config(**overrides):
@@ -551,8 +396,6 @@ def make_config(**overrides):
     for name in ("eta", "tau", "lr"):
         if not getattr(cfg, name) > 0:
             raise BadInput(f"--{name} must be > 0, got {getattr(cfg, name)}")
-    if cfg.beta is not None and not cfg.beta > 0:
-        raise BadInput(f"--beta must be > 0, got {cfg.beta}")
     if not 0 < cfg.kappa <= 1:
         raise BadInput(f"--kappa must be in (0, 1], got {cfg.kappa}")
     if not cfg.clip_eps > 0:
@@ -710,7 +553,6 @@ def main(argv=None):
     p.add_argument("--group", type=int, default=DEFAULTS["group"], help="responses per group for win-rate estimates")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--solver", default=DEFAULTS["solver"], help="auto: closed forms where proven (noiseless); loss: always fit the loss")
-    p.add_argument("--beta", type=float, default=None, help="NashMP KL strength to pi_ref (default: tau)")
     p.add_argument("--kappa", type=float, default=DEFAULTS["kappa"], help="NashMP target EMA rate")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="gradient step of GRPO / NashMP on the logits")
     p.add_argument("--grad-steps", type=int, default=DEFAULTS["grad_steps"], help="gradient steps per GRPO / NashMP iteration")

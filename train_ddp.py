@@ -8,7 +8,7 @@ rank 0's parameters are broadcast at the start; every rank samples, judges
 and trains on its own share of the prompts; before each optimizer step the
 gradients are flattened into buckets and all-reduced (sum, then divide by
 the world size: gloo has no AVG); micro-steps only accumulate locally.
-gloo on CPU, nccl on CUDA. The algorithm itself is comal.run_iteration.
+gloo on CPU, nccl on CUDA. The algorithm itself is comal.run (Algorithm 3).
 
 Every key of the config is in DEFAULTS, with its meaning; the resolved config
 is written to <out_dir>/config.yaml, metrics to <out_dir>/metrics.jsonl, and a
@@ -30,24 +30,22 @@ import torch.distributed as dist
 import comal
 import oracle as oracle_lib
 
-# key: (default, meaning). Types follow the defaults (an int is accepted for a float).
+# key: (default, meaning). Types follow the defaults (an int is accepted for a float). The keys an
+# algorithm reads (eta, tau, eta_tau, ref_update_every, pair_selection, clip_eps, kappa, ...) are not here:
+# each algorithm's spec lists them (comal.ALGOS / comal.KEYS), and setting one the algorithm does not read
+# is an error.
 DEFAULTS = {
     "model": (None, "local HF directory of the base policy; null builds the tiny embedded base (tiny.py)"),
     "out_dir": ("runs/tiny", "where config.yaml, metrics.jsonl and checkpoints/ go"),
     "resume": ("auto", "auto: continue from the latest checkpoint in out_dir; never; or a checkpoint directory"),
-    "seed": (0, "all randomness derives from (seed, iteration, rank)"),
+    "seed": (0, "all randomness derives from (seed, purpose, iteration, rank): comal.seed_for"),
     "algo": ("comal", "one of " + ", ".join(comal.ALGOS)),
     "iterations": (30, "number of iterations k (one data subset each)"),
-    "ref_update_every": (10, "COMAL: iterations per round; pi_ref <- pi^k at the start of each round (Alg. 3)"),
-    "eta": (2.0, "mirror-descent step size eta (paper: eta^-1 = 0.002 -> 500); a list is a per-round schedule"),
-    "tau": (0.1, "KL strength tau of J_tau (eq. 2); a list is a per-round schedule"),
-    "eta_tau": (None, "if set, tau = eta_tau / eta in every round (paper: 1/3)"),
     "n_samples": (5, "responses per prompt (paper: 5)"),
     "temperature": (1.0, "sampling temperature (paper: 0.8; 1.0 samples mu itself, as the theory assumes)"),
     "top_p": (1.0, "nucleus sampling"),
     "max_new_tokens": (8, "response length limit (also Dr.GRPO's constant normaliser)"),
     "max_prompt_tokens": (1024, "prompts are truncated on the left to this many tokens"),
-    "pair_selection": ("all", "best_worst (paper) or all (every pair, soft labels: unbiased eq. 13/14)"),
     "prompts": (None, "JSONL/JSON/Parquet file, a local `datasets` directory or name; null = synthetic prompts"),
     "prompt_field": ("prompt", "the field holding the instruction"),
     "prompt_split": ("train", "split of a `datasets` prompt set"),
@@ -60,11 +58,6 @@ DEFAULTS = {
     "micro_batch_size": (8, "examples per forward/backward on one rank"),
     "epochs": (1, "passes over each iteration's examples (paper: 1)"),
     "grad_clip": (1.0, "max global gradient norm (0 = off)"),
-    "dr_grpo": (False, "GRPO: Dr.GRPO objective (no std or length normalisation)"),
-    "clip_eps": (0.2, "GRPO ratio clipping"),
-    "kappa": (0.1, "NashMP: EMA rate of the target network"),
-    "beta": (None, "NashMP: KL strength to pi_ref (null = tau)"),
-    "value_lr": (0.1, "DRO: Adam learning rate of the per-prompt values V"),
     "oracle": ({"kind": "category"}, "the preference oracle block (oracle.py)"),
     "eval_prompts": (16, "held-out prompts for exact category-game exploitability each iteration (0 = off)"),
     "eval_winrate": (True, "log the win rate of the updated policy against mu's responses"),
@@ -75,6 +68,7 @@ DEFAULTS = {
     "keep_checkpoints": (0, "keep only the newest N checkpoints (0 = all)"),
     "cache_dir": ("runs/cache", "where the tiny embedded base is built once"),
 }
+ALGO_KEYS = {k: v for spec in comal.ALGOS.values() for k, v in spec.key_defs().items()}
 
 
 class ConfigError(ValueError):
@@ -131,52 +125,70 @@ def set_key(cfg, key, value, where):
     if key.startswith("oracle."):  # oracle.kind=... edits the block
         cfg["oracle"] = dict(cfg["oracle"], **{key[len("oracle."):]: value})
         return
-    if key not in DEFAULTS:
-        close = [k for k in DEFAULTS if k.split("_")[0] == key.split("_")[0]]
+    if key not in DEFAULTS and key not in ALGO_KEYS:
+        import difflib
+
+        close = difflib.get_close_matches(key, list(DEFAULTS) + list(ALGO_KEYS), n=3, cutoff=0.6)
         raise ConfigError(f"{key}: unknown config key ({where})" + (f"; did you mean {', '.join(close)}?" if close else ""))
-    cfg[key] = as_number(value) if isinstance(DEFAULTS[key][0], float) or key == "eta_tau" else value
+    if key in ALGO_KEYS:
+        if value is None:  # key=null: not set (the algorithm's default, or absent for one that does not read it)
+            cfg.pop(key, None)
+            return
+        cfg[key] = as_number(value) if isinstance(ALGO_KEYS[key][0], float) or key == "eta_tau" else value
+        return
+    cfg[key] = as_number(value) if isinstance(DEFAULTS[key][0], float) else value
+
+
+def check_algorithm_keys(cfg):
+    """The chosen algorithm's keys (comal.ALGOS): a set key it does not read is an error, its own keys get
+    their defaults and checks, and per-round lists need an algorithm with rounds."""
+    if cfg["algo"] not in comal.ALGOS:
+        raise ConfigError(f"algo: unknown algorithm {cfg['algo']!r}; choose from {', '.join(comal.ALGOS)}")
+    spec = comal.ALGOS[cfg["algo"]]
+    defs = spec.key_defs()
+    for key in ALGO_KEYS:
+        if key in cfg and key not in defs:
+            raise ConfigError(f"{key}: algo {cfg['algo']} does not read this key (it reads: {', '.join(defs)}); "
+                              f"remove it or set {key}=null")
+    for key, (default, _, check) in defs.items():
+        if key not in cfg:
+            cfg[key] = default
+        if cfg[key] is not None and (msg := check(cfg[key])):
+            raise ConfigError(f"{key} {msg}, got {cfg[key]!r}")
+    if spec.ref != "rounds":
+        for key in ("eta", "tau"):
+            if isinstance(cfg.get(key), list):
+                raise ConfigError(f"{key}: a per-round list needs an algorithm with reference rounds; "
+                                  f"{cfg['algo']} has none, give one number")
+    if spec.tau and "eta" in defs:  # Alg. 2: mu^(1 - eta tau) pi_ref^(eta tau), eq. 14's weight 1 - eta tau on mu
+        lists = [v for v in (cfg["eta"], cfg["tau"]) if isinstance(v, list)]
+        for t in range(max([len(v) for v in lists], default=1)):
+            eta, tau = comal.round_params(cfg, t)
+            if eta * tau >= 1:
+                raise ConfigError(f"eta * tau = {eta * tau:g} >= 1 in round {t}: eta_tau must be < 1 "
+                                  "(eq. 14 puts weight 1 - eta*tau on mu)")
+    return spec
 
 
 def check_config(cfg, world):
     """Reject wrong types and impossible values, naming the key; nothing is loaded yet."""
-    for key, (default, _) in DEFAULTS.items():
+    for key, (default, _, ) in DEFAULTS.items():
         v = cfg[key]
-        if default is None or v is None and key in ("eta_tau", "beta", "model", "prompts"):
-            continue
-        if key in ("eta", "tau") and isinstance(v, list):
-            if not v or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-                raise ConfigError(f"{key} must be a number or a non-empty list of numbers, got {v!r}")
+        if default is None or v is None and key in ("model", "prompts"):
             continue
         ok = isinstance(v, type(default)) and not (isinstance(v, bool) and not isinstance(default, bool))
         if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
             ok = True
         if not ok:
             raise ConfigError(f"{key} must be {type(default).__name__}, got {v!r}")
-    etas = cfg["eta"] if isinstance(cfg["eta"], list) else [cfg["eta"]]
-    taus = cfg["tau"] if isinstance(cfg["tau"], list) else [cfg["tau"]]
-    if any(not math.isfinite(e) or e <= 0 for e in etas):
-        raise ConfigError(f"eta must be > 0, got {cfg['eta']}")
-    if any(not math.isfinite(t) or t < 0 for t in taus):
-        raise ConfigError(f"tau must be >= 0, got {cfg['tau']}")
-    if cfg["eta_tau"] is not None:
-        if not isinstance(cfg["eta_tau"], (int, float)) or not 0 < cfg["eta_tau"] < 1:
-            raise ConfigError(f"eta_tau must be in (0, 1), got {cfg['eta_tau']!r} (eq. 14 needs eta * tau < 1)")
-    elif cfg["algo"] in ("comal", "inpo", "comal_sppo"):
-        for r in range(max(len(etas), len(taus))):
-            eta, tau = comal.round_params(cfg, r)
-            if eta * tau >= 1:
-                raise ConfigError(f"eta * tau = {eta * tau:g} >= 1 in round {r}: eta_tau must be < 1 "
-                                  "(eq. 14 puts weight 1 - eta*tau on mu)")
-    if cfg["algo"] not in comal.ALGOS:
-        raise ConfigError(f"algo: unknown algorithm {cfg['algo']!r}; choose from {', '.join(comal.ALGOS)}")
-    positive = ("iterations", "ref_update_every", "max_new_tokens", "max_prompt_tokens", "num_subsets", "batch_size",
+    spec = check_algorithm_keys(cfg)
+    positive = ("iterations", "max_new_tokens", "max_prompt_tokens", "num_subsets", "batch_size",
                 "micro_batch_size", "epochs", "bucket_mb")
     for key in positive:
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
-    for key in ("lr", "value_lr"):
-        if not cfg[key] > 0:
-            raise ConfigError(f"{key} must be > 0, got {cfg[key]}")
+    if not cfg["lr"] > 0:
+        raise ConfigError(f"lr must be > 0, got {cfg['lr']}")
     for key in ("prompts_per_iteration", "eval_prompts", "keep_checkpoints", "grad_clip", "weight_decay"):
         if cfg[key] < 0:
             raise ConfigError(f"{key} must be >= 0, got {cfg[key]}")
@@ -188,10 +200,6 @@ def check_config(cfg, world):
         raise ConfigError(f"top_p must be in (0, 1], got {cfg['top_p']}")
     if not 0 <= cfg["warmup_ratio"] < 1:
         raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg['warmup_ratio']}")
-    if not 0 < cfg["kappa"] <= 1:
-        raise ConfigError(f"kappa must be in (0, 1], got {cfg['kappa']}")
-    if cfg["pair_selection"] not in ("all", "best_worst"):
-        raise ConfigError(f"pair_selection must be all or best_worst, got {cfg['pair_selection']!r}")
     if cfg["parallel"] not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel must be ddp or fsdp, got {cfg['parallel']!r}")
     if cfg["dtype"] not in ("auto", "float32", "bfloat16"):
@@ -211,7 +219,12 @@ def check_config(cfg, world):
     if cfg["prompts"] is not None and not isinstance(cfg["prompts"], str):
         raise ConfigError(f"prompts must be a path or a dataset name, got {cfg['prompts']!r}")
     # reads the prompts: a missing field or subsets too small for the world size are reported now
-    iteration_prompts(load_prompts(cfg), cfg, 0, 0, world)
+    per_iteration = len(iteration_prompts(load_prompts(cfg), cfg, 0, 0, world)) * world
+    examples = per_iteration * comal.examples_per_group(spec, cfg)
+    if spec.on_policy and (cfg["epochs"] != 1 or cfg["batch_size"] < examples):
+        raise ConfigError(f"algo {cfg['algo']} learns on-policy (REINFORCE on y ~ pi): one optimizer step per "
+                          f"iteration, so epochs must be 1 and batch_size >= the iteration's {examples} examples "
+                          f"(prompts_per_iteration x n_samples); got epochs {cfg['epochs']}, batch_size {cfg['batch_size']}")
     try:
         cfg["oracle"] = oracle_lib.check_oracle_config(cfg["oracle"])
     except oracle_lib.OracleError as e:
@@ -417,7 +430,7 @@ class Trainer:
         progress = (step - warm) / max(1, steps - warm)
         return self.cfg["lr"] * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def step(self, micro_losses, k, step, steps, extra_optimizer=None):
+    def step(self, micro_losses, k, step, steps):
         """Accumulate the micro-batch losses (no communication), all-reduce once, clip, step. Returns the loss."""
         self.optimizer.zero_grad(set_to_none=True)
         total, finite = 0.0, True
@@ -442,9 +455,6 @@ class Trainer:
             self.optimizer.step()
         else:
             grad_norm = self.sharded_update(lr)
-        if extra_optimizer is not None:
-            extra_optimizer.step()
-            extra_optimizer.zero_grad(set_to_none=True)
         loss = float(status[0]) / self.world
         self.log({"iteration": k, "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
         return loss
@@ -670,11 +680,11 @@ def save_checkpoint(out_dir, k, state, trainer, cfg):
         os.makedirs(tmp)
         state["tokenizer"].save_pretrained(tmp)
     sharded = trainer.units is not None
+    copies = saved_copies(comal.ALGOS[cfg["algo"]])
     if sharded:
         save_sharded(state["policy"], tmp, trainer.rank, trainer.optimizer)
-        for key in ("ref", "extra"):
-            if state.get(key) is not None:
-                save_sharded(state[key], os.path.join(tmp, key), trainer.rank)
+        for key in copies:
+            save_sharded(state[key], os.path.join(tmp, key), trainer.rank)
     if trainer.rank == 0:
         if not sharded:
             state["policy"].save_pretrained(tmp)
@@ -682,8 +692,7 @@ def save_checkpoint(out_dir, k, state, trainer, cfg):
             "iteration": k,
             "sharded": sharded,
             "optimizer": None if sharded else trainer.optimizer.state_dict(),
-            "ref": state["ref"].state_dict() if state.get("ref") is not None and not sharded else None,
-            "extra": state["extra"].state_dict() if state.get("extra") is not None and not sharded else None,
+            **{key: state[key].state_dict() if key in copies and not sharded else None for key in ("ref", "opponent")},
             "config": cfg,
         }, os.path.join(tmp, "trainer_state.pt"))
         os.replace(tmp, path)
@@ -754,19 +763,10 @@ def load_sharded_optimizer(optimizer, units, path):
 # ---------------------------------------------------------------------------
 
 
-def frozen_copy(model, dtype):
-    import copy
-
-    m = copy.deepcopy(model).to(dtype).eval()
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m
-
-
-def category_metrics(game, state, eval_ids, prev):
+def category_metrics(game, state, eval_ids, prev, max_new_tokens):
     """Exact category distribution of the policy on the held-out prompts, its exploitability and win rate vs prev."""
     tok = state["tokenizer"]
-    dist_, pruned = game.policy_distribution(state["policy"], tok, eval_ids, [tok.eos_token_id])
+    dist_, pruned = game.policy_distribution(state["policy"], tok, eval_ids, [tok.eos_token_id], max_new_tokens)
     mean = dist_.mean(0)
     out = {"exploitability": float(game.exploitability(dist_).mean()),
            "exploitability_of_mean": float(game.exploitability(mean)),
@@ -801,8 +801,8 @@ def main(argv=None):
 
 
 def train(cfg, rank, world, device):
+    """Load the policy and the spec's frozen copies, resume, and run comal.run (Algorithm 3) with this trainer."""
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import tiny
 
@@ -811,54 +811,10 @@ def train(cfg, rank, world, device):
     if master:
         os.makedirs(out_dir, exist_ok=True)
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if master else (lambda msg: None)
-
-    # the base policy: a user checkpoint, or the tiny embedded one built once
-    base_path = cfg["model"]
-    if base_path is None:
-        base_path = os.path.join(cfg["cache_dir"], "tiny-base-v1")
-        if master and not os.path.isdir(base_path):
-            os.makedirs(cfg["cache_dir"], exist_ok=True)
-            say(f"building the tiny embedded base policy in {base_path} (once)")
-            tiny.build_base(base_path, log=say)
-        if world > 1:
-            dist.barrier()
+    spec = comal.ALGOS[cfg["algo"]]
+    base_path = base_policy_path(cfg, master, world, say)
     resume = latest_checkpoint(out_dir) if cfg["resume"] == "auto" else (None if cfg["resume"] == "never" else cfg["resume"])
-    start_path = resume or base_path
-    tokenizer = AutoTokenizer.from_pretrained(start_path, local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    sharded = cfg["parallel"] == "fsdp"
-    compute_dtype = torch.bfloat16 if device.type == "cuda" and cfg["dtype"] != "float32" else torch.float32
-
-    def load(path):
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).to(device)
-        m.config.pad_token_id = tokenizer.pad_token_id
-        return m
-
-    def frozen(path, dtype):
-        m = load(path).eval()
-        for p in m.parameters():
-            p.requires_grad_(False)
-        if not sharded:
-            return m.to(dtype)
-        shard_model(m, rank, world, dtype)
-        return m
-
-    policy = load(start_path)
-    loss, reference = comal.ALGOS[cfg["algo"]]
-    state = {"policy": policy, "tokenizer": tokenizer, "base": None, "ref": None, "extra": None}
-    # frozen policies: pi_ref / base / pi^{k-1} / the EMA target (sharded runs saved ref/ and extra/ beside the policy)
-    saved_copy = lambda key: os.path.join(resume, key) if resume and os.path.isdir(os.path.join(resume, key)) else start_path  # noqa: E731
-    if reference in ("base", "offline"):
-        state["base"] = frozen(base_path, compute_dtype)
-    if reference == "rounds":
-        state["ref"] = frozen(saved_copy("ref"), compute_dtype)
-    if loss in ("omwu", "nashmp"):
-        state["extra"] = frozen(saved_copy("extra"), compute_dtype if loss == "omwu" else torch.float32)
-    if sharded:
-        shard_model(policy, rank, world, compute_dtype, cfg["activation_checkpointing"])
-    elif cfg["activation_checkpointing"]:
-        checkpoint_blocks(policy)
+    state, trainer = load_models(cfg, spec, base_path, resume, rank, world, device)
     oracle = oracle_lib.build_oracle(cfg["oracle"], device=device)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
 
@@ -867,22 +823,13 @@ def train(cfg, rank, world, device):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    trainer = Trainer(policy, cfg, rank, world, device, log=log)
-    start = 0
-    if sharded:
+    trainer.log = log
+    if trainer.units is not None:
         say(f"parallel: fsdp, {len(trainer.units)} units, {sum(u.size for u in trainer.units) / 1e6:.2f}M "
             f"master parameters on each of {world} rank(s)")
+    start = 0
     if resume is not None:
-        saved = torch.load(os.path.join(resume, "trainer_state.pt"), map_location=device, weights_only=False)
-        if sharded:  # written by any number of ranks: each takes its slice
-            load_sharded_optimizer(trainer.optimizer, trainer.units, resume)
-        elif saved["optimizer"] is not None:
-            trainer.optimizer.load_state_dict(saved["optimizer"])
-        for key in ("ref", "extra"):
-            if saved[key] is not None and state[key] is not None and not sharded:
-                state[key].load_state_dict(saved[key])
-        start = saved["iteration"] + 1
-        trainer.last_checkpoint = resume
+        start = load_trainer_state(resume, state, trainer, device) + 1
         if master and os.path.isfile(metrics_path):  # drop what the interrupted iteration logged
             with open(metrics_path) as f:
                 kept = [line for line in f if json.loads(line).get("iteration", -1) < start]
@@ -897,46 +844,140 @@ def train(cfg, rank, world, device):
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
 
+    tokenizer, policy = state["tokenizer"], state["policy"]
     prompts = load_prompts(cfg)
     game = oracle if isinstance(oracle, oracle_lib.CategoryGame) and cfg["eval_prompts"] else None
     eval_ids = encode_prompts(tokenizer, tiny.synthetic_prompts(cfg["eval_prompts"], cfg["seed"] + 12345),
                               cfg["max_prompt_tokens"]) if game else None
-    prev = None
+    prev = [None]
     if game:  # every rank evaluates the same prompts: with sharded weights each forward is a collective
-        m, prev = category_metrics(game, state, eval_ids, None)
+        m, prev[0] = category_metrics(game, state, eval_ids, None, cfg["max_new_tokens"])
         if start == 0:
             log({"iteration": -1, **m})
         say(f"start: exploitability {m['exploitability']:.4f}  categories {m['category_dist']}")
-    bar = tqdm(range(start, cfg["iterations"]), desc=f"{cfg['algo']}", disable=not master, file=sys.stderr)
-    for k in bar:
+    bar = tqdm(total=cfg["iterations"] - start, desc=cfg["algo"], disable=not master, file=sys.stderr)
+    timer = {}
+
+    def prompts_for(k):
         x = iteration_prompts(prompts, cfg, k, rank, world)
-        x_ids = encode_prompts(tokenizer, x, cfg["max_prompt_tokens"])
-        t0 = time.time()
-        m = comal.run_iteration(k, state, x, x_ids, oracle, trainer, cfg)
+        timer[k] = time.time()
+        return x, encode_prompts(tokenizer, x, cfg["max_prompt_tokens"])
+
+    def after_iteration(k, m):
         responses = m.pop("responses")
         if cfg["eval_winrate"]:  # P(pi^{k+1} > mu) on this iteration's prompts, one fresh sample each
-            gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 31337 + k * 17 + rank)
+            x = iteration_prompts(prompts, cfg, k, rank, world)
+            gen = torch.Generator(device=device).manual_seed(comal.seed_for(cfg["seed"], "eval_winrate", k, rank))
             policy.eval()
             with trainer.autocast():
-                _, new = comal.sample_groups(policy, tokenizer, x_ids, dict(cfg, n_samples=1), gen, trainer.all_done)
+                _, new = comal.sample_groups(policy, tokenizer, encode_prompts(tokenizer, x, cfg["max_prompt_tokens"]),
+                                             dict(cfg, n_samples=1), gen, trainer.all_done)
             wins = float(oracle.prob(x, [g[0] for g in new], responses).double().sum())
             m["winrate_vs_mu"] = trainer.all_reduce_sum(wins) / trainer.all_reduce_sum(float(len(x)))
         for key in ("response_length", "tokens_per_s"):
             m[key] = trainer.all_reduce_sum(m[key]) / world
-        m["seconds"] = time.time() - t0
+        m["seconds"] = time.time() - timer.pop(k)
         if game:
-            cm, prev = category_metrics(game, state, eval_ids, prev)
+            cm, prev[0] = category_metrics(game, state, eval_ids, prev[0], cfg["max_new_tokens"])
             m.update(cm)
-        path = save_checkpoint(out_dir, k, state, trainer, cfg)
-        m["checkpoint"] = path
+        m["checkpoint"] = save_checkpoint(out_dir, k, state, trainer, cfg)
         log(m)
         if game:
-            say(f"iteration {k:3d}  exploitability {m.get('exploitability', float('nan')):.4f}  "
-                f"categories {m.get('category_dist')}  loss {m['loss']:.4f}  {m['seconds']:.1f}s")
+            say(f"iteration {k:3d}  exploitability {m['exploitability']:.4f}  "
+                f"categories {m['category_dist']}  loss {m['loss']:.4f}  {m['seconds']:.1f}s")
         else:
             say(f"iteration {k:3d}  loss {m['loss']:.4f}  win rate vs mu {m.get('winrate_vs_mu', float('nan')):.3f}  "
                 f"length {m['response_length']:.1f}  {m['seconds']:.1f}s")
+        bar.update(1)
+
+    comal.run(state, trainer, cfg, oracle, prompts_for, start, after_iteration)
+    bar.close()
     return state
+
+
+def base_policy_path(cfg, master, world, say):
+    """The base policy pi_0: the user's checkpoint, or the tiny embedded one built once in cache_dir."""
+    import tiny
+
+    if cfg["model"] is not None:
+        return cfg["model"]
+    path = os.path.join(cfg["cache_dir"], "tiny-base-v1")
+    if master and not os.path.isdir(path):
+        os.makedirs(cfg["cache_dir"], exist_ok=True)
+        say(f"building the tiny embedded base policy in {path} (once)")
+        tiny.build_base(path, log=say)
+    if world > 1:
+        dist.barrier()
+    return path
+
+
+def saved_copies(spec):
+    """The frozen copies whose weights are state of the run (saved beside the policy): pi_ref when it is
+    updated in rounds, the opponent always. A fixed pi_ref = pi_0 is reloaded from the base."""
+    return [key for key, used in (("ref", spec.ref == "rounds"), ("opponent", spec.opponent != "none")) if used]
+
+
+def load_models(cfg, spec, base_path, resume, rank, world, device):
+    """(state, trainer): the policy (from the checkpoint when resuming), the spec's frozen copies pi_ref and
+    opponent, each checked to give the log-probs of its own logits (sample.check_logprob_path)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import sample
+
+    start_path = resume or base_path
+    tokenizer = AutoTokenizer.from_pretrained(start_path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    sharded = cfg["parallel"] == "fsdp"
+    compute_dtype = torch.bfloat16 if device.type == "cuda" and cfg["dtype"] != "float32" else torch.float32
+
+    def load(path):
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).to(device)
+        m.config.pad_token_id = tokenizer.pad_token_id
+        try:
+            sample.check_logprob_path(m)
+        except sample.UnsupportedModel as e:
+            raise ConfigError(f"model {path}: {e}") from None
+        return m
+
+    def frozen(path, dtype):
+        m = load(path).eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        if not sharded:
+            return m.to(dtype)
+        shard_model(m, rank, world, dtype)
+        return m
+
+    policy = load(start_path)
+    state = {"policy": policy, "tokenizer": tokenizer, "ref": None, "opponent": None}
+    # sharded runs saved ref/ and opponent/ beside the policy; unsharded ones keep them in trainer_state.pt
+    saved = lambda key: os.path.join(resume, key) if resume and os.path.isdir(os.path.join(resume, key)) else start_path  # noqa: E731
+    if spec.ref == "base":
+        state["ref"] = frozen(base_path, compute_dtype)
+    elif spec.ref == "rounds":
+        state["ref"] = frozen(saved("ref"), compute_dtype)
+    if spec.opponent != "none":  # an EMA accumulates small steps: fp32
+        state["opponent"] = frozen(saved("opponent"), torch.float32 if spec.opponent == "ema" else compute_dtype)
+    if sharded:
+        shard_model(policy, rank, world, compute_dtype, cfg["activation_checkpointing"])
+    elif cfg["activation_checkpointing"]:
+        checkpoint_blocks(policy)
+    return state, Trainer(policy, cfg, rank, world, device)
+
+
+def load_trainer_state(resume, state, trainer, device):
+    """Optimizer and frozen copies from a checkpoint; returns its iteration."""
+    saved = torch.load(os.path.join(resume, "trainer_state.pt"), map_location=device, weights_only=False)
+    if trainer.units is not None:  # written by any number of ranks: each takes its slice
+        load_sharded_optimizer(trainer.optimizer, trainer.units, resume)
+    elif saved["optimizer"] is not None:
+        trainer.optimizer.load_state_dict(saved["optimizer"])
+    for key in ("ref", "opponent"):
+        if saved.get(key) is not None and state[key] is not None and trainer.units is None:
+            state[key].load_state_dict(saved[key])
+    trainer.last_checkpoint = resume
+    return saved["iteration"]
 
 
 def cli(argv=None):

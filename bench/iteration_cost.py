@@ -44,11 +44,14 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runs = {}
     for algo in ("comal", "inpo"):
-        cfg = train_ddp.check_config(dict(base_cfg, algo=algo, model=path), 1)
+        # INPO reads neither the round length nor per-round schedules: the first round's eta, the same eta * tau
+        own = {} if algo == "comal" else {"ref_update_every": None, "eta": base_cfg["eta"][0] if isinstance(
+            base_cfg["eta"], list) else base_cfg["eta"]}
+        cfg = dict(base_cfg, algo=algo, model=path, **own)
+        cfg = train_ddp.check_config({k: v for k, v in cfg.items() if v is not None or k in train_ddp.DEFAULTS}, 1)
         policy = copy.deepcopy(policy0).to(device)
-        state = {"policy": policy, "tokenizer": tok, "extra": None,
-                 "base": train_ddp.frozen_copy(policy, torch.float32) if algo == "inpo" else None,
-                 "ref": train_ddp.frozen_copy(policy, torch.float32) if algo == "comal" else None}
+        ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        state = {"policy": policy, "tokenizer": tok, "ref": ref, "opponent": None}
         runs[algo] = (cfg, state, train_ddp.Trainer(policy, cfg, 0, 1, device))
     prompts = tiny.synthetic_prompts(base_cfg["prompts_per_iteration"] * 4, 0)
     oracle = oracle_lib.CategoryGame()
@@ -59,7 +62,8 @@ def main():
         for algo in (("comal", "inpo") if k % 2 == 0 else ("inpo", "comal")):
             cfg, state, trainer = runs[algo]
             t0 = time.perf_counter()
-            comal.run_iteration(k, state, x, ids, oracle, trainer, cfg)
+            # Algorithm 3 for iteration k alone: COMAL's pi_ref <- pi^k copy (a round per iteration) is timed too
+            comal.run(state, trainer, dict(cfg, iterations=k + 1), oracle, lambda k: (x, ids), k, lambda k, m: None)
             if k:
                 times[algo].append(time.perf_counter() - t0)
     c, i = statistics.median(times["comal"]), statistics.median(times["inpo"])

@@ -307,3 +307,45 @@ def test_bad_templates_and_answers(models):
     expect_error(dict(j, use_chat_template="auto"), "oracle.use_chat_template", "bool")
     with pytest.raises(oracle.OracleError, match="do not differ"):
         oracle.build_oracle(dict(j, answer_a="Output", answer_b="Output (b)"), device="cpu")
+
+
+def test_policy_distribution_honours_max_new_tokens_against_brute_force(tmp_path):
+    """The exact category distribution of a response capped at max_new_tokens, against every 1- and 2-token
+    response enumerated by brute force: a first word still open at the cap is what the oracle sees (e.g.
+    "roc" is none, "rock" cut before "s" is rock)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(tmp_path / "base")
+    tiny.build_base(path, sft_steps=150, log=lambda m: None)
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    game = oracle.CategoryGame()
+    prompt = tok.apply_chat_template([{"role": "user", "content": tiny.synthetic_prompts(1, 5)[0]}],
+                                     add_generation_prompt=True, tokenize=False)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    eos, C = tok.eos_token_id, len(game.categories)
+
+    @torch.no_grad()
+    def next_logp(prefixes):
+        batch = torch.tensor([ids + p for p in prefixes])
+        return torch.log_softmax(model(input_ids=batch).logits[:, -1].double(), -1)
+
+    def category(seq):
+        text = tok.decode(seq[:seq.index(eos)] if eos in seq else seq, skip_special_tokens=True)
+        return int(game.category([text])[0])
+
+    first = next_logp([[]])[0]  # (V,)
+    brute1 = torch.zeros(C + 1, dtype=torch.float64)
+    for t in range(len(first)):
+        brute1[category([t])] += first[t].exp()
+    brute2 = torch.zeros(C + 1, dtype=torch.float64)
+    open_ = [t for t in range(len(first)) if t != eos]
+    second = next_logp([[t] for t in open_])  # (V-1, V)
+    brute2[category([eos])] += first[eos].exp()
+    for row, t in enumerate(open_):
+        p = (first[t] + second[row]).exp()
+        for u in range(len(first)):
+            brute2[category([t, u])] += p[u]
+    for cap, brute in ((1, brute1), (2, brute2)):
+        got, pruned = game.policy_distribution(model, tok, [ids], [eos], cap, min_mass=1e-12)
+        assert float((got[0] - brute).abs().max()) < 1e-6 + float(pruned.max()), (cap, got, brute)  # fp32 forwards
+    assert float((brute1 - brute2).abs().max()) > 1e-4  # the cap matters for this model

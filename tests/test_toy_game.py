@@ -81,8 +81,8 @@ def test_md_baselines_cycle_and_inpo_has_a_constant_gap(paper_runs):
 def test_comal_with_fitted_inpo_loss_matches_the_closed_form():
     """--solver loss: Alg. 3 minimising the exact expected INPO loss (14) each iteration."""
     game = tg.make_game()
-    fitted = tg.comal(game, tg.make_config(solver="loss", outer=8, inner=25), None)
-    closed = tg.comal(game, tg.make_config(outer=8, inner=25), None)
+    fitted = tg.ALGORITHMS["comal"](game, tg.make_config(solver="loss", outer=8, inner=25), None)
+    closed = tg.ALGORITHMS["comal"](game, tg.make_config(outer=8, inner=25), None)
     assert max(tv(a, b) for a, b in zip(fitted, closed)) < 1e-8
 
 
@@ -151,12 +151,12 @@ def setup3():
 
 def test_ipo_minimiser_is_prox_of_center_with_win_rate_against_mu(setup3):
     game, mu, _, center, cfg = setup3
-    got = tg.prox_step("ipo", game, cfg, None, mu, log_center=center)
+    got = tg.prox_step("ipo", game, cfg, None, mu, log_ref=center)  # IPO steps from its centre pi_ref
     want = tg.log_prox(center, game.A @ mu.exp(), cfg.eta)  # Prox(pi, eta g_mu), eq. (13)
     assert tv(got, want) < 1e-4 and tv(got, want) < 1e-10
 
 
-@pytest.mark.parametrize("solver", ["inpo", "rebel", "dro", "closed"])
+@pytest.mark.parametrize("solver", ["inpo", "comal_rebel", "comal_dro", "closed"])
 def test_regularized_minimisers_are_the_alg2_step(setup3, solver):
     game, mu, ref, _, cfg = setup3
     got = tg.prox_step(solver, game, cfg, None, mu, ref, cfg.tau)
@@ -179,7 +179,7 @@ def test_dpo_minimiser_under_a_bradley_terry_oracle():
     A = torch.sigmoid(r[:, None] - r[None, :])
     game = SimpleNamespace(A=A, log_init=None)
     mu = random_log_policy(5, gen)
-    got = tg.prox_step("dpo", game, tg.make_config(eta=0.6), None, mu)
+    got = tg.prox_step("iter_dpo", game, tg.make_config(eta=0.6), None, mu)
     assert tv(got, tg.log_prox(mu, r, 0.6)) < 1e-8  # DPO: Prox(pi, eta r)
 
 
@@ -206,11 +206,12 @@ def test_sppo_is_exact_when_its_partition_assumption_holds():
 
 
 def test_nashmp_noiseless_objective_minimiser():
-    """Many gradient steps on the exact NashMP objective reach its closed-form minimiser."""
+    """Many on-policy gradient steps on the exact NashMP objective, the target nearly frozen (kappa ~ 0),
+    reach its closed-form minimiser; NashMP's KL strength to pi_ref (the paper's beta) is tau."""
     game = tg.make_game()
     beta, eta = 0.2, 0.5
-    cfg = tg.make_config(iters=1, grad_steps=4000, kappa=1e-9, beta=beta, eta=eta, lr=1.0)
-    traj = tg.nashmp(game, cfg, None)
+    cfg = tg.make_config(iters=4000, kappa=1e-13, tau=beta, eta=eta, lr=1.0)
+    traj = tg.ALGORITHMS["nashmp"](game, cfg, None)
     g = tg.win_rates(game.A, game.log_init)  # target = ref = init in the first iteration
     want = torch.log_softmax((g / beta + game.log_init + game.log_init / eta) / (1 + 1 / eta), -1)
     assert tv(traj[-1], want) < 1e-8
@@ -270,10 +271,10 @@ def test_random_games_comal_converges_mwu_does_not_on_mixed(n):
             A = game_with_condorcet_winner(n, gen)
         game = SimpleNamespace(A=A, log_init=uniform)
         tg.validate_payoff(A.tolist())  # a valid --payoff
-        e_comal = exploits(game, tg.comal_md(game, cfg, None))
+        e_comal = exploits(game, tg.ALGORITHMS["comal_md"](game, cfg, None))
         assert e_comal[-1] < 1e-3, (n, kind, e_comal[-1])
         if kind == "mixed":
-            assert min(exploits(game, tg.mwu(game, cfg, None))[-1000:]) > 1e-3, n
+            assert min(exploits(game, tg.ALGORITHMS["mwu"](game, cfg, None))[-1000:]) > 1e-3, n
             assert tg.exploitability(A, p_star) < 1e-12  # the construction's NE is one
 
 

@@ -28,10 +28,12 @@ def base(tmp_path_factory):
 
 
 def small_cfg(base, out_dir, **kw):
+    """A small config; eta, tau and ref_update_every only where the algorithm reads them."""
     cfg = train_ddp.load_config(None, [])
     cfg.update(model=base, out_dir=str(out_dir), iterations=2, prompts_per_iteration=8, n_samples=4, max_new_tokens=6,
-               lr=1e-3, batch_size=16, micro_batch_size=8, eval_prompts=2, num_subsets=3, eta=2.0, tau=0.1,
-               ref_update_every=2)
+               lr=1e-3, batch_size=16, micro_batch_size=8, eval_prompts=2, num_subsets=3)
+    reads = comal.ALGOS[kw.get("algo", cfg["algo"])].keys
+    cfg.update({k: v for k, v in dict(eta=2.0, tau=0.1, ref_update_every=2).items() if k in reads})
     cfg.update(kw)
     return train_ddp.check_config(cfg, 1)
 
@@ -193,25 +195,41 @@ def test_torchrun_two_ranks_end_to_end(base, tmp_path, parallel):
 # ---------------------------------------------------------------------------
 
 
+def frozen_copy(model):
+    import copy
+
+    m = copy.deepcopy(model).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
 @pytest.mark.parametrize("algo", list(comal.ALGOS))
 def test_each_algorithm_runs_and_lowers_its_loss(base, algo, tmp_path):
-    cfg = small_cfg(base, tmp_path, algo=algo, epochs=6, batch_size=512, micro_batch_size=512, warmup_ratio=0.0,
-                    lr=3e-4, eta=1.0, tau=0.2, prompts_per_iteration=6, n_samples=4)
-    cfg["dr_grpo"] = algo == "grpo"  # covers the Dr.GRPO variant too (comal_grpo keeps plain GRPO)
+    spec = comal.ALGOS[algo]
+    kw = dict(algo=algo, epochs=6, batch_size=512, micro_batch_size=512, warmup_ratio=0.0, lr=3e-4,
+              prompts_per_iteration=6, n_samples=4)
+    kw.update({k: v for k, v in dict(eta=1.0, tau=0.2).items() if k in spec.keys})
+    if spec.on_policy:  # one step per iteration: the loss is then checked over 6 iterations on fixed prompts
+        kw.update(epochs=1, batch_size=32, micro_batch_size=32, kappa=1.0)
+    cfg = small_cfg(base, tmp_path, **kw)
     policy = AutoModelForCausalLM.from_pretrained(base)
     tok = AutoTokenizer.from_pretrained(base)
-    state = {"policy": policy, "tokenizer": tok, "base": train_ddp.frozen_copy(policy, torch.float32),
-             "ref": train_ddp.frozen_copy(policy, torch.float32), "extra": train_ddp.frozen_copy(policy, torch.float32)}
+    state = {"policy": policy, "tokenizer": tok, "ref": frozen_copy(policy) if spec.ref != "none" else None,
+             "opponent": frozen_copy(policy) if spec.opponent != "none" else None}
     steps = []
     trainer = train_ddp.Trainer(policy, cfg, 0, 1, log=steps.append)
     prompts = tiny.synthetic_prompts(6, 3)
     ids = train_ddp.encode_prompts(tok, prompts, 64)
     before = [p.detach().clone() for p in policy.parameters()]
-    m = comal.run_iteration(0, state, prompts, ids, oracle_lib.CategoryGame(), trainer, cfg)
-    assert len(steps) == 6  # one full-batch step per epoch: the same fixed batch each time
+    for k in range(6 if spec.on_policy else 1):
+        m = comal.iteration(k, 1.0 if "eta" in spec.keys else None, 0.2 if spec.tau else None, state, prompts, ids,
+                            oracle_lib.CategoryGame(), trainer, cfg)
+    assert len(steps) == 6  # one full-batch step per epoch (or per on-policy iteration)
     losses = [s["loss"] for s in steps]
     assert all(map(lambda x: x == x, losses))
-    assert losses[-1] < losses[0] - 1e-4, losses
+    if not spec.on_policy:  # the same fixed batch each time: the loss goes down
+        assert losses[-1] < losses[0] - 1e-4, losses
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
     assert m["response_length"] > 0
 
@@ -219,16 +237,17 @@ def test_each_algorithm_runs_and_lowers_its_loss(base, algo, tmp_path):
 def test_pairs_and_winrates_are_what_the_paper_says():
     M = torch.tensor([[[0.5, 0.1, 0.8], [0.9, 0.5, 0.1], [0.2, 0.9, 0.5]],
                       [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]])
-    w, l, weight = comal.build_pairs(M, 3, "best_worst")
+    pairs = lambda M, sel: (lambda r, w, v: (r["w"], r["l"], w))(*comal.pair_examples(M, {"pair_selection": sel}))  # noqa: E731
+    w, l, weight = pairs(M, "best_worst")
     # group 0: mean win rates [.467, .5, .533] -> best 2, worst 0; group 1 ties -> weight 0
     assert w.tolist()[0] == 2 and l.tolist()[0] == 0 and weight.tolist() == [1.0, 0.0]
-    w, l, weight = comal.build_pairs(M, 3, "all")
-    assert len(w) == 12 and torch.allclose(weight.view(2, -1).sum(-1), torch.ones(2))
+    w, l, weight = pairs(M, "all")
+    assert len(w) == 12 and torch.allclose(weight.view(2, -1).sum(-1), torch.ones(2, dtype=weight.dtype))
     assert torch.allclose(comal.loo_winrates(M)[0], torch.tensor([0.45, 0.5, 0.55]))
     # the soft-labelled IPO loss over all pairs is minimised at h(i, j) = eta (M[i, j] - 1/2) (eq. 13 in expectation)
     eta = 2.0
     h = torch.zeros(3, 3, requires_grad=True)
-    w, l, weight = comal.build_pairs(M[:1], 3, "all")
+    w, l, weight = pairs(M[:1], "all")
     opt = torch.optim.LBFGS([h], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14)
 
     def closure():
@@ -245,10 +264,11 @@ def test_pairs_and_winrates_are_what_the_paper_says():
 
 
 def test_eta_tau_schedule_and_rounds():
-    cfg = {"eta": [500, 10], "tau": 0.1, "eta_tau": 1 / 3, "algo": "comal", "ref_update_every": 6}
+    cfg = {"eta": [500, 10], "tau": 0.1, "eta_tau": 1 / 3, "algo": "comal", "ref_update_every": 6, "iterations": 18}
     assert comal.round_params(cfg, 0) == (500.0, 1 / 1500) and comal.round_params(cfg, 5)[0] == 10.0
-    assert [comal.round_of(cfg, k) for k in (0, 5, 6, 17)] == [0, 0, 1, 2]
-    assert comal.round_of(dict(cfg, algo="mirror_prox"), 3) == 1  # Mirror-Prox: a round is two half-steps
+    assert comal.round_length(comal.ALGOS["comal"], cfg) == 6
+    assert comal.round_length(comal.ALGOS["mirror_prox"], cfg) == 2  # Mirror-Prox: a round is two half-steps
+    assert comal.round_length(comal.ALGOS["inpo"], cfg) == 18  # no reference updates: one round
 
 
 # ---------------------------------------------------------------------------
@@ -277,7 +297,7 @@ def test_invalid_config_values_name_the_key(base, tmp_path):
         base, tmp_path, world=2, batch_size=32, micro_batch_size=12)
     assert "lr must be float" in config_error(base, tmp_path, lr="fast")
     assert "iterations must be int" in config_error(base, tmp_path, iterations=2.5)
-    assert "dr_grpo must be bool" in config_error(base, tmp_path, dr_grpo="yes")
+    assert "eval_winrate must be bool" in config_error(base, tmp_path, eval_winrate="yes")
     assert "algo: unknown algorithm 'ppo'" in config_error(base, tmp_path, algo="ppo")
     assert "n_samples must be >= 2" in config_error(base, tmp_path, n_samples=1)
     assert "temperature" in config_error(base, tmp_path, temperature=0.0)
@@ -294,6 +314,18 @@ def test_invalid_config_values_name_the_key(base, tmp_path):
     assert "no string field 'prompt'" in config_error(base, tmp_path, prompts=str(rows))
     assert "does not exist" in config_error(base, tmp_path, prompts=str(tmp_path / "none.jsonl"))
     assert "cannot load" in config_error(base, tmp_path, prompts="HuggingFaceH4/ultrafeedback_binarized")
+    # a key the chosen algorithm does not read is an error naming it, never a silent 0
+    assert "tau: algo iter_ipo does not read this key" in config_error(base, tmp_path, algo="iter_ipo", tau=0.1)
+    assert "ref_update_every: algo inpo does not read" in config_error(base, tmp_path, algo="inpo", ref_update_every=3)
+    assert "eta: algo grpo does not read" in config_error(base, tmp_path, algo="grpo", eta=1.0)
+    assert "pair_selection: algo sppo" in config_error(base, tmp_path, algo="sppo", pair_selection="all")
+    assert "per-round list needs an algorithm with reference rounds" in config_error(base, tmp_path, algo="inpo",
+                                                                                    eta=[2.0, 1.0])
+    assert "on-policy" in config_error(base, tmp_path, algo="nashmp", batch_size=32, prompts_per_iteration=32)
+    cfg = train_ddp.load_config(None, ["algo=iter_ipo", "tau=0.1", "tau=null"])  # null unsets
+    assert "tau" not in train_ddp.check_config(dict(cfg, model=base, out_dir=str(tmp_path)), 1)
+    with pytest.raises(train_ddp.ConfigError, match="etaa: unknown config key.*did you mean eta"):
+        train_ddp.load_config(None, ["etaa=3"])
     with pytest.raises(train_ddp.ConfigError, match="learning_rate: unknown config key"):
         train_ddp.load_config(None, ["learning_rate=1e-6"])
     with pytest.raises(train_ddp.ConfigError, match="key=value"):
