@@ -85,7 +85,8 @@ class Algorithm:
 
     loss      (e, h) -> (b,) per-example loss to minimise. e: the micro-batch's fields, named
               QUANTITY_FIELD: QUANTITY is pi (trained policy, gradients flow), mu (the sampler),
-              ref (pi_ref), opp (the opponent), center (mu or ref, see below), a per-response value
+              ref (pi_ref), opp (the opponent), center (mu or ref, see below), len (the response's
+              length in tokens), a per-response value
               of the example kind (g, adv, ...), or with token_level pi_tok / mu_tok / ref_tok / mask;
               FIELD is one of the kind's row fields (w, l, y, a, b). h: eta, tau and the spec's keys.
     examples  the example kind (EXAMPLES): pairs, responses, response_pairs or groups.
@@ -437,7 +438,7 @@ def precompute_logps(model, seqs, micro):
 
 
 def frozen_logps(spec, models, seqs, micro):
-    """mu, ref, opp (the spec's frozen policies) and center, per response (and per token if token_level)."""
+    """mu, ref, opp (the spec's frozen policies), center and len, per response (and per token if token_level)."""
     out, cache = {}, {}
     for name, model in models.items():
         if id(model) not in cache:  # offline: mu is pi_ref itself, computed once
@@ -446,6 +447,7 @@ def frozen_logps(spec, models, seqs, micro):
         if spec.token_level:
             out[name + "_tok"] = tok
     out["center"] = out[spec.center]
+    out["len"] = seqs[2].sum(-1).to(out["mu"].dtype)  # response length in tokens (EOS included)
     if spec.token_level:
         out["center_tok"], out["mask"] = out[spec.center + "_tok"], seqs[2]
     return out

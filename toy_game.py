@@ -259,7 +259,8 @@ def tabular_step(spec, game, cfg, gen, log_mu, log_ref=None, tau=None, log_opp=N
     """
     A, eta = game.A, cfg.eta if eta is None else eta
     log_center = {"mu": log_mu, "ref": log_ref}[spec.center]
-    h = comal.Hyper(eta=eta, max_new_tokens=1, clip_eps=cfg.clip_eps, kappa=cfg.kappa)
+    h = comal.Hyper({k: d[0] for k, d in spec.own_keys.items()}, eta=eta, max_new_tokens=1, clip_eps=cfg.clip_eps,
+                    kappa=cfg.kappa)  # an algorithm's own keys at their defaults
     if spec.tau:
         h["tau"] = cfg.tau if tau is None else tau
     elif tau:
@@ -273,7 +274,7 @@ def tabular_step(spec, game, cfg, gen, log_mu, log_ref=None, tau=None, log_opp=N
         ex, actions = population_examples(spec, A, log_mu, log_opp), torch.arange(A.shape[0])
     else:
         ex, actions = sampled_examples(spec, A, log_mu, log_opp, cfg, gen)
-    frozen = {"mu": log_mu[actions], "center": log_center[actions]}
+    frozen = {"mu": log_mu[actions], "center": log_center[actions], "len": torch.ones(len(actions), dtype=DTYPE)}
     frozen.update({name: lp[actions] for name, lp in (("ref", log_ref), ("opp", log_opp)) if lp is not None})
     if spec.token_level:  # one-token responses: per-token log-probs are the sequence's
         frozen.update({f"{k}_tok": v[:, None] for k, v in list(frozen.items())}, mask=torch.ones(len(actions), 1, dtype=DTYPE))

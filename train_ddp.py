@@ -68,7 +68,11 @@ DEFAULTS = {
     "keep_checkpoints": (0, "keep only the newest N checkpoints (0 = all)"),
     "cache_dir": ("runs/cache", "where the tiny embedded base is built once"),
 }
-ALGO_KEYS = {k: v for spec in comal.ALGOS.values() for k, v in spec.key_defs().items()}
+
+
+def algo_keys():
+    """Every key some algorithm of comal.ALGOS reads (an entry added by a fork or a test counts too)."""
+    return {k: v for spec in comal.ALGOS.values() for k, v in spec.key_defs().items()}
 
 
 class ConfigError(ValueError):
@@ -125,16 +129,17 @@ def set_key(cfg, key, value, where):
     if key.startswith("oracle."):  # oracle.kind=... edits the block
         cfg["oracle"] = dict(cfg["oracle"], **{key[len("oracle."):]: value})
         return
-    if key not in DEFAULTS and key not in ALGO_KEYS:
+    algo = algo_keys()
+    if key not in DEFAULTS and key not in algo:
         import difflib
 
-        close = difflib.get_close_matches(key, list(DEFAULTS) + list(ALGO_KEYS), n=3, cutoff=0.6)
+        close = difflib.get_close_matches(key, list(DEFAULTS) + list(algo), n=3, cutoff=0.6)
         raise ConfigError(f"{key}: unknown config key ({where})" + (f"; did you mean {', '.join(close)}?" if close else ""))
-    if key in ALGO_KEYS:
+    if key in algo:
         if value is None:  # key=null: not set (the algorithm's default, or absent for one that does not read it)
             cfg.pop(key, None)
             return
-        cfg[key] = as_number(value) if isinstance(ALGO_KEYS[key][0], float) or key == "eta_tau" else value
+        cfg[key] = as_number(value) if isinstance(algo[key][0], float) or key == "eta_tau" else value
         return
     cfg[key] = as_number(value) if isinstance(DEFAULTS[key][0], float) else value
 
@@ -145,8 +150,12 @@ def check_algorithm_keys(cfg):
     if cfg["algo"] not in comal.ALGOS:
         raise ConfigError(f"algo: unknown algorithm {cfg['algo']!r}; choose from {', '.join(comal.ALGOS)}")
     spec = comal.ALGOS[cfg["algo"]]
+    try:
+        comal.check_spec(cfg["algo"], spec)  # a forked or added entry is checked like the shipped ones
+    except comal.SpecError as e:
+        raise ConfigError(str(e)) from None
     defs = spec.key_defs()
-    for key in ALGO_KEYS:
+    for key in algo_keys():
         if key in cfg and key not in defs:
             raise ConfigError(f"{key}: algo {cfg['algo']} does not read this key (it reads: {', '.join(defs)}); "
                               f"remove it or set {key}=null")

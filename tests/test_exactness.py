@@ -51,9 +51,10 @@ def expected_lm_objective(name, n, spec=None, pair_selection="all", log_mu=LOG_M
     group_prob = q[first_field.reshape(len(ex["weight"]), -1)[:, 0] // n]  # (E,)
     frozen = {"mu": sampler[actions], "ref": log_ref[actions], "opp": LOG_OPP[actions]}
     frozen["center"] = frozen[spec.center]
+    frozen["len"] = torch.ones(len(actions), dtype=D)  # one-token responses
     if spec.token_level:
         frozen.update({f"{k}_tok": v[:, None] for k, v in list(frozen.items())}, mask=torch.ones(len(actions), 1))
-    h = comal.Hyper(eta=ETA, max_new_tokens=1, clip_eps=0.2, kappa=0.1)
+    h = comal.Hyper({k: d[0] for k, d in spec.own_keys.items()}, eta=ETA, max_new_tokens=1, clip_eps=0.2, kappa=0.1)
     if spec.tau:
         h["tau"] = TAU
     idx, rows = torch.arange(len(ex["weight"])), torch.arange(len(actions))
