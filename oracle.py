@@ -213,6 +213,29 @@ class CategoryGame(Oracle):
 # ---------------------------------------------------------------------------
 
 
+def validate_payoff(A):
+    """Return a payoff matrix (list of lists) as a float64 tensor, or raise OracleError naming the problem:
+    square, at least 2x2, finite entries in [0, 1], A + A^T = 1."""
+    if not isinstance(A, list) or not A or not all(isinstance(row, list) for row in A):
+        raise OracleError("payoff must be a JSON list of lists (a square matrix)")
+    n = len(A)
+    if n < 2:
+        raise OracleError("payoff must be at least 2x2")
+    for i, row in enumerate(A):
+        if len(row) != n:
+            raise OracleError(f"payoff is not square: row {i} has {len(row)} entries, expected {n}")
+        for j, a in enumerate(row):
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+                raise OracleError(f"payoff[{i}][{j}] = {a!r} is not a finite number")
+            if not 0.0 <= a <= 1.0:
+                raise OracleError(f"payoff[{i}][{j}] = {a} is outside [0, 1]")
+    for i in range(n):
+        for j in range(i, n):
+            if abs(A[i][j] + A[j][i] - 1.0) > 1e-6:
+                raise OracleError(f"payoff[{i}][{j}] + payoff[{j}][{i}] = {A[i][j] + A[j][i]:.8g}, must be 1 (P(a>b) + P(b>a) = 1)")
+    return torch.tensor(A, dtype=torch.float64)
+
+
 def check_model_dir(path, what):
     """Fail early, without loading weights, unless `path` is a local model directory; return its config."""
     from transformers import AutoConfig
@@ -595,11 +618,9 @@ def check_oracle_config(block, check_paths=True):
             raise OracleError(f"oracle.payoff is required for {len(cats)} categories (the default is the 3x3 of App. I)")
         if isinstance(payoff, str):
             payoff = load_payoff_file(payoff)
-        from toy_game import BadInput, validate_payoff
-
         try:
             validate_payoff(payoff)
-        except BadInput as e:
+        except OracleError as e:
             raise OracleError(f"oracle.{e}") from None
         if len(payoff) != len(cats):
             raise OracleError(f"oracle.payoff is {len(payoff)}x{len(payoff)} but there are {len(cats)} categories")

@@ -34,7 +34,7 @@ class Samples:
     prompt_ids (N, P) left-padded, prompt_mask (N, P); response_ids (N, R)
     right-padded with pad_token_id after EOS, response_mask (N, R) (the EOS
     token itself counts as response); token_logps (N, R) log-probs of the
-    sampled tokens at temperature 1 (0 where masked); prompt_index (N,).
+    sampled tokens at temperature 1 (0 where masked).
     """
 
     prompt_ids: torch.Tensor
@@ -42,7 +42,6 @@ class Samples:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     token_logps: torch.Tensor
-    prompt_index: torch.Tensor
 
     def sequences(self):
         """(input_ids, attention_mask, response_mask) of prompt + response, as sequence_logprobs takes them."""
@@ -193,7 +192,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     logps = logps.masked_fill(after, 0.0)
     out_dev = dev if device is None else device
     return Samples(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0), response, response_mask,
-                   logps, torch.arange(B, device=dev).repeat_interleave(n)).to(out_dev)
+                   logps).to(out_dev)
 
 
 # ---------------------------------------------------------------------------

@@ -36,9 +36,10 @@ from types import SimpleNamespace
 import torch
 
 import comal
+import oracle
 
 DTYPE = torch.float64
-PAPER_PAYOFF = [[0.5, 0.1, 0.8], [0.9, 0.5, 0.1], [0.2, 0.9, 0.5]]  # App. I
+PAPER_PAYOFF = oracle.PAPER_PAYOFF  # App. I
 PAPER_INIT = [0.2, 0.5, 0.3]
 PAPER_NE = [4 / 11, 3 / 11, 4 / 11]
 
@@ -53,25 +54,11 @@ class BadInput(ValueError):
 
 
 def validate_payoff(A):
-    """Return A as a float64 tensor or raise BadInput naming the problem."""
-    if not isinstance(A, list) or not A or not all(isinstance(row, list) for row in A):
-        raise BadInput("payoff must be a JSON list of lists (a square matrix)")
-    n = len(A)
-    if n < 2:
-        raise BadInput("payoff must be at least 2x2")
-    for i, row in enumerate(A):
-        if len(row) != n:
-            raise BadInput(f"payoff is not square: row {i} has {len(row)} entries, expected {n}")
-        for j, a in enumerate(row):
-            if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
-                raise BadInput(f"payoff[{i}][{j}] = {a!r} is not a finite number")
-            if not 0.0 <= a <= 1.0:
-                raise BadInput(f"payoff[{i}][{j}] = {a} is outside [0, 1]")
-    for i in range(n):
-        for j in range(i, n):
-            if abs(A[i][j] + A[j][i] - 1.0) > 1e-6:
-                raise BadInput(f"payoff[{i}][{j}] + payoff[{j}][{i}] = {A[i][j] + A[j][i]:.8g}, must be 1 (P(a>b) + P(b>a) = 1)")
-    return torch.tensor(A, dtype=DTYPE)
+    """Return A as a float64 tensor or raise BadInput naming the problem (oracle.validate_payoff's rules)."""
+    try:
+        return oracle.validate_payoff(A)
+    except oracle.OracleError as e:
+        raise BadInput(str(e)) from None
 
 
 def validate_init(p, n):
