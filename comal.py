@@ -10,7 +10,7 @@ run() is Algorithm 3 of the paper, for every algorithm of the table:
             3. build the examples (make_examples, by the spec's example kind)
             4. precompute the frozen log-probs (mu, pi_ref, opponent)
             5. minimise the spec's loss for `epochs` passes (trainer.step does the collectives and AdamW)
-            6. update the opponent (OMWU: pi^{k-1}; NashMP: the EMA target)
+            the opponent moves: OMWU's pi^{k-1} <- pi^k before 5; NashMP's EMA target after each step of 5
 The trainer (train_ddp.py) owns processes, optimizer, checkpoints and logging;
 everything that makes an algorithm itself is its Algorithm entry in ALGOS.
 Adding one = a loss in losses.py + an entry here (README, "Adding an algorithm").
@@ -415,7 +415,7 @@ def seed_for(seed, purpose, k=0, rank=0):
     return ((seed * 1_000_003 + PURPOSES.index(purpose)) * 100_003 + k) * 1009 + rank
 
 
-PURPOSES = ("sample", "shuffle", "eval_winrate", "eval_prompts", "prompts")
+PURPOSES = ("sample", "shuffle", "eval_winrate")
 
 
 def sample_groups(model, tokenizer, prompt_ids, cfg, generator, all_done=None):
@@ -438,18 +438,22 @@ def precompute_logps(model, seqs, micro):
 
 
 def frozen_logps(spec, models, seqs, micro):
-    """mu, ref, opp (the spec's frozen policies), center and len, per response (and per token if token_level)."""
-    out, cache = {}, {}
+    """The frozen fields of the iteration's responses (frozen_fields) from the spec's frozen policies."""
+    seq, tok, cache = {}, {}, {}
     for name, model in models.items():
         if id(model) not in cache:  # offline: mu is pi_ref itself, computed once
             cache[id(model)] = precompute_logps(model, seqs, micro)
-        tok, out[name] = cache[id(model)]
-        if spec.token_level:
-            out[name + "_tok"] = tok
-    out["center"] = out[spec.center]
-    out["len"] = seqs[2].sum(-1).to(out["mu"].dtype)  # response length in tokens (EOS included)
+        tok[name], seq[name] = cache[id(model)]
+    return frozen_fields(spec, seq, seqs[2].sum(-1).to(seq["mu"].dtype), tok, seqs[2])
+
+
+def frozen_fields(spec, seq, lengths, tok=None, mask=None):
+    """What a loss may read of the responses besides pi: the log-probs `seq` (N,) of mu, ref, opp; center (mu or
+    ref, by the spec); len (N,) the response lengths (EOS included); for token-level specs the per-token
+    log-probs `tok` (N, T) as mu_tok, ref_tok, ..., center_tok and the response mask (N, T)."""
+    out = dict(seq, center=seq[spec.center], len=lengths)
     if spec.token_level:
-        out["center_tok"], out["mask"] = out[spec.center + "_tok"], seqs[2]
+        out.update({f"{name}_tok": t for name, t in tok.items()}, center_tok=tok[spec.center], mask=mask)
     return out
 
 
@@ -490,10 +494,9 @@ def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
     ex = {"rows": {f: r.to(trainer.device) for f, r in ex["rows"].items()}, "weight": ex["weight"].to(trainer.device),
           "values": {v: x.to(trainer.device) for v, x in ex["values"].items()}}
     seqs = samples.sequences()
-    models = {"mu": mu_model, **{key: state[key] for key in ("ref", "opponent") if state.get(key) is not None}}
-    models["opp"] = models.pop("opponent", None)
+    models = {"mu": mu_model, "ref": state.get("ref"), "opp": state.get("opponent")}
     with trainer.autocast():
-        frozen = frozen_logps(spec, {m: v for m, v in models.items() if v is not None}, seqs, micro)
+        frozen = frozen_logps(spec, {name: m for name, m in models.items() if m is not None}, seqs, micro)
     if spec.opponent == "prev":  # OMWU: pi^{k-1} <- pi^k, before pi^k is updated
         trainer.copy_weights(state["opponent"], policy)
 

@@ -143,6 +143,14 @@ def bernoulli_prefs(A, y, gen):
     return torch.where(torch.eye(G, dtype=torch.bool), torch.full_like(b, 0.5), b)
 
 
+def lm_config(spec, cfg):
+    """The language-model config keys the spec's examples and loss read, from the toy's flags (one-token
+    responses in groups of cfg.group, all pairs) and the keys' defaults."""
+    keys = {k: d[0] for k, d in spec.key_defs().items()}
+    return dict(keys, pair_selection="all", n_samples=cfg.group, max_new_tokens=1, clip_eps=cfg.clip_eps,
+                kappa=cfg.kappa)
+
+
 def population_examples(spec, A, log_mu, log_opp=None):
     """The population that comal's examples of the spec's kind estimate, with rows = actions: every pair
     (or action) with its probability under mu as weight and the exact win rates as values."""
@@ -175,8 +183,7 @@ def sampled_examples(spec, A, log_mu, log_opp, cfg, gen):
     if log_opp is not None:
         y_opp = torch.multinomial(log_opp.exp(), N * G, replacement=True, generator=gen).view(N, G)
         M_opp = (torch.rand(N, G, G, generator=gen, dtype=DTYPE) < A[y[:, :, None], y_opp[:, None, :]]).to(DTYPE)
-    lm_cfg = {"pair_selection": "all", "n_samples": G, "max_new_tokens": 1}
-    ex = comal.make_examples(spec, M, lm_cfg, M_opp)
+    ex = comal.make_examples(spec, M, lm_config(spec, cfg), M_opp)
     actions = y.flatten()
     # aggregate: the loss sees an example only through its rows' actions and values
     feats = [actions[r].reshape(len(ex["weight"]), -1).to(DTYPE) for r in ex["rows"].values()]
@@ -246,12 +253,9 @@ def tabular_step(spec, game, cfg, gen, log_mu, log_ref=None, tau=None, log_opp=N
     """
     A, eta = game.A, cfg.eta if eta is None else eta
     log_center = {"mu": log_mu, "ref": log_ref}[spec.center]
-    h = comal.Hyper({k: d[0] for k, d in spec.own_keys.items()}, eta=eta, max_new_tokens=1, clip_eps=cfg.clip_eps,
-                    kappa=cfg.kappa)  # an algorithm's own keys at their defaults
-    if spec.tau:
-        h["tau"] = cfg.tau if tau is None else tau
-    elif tau:
+    if tau and not spec.tau:
         raise ValueError(f"this algorithm has no KL term: tau = {tau} would be ignored")
+    h = comal.hyper(spec, lm_config(spec, cfg), eta, (cfg.tau if tau is None else tau) if spec.tau else None)
     noiseless = cfg.mode == "noiseless"
     if noiseless and cfg.solver == "auto" and spec.prox_gain is not None:
         q = SimpleNamespace(g=win_rates(A, log_mu), mu=log_mu, ref=log_ref,
@@ -261,10 +265,9 @@ def tabular_step(spec, game, cfg, gen, log_mu, log_ref=None, tau=None, log_opp=N
         ex, actions = population_examples(spec, A, log_mu, log_opp), torch.arange(A.shape[0])
     else:
         ex, actions = sampled_examples(spec, A, log_mu, log_opp, cfg, gen)
-    frozen = {"mu": log_mu[actions], "center": log_center[actions], "len": torch.ones(len(actions), dtype=DTYPE)}
-    frozen.update({name: lp[actions] for name, lp in (("ref", log_ref), ("opp", log_opp)) if lp is not None})
-    if spec.token_level:  # one-token responses: per-token log-probs are the sequence's
-        frozen.update({f"{k}_tok": v[:, None] for k, v in list(frozen.items())}, mask=torch.ones(len(actions), 1, dtype=DTYPE))
+    seq = {name: lp[actions] for name, lp in (("mu", log_mu), ("ref", log_ref), ("opp", log_opp)) if lp is not None}
+    ones = torch.ones(len(actions), 1, dtype=DTYPE)  # one-token responses: per-token log-probs are the sequence's
+    frozen = comal.frozen_fields(spec, seq, ones[:, 0], {name: v[:, None] for name, v in seq.items()}, ones)
     rows, idx = torch.arange(len(actions)), torch.arange(len(ex["weight"]))
 
     def objective(theta):

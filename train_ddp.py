@@ -181,7 +181,7 @@ def check_algorithm_keys(cfg):
 
 def check_config(cfg, world):
     """Reject wrong types and impossible values, naming the key; nothing is loaded yet."""
-    for key, (default, _, ) in DEFAULTS.items():
+    for key, (default, _) in DEFAULTS.items():
         v = cfg[key]
         if default is None or v is None and key in ("model", "prompts"):
             continue
@@ -858,36 +858,36 @@ def train(cfg, rank, world, device):
     game = oracle if isinstance(oracle, oracle_lib.CategoryGame) and cfg["eval_prompts"] else None
     eval_ids = encode_prompts(tokenizer, tiny.synthetic_prompts(cfg["eval_prompts"], cfg["seed"] + 12345),
                               cfg["max_prompt_tokens"]) if game else None
-    prev = [None]
+    prev = None  # the previous iterate's mean category distribution
     if game:  # every rank evaluates the same prompts: with sharded weights each forward is a collective
-        m, prev[0] = category_metrics(game, state, eval_ids, None, cfg["max_new_tokens"])
+        m, prev = category_metrics(game, state, eval_ids, None, cfg["max_new_tokens"])
         if start == 0:
             log({"iteration": -1, **m})
         say(f"start: exploitability {m['exploitability']:.4f}  categories {m['category_dist']}")
     bar = tqdm(total=cfg["iterations"] - start, desc=cfg["algo"], disable=not master, file=sys.stderr)
-    timer = {}
+    current = {}  # iteration k: (start time, prompts, token ids), shared by prompts_for and after_iteration
 
     def prompts_for(k):
         x = iteration_prompts(prompts, cfg, k, rank, world)
-        timer[k] = time.time()
-        return x, encode_prompts(tokenizer, x, cfg["max_prompt_tokens"])
+        current[k] = (time.time(), x, encode_prompts(tokenizer, x, cfg["max_prompt_tokens"]))
+        return current[k][1:]
 
     def after_iteration(k, m):
+        nonlocal prev
+        t0, x, x_ids = current.pop(k)
         responses = m.pop("responses")
         if cfg["eval_winrate"]:  # P(pi^{k+1} > mu) on this iteration's prompts, one fresh sample each
-            x = iteration_prompts(prompts, cfg, k, rank, world)
             gen = torch.Generator(device=device).manual_seed(comal.seed_for(cfg["seed"], "eval_winrate", k, rank))
             policy.eval()
             with trainer.autocast():
-                _, new = comal.sample_groups(policy, tokenizer, encode_prompts(tokenizer, x, cfg["max_prompt_tokens"]),
-                                             dict(cfg, n_samples=1), gen, trainer.all_done)
+                _, new = comal.sample_groups(policy, tokenizer, x_ids, dict(cfg, n_samples=1), gen, trainer.all_done)
             wins = float(oracle.prob(x, [g[0] for g in new], responses).double().sum())
             m["winrate_vs_mu"] = trainer.all_reduce_sum(wins) / trainer.all_reduce_sum(float(len(x)))
         for key in ("response_length", "tokens_per_s"):
             m[key] = trainer.all_reduce_sum(m[key]) / world
-        m["seconds"] = time.time() - timer.pop(k)
+        m["seconds"] = time.time() - t0
         if game:
-            cm, prev[0] = category_metrics(game, state, eval_ids, prev[0], cfg["max_new_tokens"])
+            cm, prev = category_metrics(game, state, eval_ids, prev, cfg["max_new_tokens"])
             m.update(cm)
         m["checkpoint"] = save_checkpoint(out_dir, k, state, trainer, cfg)
         log(m)
@@ -927,8 +927,8 @@ def saved_copies(spec):
 
 
 def load_models(cfg, spec, base_path, resume, rank, world, device):
-    """(state, trainer): the policy (from the checkpoint when resuming), the spec's frozen copies pi_ref and
-    opponent, each checked to give the log-probs of its own logits (sample.check_logprob_path)."""
+    """(state, trainer): the policy (from the checkpoint when resuming, checked to give the log-probs of its own
+    logits: sample.check_logprob_path) and the spec's frozen copies pi_ref and opponent."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import sample
@@ -943,10 +943,6 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
     def load(path):
         m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).to(device)
         m.config.pad_token_id = tokenizer.pad_token_id
-        try:
-            sample.check_logprob_path(m)
-        except sample.UnsupportedModel as e:
-            raise ConfigError(f"model {path}: {e}") from None
         return m
 
     def frozen(path, dtype):
@@ -959,6 +955,10 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
         return m
 
     policy = load(start_path)
+    try:  # once: pi_ref and the opponent are copies of the same architecture
+        sample.check_logprob_path(policy)
+    except sample.UnsupportedModel as e:
+        raise ConfigError(f"model {start_path}: {e}") from None
     state = {"policy": policy, "tokenizer": tokenizer, "ref": None, "opponent": None}
     # sharded runs saved ref/ and opponent/ beside the policy; unsharded ones keep them in trainer_state.pt
     saved = lambda key: os.path.join(resume, key) if resume and os.path.isdir(os.path.join(resume, key)) else start_path  # noqa: E731

@@ -6,8 +6,7 @@ import torch
 import transformers as tf
 
 import sample
-
-V, PAD, EOS, BOS = 61, 0, 1, 2
+from test_sample import BOS, EOS, PAD, V, prompts_of
 COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS,
               bos_token_id=BOS, initializer_range=0.3)
@@ -36,11 +35,6 @@ def build(arch, seed=0):
     if hasattr(cfg, "attn_implementation"):
         cfg._attn_implementation = "eager"
     return getattr(tf, model_cls)(cfg).eval()
-
-
-def prompts_of(lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [[BOS] + torch.randint(3, V, (L - 1,), generator=g).tolist() for L in lengths]
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

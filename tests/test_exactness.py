@@ -44,19 +44,15 @@ def expected_lm_objective(name, n, spec=None, pair_selection="all", log_mu=LOG_M
         Y, Yo, q = Y.repeat_interleave(Go, 0), Yo.repeat(G, 1), q.repeat_interleave(Go) * qo.repeat(G)
         M_opp = A[Y[:, :, None], Yo[:, None, :]]
     M = A[Y[:, :, None], Y[:, None, :]]  # what the category oracle returns for these groups
-    cfg = {"pair_selection": pair_selection, "n_samples": n, "max_new_tokens": 1}
+    cfg = {"pair_selection": pair_selection, "n_samples": n, "max_new_tokens": 1, "clip_eps": 0.2, "kappa": 0.1}
     ex = comal.make_examples(spec, M, cfg, M_opp)
     actions = Y.flatten()  # row p * n + i is response i of group p
     first_field = next(iter(ex["rows"].values()))
     group_prob = q[first_field.reshape(len(ex["weight"]), -1)[:, 0] // n]  # (E,)
-    frozen = {"mu": sampler[actions], "ref": log_ref[actions], "opp": LOG_OPP[actions]}
-    frozen["center"] = frozen[spec.center]
-    frozen["len"] = torch.ones(len(actions), dtype=D)  # one-token responses
-    if spec.token_level:
-        frozen.update({f"{k}_tok": v[:, None] for k, v in list(frozen.items())}, mask=torch.ones(len(actions), 1))
-    h = comal.Hyper({k: d[0] for k, d in spec.own_keys.items()}, eta=ETA, max_new_tokens=1, clip_eps=0.2, kappa=0.1)
-    if spec.tau:
-        h["tau"] = TAU
+    seq = {"mu": sampler[actions], "ref": log_ref[actions], "opp": LOG_OPP[actions]}
+    ones = torch.ones(len(actions), 1, dtype=D)  # one-token responses
+    frozen = comal.frozen_fields(spec, seq, ones[:, 0], {k: v[:, None] for k, v in seq.items()}, ones)
+    h = comal.hyper(spec, dict({k: d[0] for k, d in spec.key_defs().items()}, **cfg), ETA, TAU if spec.tau else None)
     idx, rows = torch.arange(len(ex["weight"])), torch.arange(len(actions))
 
     def objective(theta):
