@@ -13,9 +13,9 @@ Both work for any transformers causal LM whose logits are the output layer
 applied to `base_model(...).last_hidden_state`, then optionally scaled and
 soft-capped (logit_transform: Cohere's logit_scale, Granite's logits_scaling,
 Falcon-H1's lm_head_multiplier, Gemma-2/3's final_logit_softcapping). The
-trainer calls check_logprob_path() on every model it loads: a model whose own
-logits differ from that form is refused with one line naming it, never
-trained on silently wrong log-probs. Left padding everywhere; positions are
+trainer calls check_logprob_path() on the policy it loads (its frozen copies
+share its architecture): a model whose own logits differ from that form is
+refused with one line naming it, never trained on silently wrong log-probs. Left padding everywhere; positions are
 counted from the first real token, so a padded batch computes exactly what
 each row alone does.
 """
