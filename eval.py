@@ -31,6 +31,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import oracle as oracle_lib
 
 GENERATED = []  # names of the models generated for in this process (tests count them)
@@ -353,7 +354,7 @@ def run_mode(args, device):
         raise EvalError(f"--run {run} has no config.yaml: not a train_ddp.py output directory")
     with open(cfg_path) as f:
         cfg = yaml.safe_load(f)
-    finished = train_ddp.list_checkpoints(run)
+    finished = checkpoint.list_checkpoints(run)
     ckpts = [os.path.basename(p) for p in finished]
     if not ckpts:
         raise EvalError(f"--run {run} has no checkpoints (checkpoints/iter-*)")

@@ -11,22 +11,29 @@ the world size: gloo has no AVG); micro-steps only accumulate locally.
 gloo on CPU, nccl on CUDA. The algorithm itself is comal.run (Algorithm 3).
 
 Every key of the config is in DEFAULTS, with its meaning; the resolved config
-is written to <out_dir>/config.yaml, metrics to <out_dir>/metrics.jsonl, and a
-checkpoint after every iteration to <out_dir>/checkpoints/iter-KKKKK (an HF
-directory + trainer_state.pt, written under a temp name and renamed).
+is written to <out_dir>/config.yaml (config-resumed-at-KKKKK.yaml for each
+resumed segment), metrics to <out_dir>/metrics.jsonl, and a checkpoint after
+every iteration to <out_dir>/checkpoints/iter-KKKKK (checkpoint.py: an HF
+directory, safetensors and JSON, a manifest written last). One run holds
+<out_dir>/run.lock. SIGTERM or SIGUSR1 stops the run at the next optimizer step
+or iteration end on every rank together: the unfinished iteration is
+abandoned (its weights are not saved), the run exits 0, and rerunning the
+same command redoes that iteration from the last checkpoint, bitwise as if
+never stopped.
 """
 import contextlib
 import datetime
 import json
 import math
 import os
-import shutil
+import signal
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import comal
 import oracle as oracle_lib
 
@@ -37,7 +44,10 @@ import oracle as oracle_lib
 DEFAULTS = {
     "model": (None, "local HF directory of the base policy; null builds the tiny embedded base (tiny.py)"),
     "out_dir": ("runs/tiny", "where config.yaml, metrics.jsonl and checkpoints/ go"),
-    "resume": ("auto", "auto: continue from the latest checkpoint in out_dir; never; or a checkpoint directory"),
+    "resume": ("auto", "auto: continue from the newest good checkpoint in out_dir (a fresh start if it has none); "
+                       "never: start fresh, refused if out_dir holds a run; or a checkpoint directory to continue from"),
+    "resume_changes": ([], "keys allowed to differ from the checkpoint's config on resume, e.g. [lr]; any other change "
+                           "to what defines the run (algo, eta, lr, batch sizes, oracle, model, seed, ...) is refused"),
     "seed": (0, "all randomness derives from (seed, purpose, iteration, rank): comal.seed_for"),
     "algo": ("comal", "one of " + ", ".join(comal.ALGOS)),
     "iterations": (30, "number of iterations k (one data subset each)"),
@@ -80,7 +90,18 @@ class ConfigError(ValueError):
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss): names step, rank and last good checkpoint."""
+    """The run cannot go on (non-finite loss or gradient): names step, rank and last good checkpoint."""
+
+
+class Preempted(Exception):
+    """SIGTERM / SIGUSR1 arrived: every rank stops together at a safe point; the run exits 0."""
+
+
+STOP = {"signal": None}  # set by the signal handler, read at each optimizer step and iteration end
+
+
+def request_stop(signum, frame):
+    STOP["signal"] = signal.Signals(signum).name
 
 
 # ---------------------------------------------------------------------------
@@ -100,7 +121,10 @@ def load_config(path, overrides):
             with open(path) as f:
                 data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}: "
+                              f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must be a mapping of key: value")
         for key, value in data.items():
@@ -218,8 +242,17 @@ def check_config(cfg, world):
                           f"micro_batch_size {cfg['micro_batch_size']}")
     if cfg["prompts_per_iteration"] and cfg["prompts_per_iteration"] % world:
         raise ConfigError(f"prompts_per_iteration {cfg['prompts_per_iteration']} is not divisible by world size {world}")
-    if cfg["resume"] not in ("auto", "never") and not os.path.isfile(os.path.join(str(cfg["resume"]), "trainer_state.pt")):
-        raise ConfigError(f"resume: {cfg['resume']} is not a checkpoint directory (no trainer_state.pt)")
+    if cfg["resume"] not in ("auto", "never") and not os.path.isfile(os.path.join(str(cfg["resume"]), "manifest.json")):
+        raise ConfigError(f"resume: {cfg['resume']} is not a finished checkpoint directory (no manifest.json)")
+    if cfg["resume"] == "never" and (found := checkpoint.run_files(cfg["out_dir"])):
+        raise ConfigError(f"resume=never: out_dir {cfg['out_dir']} already holds a run ({', '.join(found)}); "
+                          "choose a new out_dir, move it aside, or use resume=auto to continue it")
+    unknown = [k for k in cfg["resume_changes"] if not isinstance(k, str) or k not in DEFAULTS and k not in algo_keys()]
+    if unknown:
+        raise ConfigError(f"resume_changes: {unknown} are not config keys")
+    if cfg["max_prompt_tokens"] < 8:
+        raise ConfigError(f"max_prompt_tokens must be >= 8 (the chat template alone needs several), "
+                          f"got {cfg['max_prompt_tokens']}")
     if cfg["model"] is not None:
         try:
             oracle_lib.check_model_dir(cfg["model"], "model")
@@ -257,7 +290,7 @@ def load_prompts(cfg):
         per = cfg["prompts_per_iteration"] or 32
         return tiny.synthetic_prompts(per * cfg["num_subsets"], cfg["seed"])
     if os.path.isfile(src):
-        rows = read_rows(src)
+        rows, where = read_rows(src)
     elif os.path.isdir(src) or src.count("/") <= 1:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         try:
@@ -267,6 +300,7 @@ def load_prompts(cfg):
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[cfg["prompt_split"]]
             rows = list(ds)
+            where = [f"row {i}" for i in range(len(rows))]
         except Exception as e:
             raise ConfigError(f"prompts: cannot load {src!r} as a file or dataset ({str(e).splitlines()[0][:160]}); "
                               "offline, give a local JSONL/JSON/Parquet file or a saved dataset directory") from None
@@ -274,37 +308,72 @@ def load_prompts(cfg):
         raise ConfigError(f"prompts: {src} does not exist")
     if not rows:
         raise ConfigError(f"prompts: {src} has no rows")
-    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict) or not isinstance(r.get(field), str)), None)
-    if bad is not None:
-        raise ConfigError(f"prompts: row {bad} of {src} has no string field {field!r} (set prompt_field)")
+    for r, w in zip(rows, where):
+        if not isinstance(r, dict) or not isinstance(r.get(field), str):
+            raise ConfigError(f"prompts: {w} of {src} has no string field {field!r} (set prompt_field)")
+        if not r[field].strip():
+            raise ConfigError(f"prompts: {w} of {src} has an empty {field!r}")
     return [r[field] for r in rows]
 
 
 def read_rows(path):
+    """(rows, where each row is: 'line N' of a JSONL file, 'row N' otherwise)."""
     try:
         if path.endswith(".parquet"):
             import pyarrow.parquet as pq
 
-            return pq.read_table(path).to_pylist()
+            rows = pq.read_table(path).to_pylist()
+            return rows, [f"row {i}" for i in range(len(rows))]
         with open(path) as f:
             if path.endswith(".jsonl"):
-                return [json.loads(line) for line in f if line.strip()]
+                rows, where = [], []
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise ConfigError(f"prompts: line {i} of {path} is not valid JSON ({e.msg}, "
+                                              f"column {e.colno})") from None
+                        where.append(f"line {i}")
+                return rows, where
             data = json.load(f)
-        return data if isinstance(data, list) else data.get("data", [])
-    except (json.JSONDecodeError, OSError, ValueError) as e:
+        rows = data if isinstance(data, list) else data.get("data", [])
+        return rows, [f"row {i}" for i in range(len(rows))]
+    except (json.JSONDecodeError, OSError, ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(f"prompts: cannot read {path}: {str(e).splitlines()[0]}") from None
 
 
-def encode_prompts(tokenizer, prompts, max_tokens):
-    """Token ids of each prompt in the policy's chat template (plain text if it has none), left-truncated."""
-    out = []
-    for x in prompts:
-        if getattr(tokenizer, "chat_template", None):
+def encode_prompts(tokenizer, prompts, max_tokens, cut=None):
+    """Token ids of each prompt in the policy's chat template (plain text if it has none).
+
+    A prompt over max_tokens keeps the template whole (its head, e.g. <|bos|><|user|>, and the generation
+    prompt at the end): its instruction is cut from the left until the whole fits. The indices of cut
+    prompts are appended to `cut`.
+    """
+    chat = bool(getattr(tokenizer, "chat_template", None))
+
+    def encode(x):
+        if chat:
             text = tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(x)["input_ids"]
-        out.append(ids[-max_tokens:])
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(x)["input_ids"]
+
+    out = []
+    for i, x in enumerate(prompts):
+        ids = encode(x)
+        if len(ids) > max_tokens:
+            words = tokenizer(x, add_special_tokens=False)["input_ids"]
+            while len(ids) > max_tokens:
+                words = words[len(ids) - max_tokens:]  # re-encoding may merge tokens differently: repeat
+                if not words:
+                    raise ConfigError(f"max_prompt_tokens {max_tokens} is shorter than the chat template alone "
+                                      f"({len(encode(''))} tokens)")
+                ids = encode(tokenizer.decode(words))
+            if cut is not None:
+                cut.append(i)
+        out.append(ids)
     return out
 
 
@@ -385,8 +454,8 @@ class Trainer:
                 p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
 
-    def sharded_update(self, lr):
-        """Clip by the global norm (one all-reduce of the squared shard norms), decay, AdamW, re-gather the root."""
+    def sharded_grad_norm(self):
+        """The global gradient norm from the shards: one all-reduce of the squared shard norms."""
         for u in self.units:
             if u.pending:  # parameters that got no gradient this step: scatter what there is
                 u.reduce_scatter_grads()
@@ -395,7 +464,10 @@ class Trainer:
         sq = torch.stack([u.shard.grad.double().pow(2).sum() for u in self.units]).sum()
         if self.world > 1:
             dist.all_reduce(sq)
-        grad_norm = float(sq.sqrt())
+        return float(sq.sqrt())
+
+    def sharded_update(self, lr, grad_norm):
+        """Clip by the global norm, decay, AdamW, re-gather the root."""
         clip = self.cfg["grad_clip"]
         if clip and clip / (grad_norm + 1e-6) < 1:  # as clip_grad_norm_
             for u in self.units:
@@ -440,33 +512,76 @@ class Trainer:
         return self.cfg["lr"] * 0.5 * (1 + math.cos(math.pi * progress))
 
     def step(self, micro_losses, k, step, steps):
-        """Accumulate the micro-batch losses (no communication), all-reduce once, clip, step. Returns the loss."""
+        """Accumulate the micro-batch losses (no communication), all-reduce once, clip, step. Returns the loss.
+
+        Nothing is updated, on any rank, when a loss or a gradient is not finite (TrainingError) or when a stop
+        signal arrived on some rank (Preempted): one all-reduce of [loss sum, stop, per-rank bad loss, per-rank
+        bad gradient] decides for all ranks together, and the global gradient norm (equal on every rank) is
+        checked once more after the reduction, before clipping and the optimizer step.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         total, finite = 0.0, True
         for loss in micro_losses:
             finite &= bool(torch.isfinite(loss))
             loss.backward()
             total += float(loss.detach())
-        status = torch.zeros(self.world + 1, dtype=torch.float64, device=self.device)
-        status[0], status[1 + self.rank] = total if finite else 0.0, 0.0 if finite else 1.0
-        if self.world > 1:
+        W = self.world
+        status = torch.zeros(2 + 2 * W, dtype=torch.float64, device=self.device)
+        status[0], status[1] = total if finite else 0.0, float(STOP["signal"] is not None)
+        status[2 + self.rank] = 0.0 if finite else 1.0
+        status[2 + W + self.rank] = float(not self.local_grads_finite())
+        if W > 1:
             dist.all_reduce(status)
-        if status[1:].any():
-            bad = [r for r in range(self.world) if status[1 + r] > 0]
-            raise TrainingError(f"non-finite loss at iteration {k} step {step} on rank(s) {bad}; "
-                                f"last good checkpoint: {self.last_checkpoint or 'none (no iteration finished)'}")
+        last = f"last good checkpoint: {self.last_checkpoint or 'none (no iteration finished)'}"
+        for what, flags in (("loss", status[2:2 + W]), ("gradient (finite loss)", status[2 + W:])):
+            if flags.any():
+                bad = [r for r in range(W) if flags[r] > 0]
+                raise TrainingError(f"non-finite {what} at iteration {k} step {step} on rank(s) {bad}; "
+                                    f"the weights were not updated; {last}")
+        if status[1] > 0:
+            raise Preempted(f"iteration {k} step {step}: the iteration is abandoned (nothing of it is saved); rerun "
+                            f"the same command to redo it from {self.last_checkpoint or 'the start'}")
         lr = self.lr_at(step, steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.units is None:
             self.sync_grads()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg["grad_clip"] or float("inf")))
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            grad_norm = float(norm)
+        else:
+            grad_norm = self.sharded_grad_norm()
+        if not math.isfinite(grad_norm):  # e.g. finite gradients whose sum overflows; equal on every rank
+            raise TrainingError(f"non-finite gradient norm ({grad_norm}) at iteration {k} step {step} on every "
+                                f"rank; the weights were not updated; {last}")
+        clip = self.cfg["grad_clip"]
+        if self.units is None:
+            if clip:
+                torch.nn.utils.clip_grads_with_norm_(self.params, clip, norm)  # = clip_grad_norm_, split
             self.optimizer.step()
         else:
-            grad_norm = self.sharded_update(lr)
-        loss = float(status[0]) / self.world
+            self.sharded_update(lr, grad_norm)
+        loss = float(status[0]) / W
         self.log({"iteration": k, "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
         return loss
+
+    def local_grads_finite(self):
+        """This rank's own gradients before any reduction (sharded: checked as each unit scatters them)."""
+        if self.units is not None:
+            bad = [u.nonfinite for u in self.units if u.nonfinite is not None]
+            for u in self.units:
+                u.nonfinite = None
+            return not bool(torch.stack(bad).any()) if bad else True
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+    def weights_finite(self, models):
+        """Whether every weight of `models` is finite, agreed by all ranks (sharded: each checks its shards)."""
+        tensors = [u.shard for m in models for u in m.flat_units] if self.units is not None else \
+                  [p for m in models for p in m.parameters()]
+        bad = torch.tensor([float(not all(bool(torch.isfinite(t).all()) for t in tensors))], device=self.device)
+        if self.world > 1 and self.units is not None:
+            dist.all_reduce(bad)
+        return float(bad) == 0.0
 
 
 def make_buckets(params, cap_bytes):
@@ -525,6 +640,7 @@ class FlatUnit:
             p.data = self.full[offset:offset + n].view(shape)  # the module computes with views of `full`
             offset += n
         self.pending = 0  # parameter gradients accumulated in the current backward
+        self.nonfinite = None  # whether this rank's own gradients were non-finite (a tensor: no sync here)
         self.keep_gathered = False  # the root unit stays gathered between optimizer steps
         self.gathered = True
         self.free()
@@ -559,6 +675,8 @@ class FlatUnit:
                 flat[offset:offset + n] = p.grad.flatten()
                 p.grad = None
             offset += n
+        bad = ~torch.isfinite(flat).all()
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
         if self.world > 1:
             out = torch.empty(self.size, dtype=torch.float32, device=flat.device)
             dist.reduce_scatter_single(out, flat)
@@ -654,120 +772,6 @@ def grad_ready(unit):
 
 
 # ---------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------
-
-
-def checkpoint_dir(out_dir, k):
-    return os.path.join(out_dir, "checkpoints", f"iter-{k:05d}")
-
-
-def list_checkpoints(out_dir):
-    """Paths of the finished checkpoints of a run, oldest first (temp directories are not finished)."""
-    root = os.path.join(out_dir, "checkpoints")
-    names = sorted(os.listdir(root)) if os.path.isdir(root) else []
-    return [os.path.join(root, d) for d in names if d.startswith("iter-") and not d.endswith(".tmp")
-            and os.path.isfile(os.path.join(root, d, "trainer_state.pt"))]
-
-
-def latest_checkpoint(out_dir):
-    done = list_checkpoints(out_dir)
-    return done[-1] if done else None
-
-
-def save_checkpoint(out_dir, k, state, trainer, cfg):
-    """HF directory (safetensors, loadable by from_pretrained) + trainer_state.pt, under a temp name, renamed.
-
-    Sharded runs write one safetensors file per unit (an HF sharded checkpoint
-    with its index) and one optimizer file per unit, gathering a single unit
-    at a time, so no rank ever holds the whole model or optimizer state.
-    """
-    path = checkpoint_dir(out_dir, k)
-    tmp = path + ".tmp"
-    if trainer.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        state["tokenizer"].save_pretrained(tmp)
-    sharded = trainer.units is not None
-    copies = saved_copies(comal.ALGOS[cfg["algo"]])
-    if sharded:
-        save_sharded(state["policy"], tmp, trainer.rank, trainer.optimizer)
-        for key in copies:
-            save_sharded(state[key], os.path.join(tmp, key), trainer.rank)
-    if trainer.rank == 0:
-        if not sharded:
-            state["policy"].save_pretrained(tmp)
-        torch.save({
-            "iteration": k,
-            "sharded": sharded,
-            "optimizer": None if sharded else trainer.optimizer.state_dict(),
-            **{key: state[key].state_dict() if key in copies and not sharded else None for key in ("ref", "opponent")},
-            "config": cfg,
-        }, os.path.join(tmp, "trainer_state.pt"))
-        os.replace(tmp, path)
-        if cfg["keep_checkpoints"]:
-            for old in list_checkpoints(out_dir)[:-cfg["keep_checkpoints"]]:
-                shutil.rmtree(old, ignore_errors=True)
-    if trainer.world > 1:
-        dist.barrier()
-    trainer.last_checkpoint = path
-    return path
-
-
-def save_sharded(model, path, rank, optimizer=None):
-    """Stream a sharded model to an HF directory, one unit (and its Adam moments) gathered at a time."""
-    from safetensors.torch import save_file
-
-    units = model.flat_units
-    if rank == 0:
-        os.makedirs(path, exist_ok=True)
-    weight_map, total = {}, 0
-    for i, u in enumerate(units):
-        full = u.gathered_fp32()  # collective: every rank takes part, rank 0 writes
-        if rank == 0:
-            tensors, offset = {}, 0
-            for name, n, shape in zip(u.names, u.numels, u.shapes):
-                tensors[name] = full[offset:offset + n].view(shape).clone()
-                offset += n
-            fname = f"model-{i + 1:05d}-of-{len(units):05d}.safetensors"
-            save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
-            weight_map.update({name: fname for name in tensors})
-            total += 4 * u.total
-        del full
-        if optimizer is not None and optimizer.state.get(u.shard):
-            st = optimizer.state[u.shard]
-            moments = {key: u.gathered_fp32(st[key]).clone() for key in ("exp_avg", "exp_avg_sq")}
-            if rank == 0:
-                os.makedirs(os.path.join(path, "optimizer"), exist_ok=True)
-                torch.save({"step": st["step"], **moments}, os.path.join(path, "optimizer", f"unit-{i:05d}.pt"))
-    if rank == 0:
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-        config = model.config
-        dtype = getattr(config, "dtype", None)
-        config.dtype = torch.float32  # the master weights are saved
-        config.save_pretrained(path)
-        config.dtype = dtype
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(path)
-
-
-def load_sharded_optimizer(optimizer, units, path):
-    """Adam moments from per-unit files written by any number of ranks: each rank takes its slice."""
-    for i, u in enumerate(units):
-        f = os.path.join(path, "optimizer", f"unit-{i:05d}.pt")
-        if not os.path.isfile(f):
-            continue
-        saved = torch.load(f, map_location=u.shard.device, weights_only=False)
-        st = {"step": saved["step"]}
-        for key in ("exp_avg", "exp_avg_sq"):
-            padded = torch.zeros(u.size * u.world, dtype=saved[key].dtype, device=u.shard.device)
-            padded[:u.total] = saved[key]
-            st[key] = padded[u.rank * u.size:(u.rank + 1) * u.size].clone()
-        optimizer.state[u.shard] = st
-
-
-# ---------------------------------------------------------------------------
 # Models and the main loop
 # ---------------------------------------------------------------------------
 
@@ -794,6 +798,9 @@ def main(argv=None):
     world = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if distributed else 0
     cfg = check_config(load_config(argv[0], argv[1:]), world)  # before anything heavy happens
+    STOP["signal"] = None
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # a scheduler's preemption notice: stop at the next safe point
+        signal.signal(sig, request_stop)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -809,20 +816,55 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def on_rank0(fn, world, device):
+    """fn() on rank 0 only (file-system decisions: the lock, which checkpoint to resume); its result, a string,
+    is broadcast. If it raises, every rank raises (rank 0 with the message): no rank is left waiting."""
+    result, error = "", None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = fn() or ""
+        except (checkpoint.CheckpointError, ConfigError) as e:
+            error = e
+    if world == 1:
+        if error:
+            raise error
+        return result or None
+    data = torch.zeros(4096, dtype=torch.uint8, device=device)
+    raw = result.encode()[:4095]
+    data[0] = 1 if error else 0
+    data[1:1 + len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    dist.broadcast(data, 0)
+    if data[0]:
+        raise error or checkpoint.CheckpointError("stopped by rank 0 (its message says why)")
+    raw = bytes(data[1:].cpu().tolist()).rstrip(b"\0").decode()
+    return raw or None
+
+
 def train(cfg, rank, world, device):
-    """Load the policy and the spec's frozen copies, resume, and run comal.run (Algorithm 3) with this trainer."""
+    """Lock out_dir, choose the checkpoint to resume, load the policy and the spec's frozen copies, and run
+    comal.run (Algorithm 3) with this trainer, checkpointing after every iteration."""
     from tqdm import tqdm
 
     import tiny
 
     master = rank == 0
     out_dir = cfg["out_dir"]
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if master else (lambda msg: None)
+    lock = []  # rank 0 holds <out_dir>/run.lock until this process ends
+    on_rank0(lambda: lock.append(checkpoint.lock_out_dir(out_dir)), world, device)
+    resume = on_rank0(lambda: checkpoint.choose_resume(out_dir, cfg["resume"], say), world, device)
+    saved = checkpoint.read_state(resume) if resume else None
+    if saved:  # what produced the earlier iterations must still be what runs now
+        changed = [key for key in checkpoint.config_changes(saved["config"], cfg) if key not in cfg["resume_changes"]]
+        if changed:
+            diff = ", ".join(f"{key} ({saved['config'].get(key)!r} -> {cfg.get(key)!r})" for key in changed)
+            raise ConfigError(f"resume: the config differs from {resume}'s in {diff}; set resume_changes="
+                              f"[{', '.join(changed)}] to continue with the change, or start a new out_dir")
+        if saved["parallel"] != cfg["parallel"]:
+            raise ConfigError(f"resume: {resume} was written with parallel={saved['parallel']}; its optimizer state "
+                              f"is not read by parallel={cfg['parallel']}: resume with parallel={saved['parallel']}")
     spec = comal.ALGOS[cfg["algo"]]
     base_path = base_policy_path(cfg, master, world, say)
-    resume = latest_checkpoint(out_dir) if cfg["resume"] == "auto" else (None if cfg["resume"] == "never" else cfg["resume"])
     state, trainer = load_models(cfg, spec, base_path, resume, rank, world, device)
     oracle = oracle_lib.build_oracle(cfg["oracle"], device=device)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -830,7 +872,7 @@ def train(cfg, rank, world, device):
     def log(record):
         if master:
             with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(checkpoint.json_safe(record), allow_nan=False) + "\n")
 
     trainer.log = log
     if trainer.units is not None:
@@ -838,20 +880,23 @@ def train(cfg, rank, world, device):
             f"master parameters on each of {world} rank(s)")
     start = 0
     if resume is not None:
-        start = load_trainer_state(resume, state, trainer, device) + 1
+        start = load_trainer_state(resume, trainer) + 1
         if master and os.path.isfile(metrics_path):  # drop what the interrupted iteration logged
             with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line).get("iteration", -1) < start]
+                kept = [line for line in f if line.strip() and json.loads(line).get("iteration", -1) < start]
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
-        say(f"resumed from {resume}: iteration {start}")
-    elif master and os.path.isfile(metrics_path):
+        say(f"resumed from {resume}: iteration {start}" + (" (the run is finished)" if start >= cfg["iterations"] else ""))
+    elif master and os.path.isfile(metrics_path):  # a run that never finished an iteration: start over
         os.remove(metrics_path)
-    if master:
+    if master:  # config.yaml is the first segment's; each resumed segment gets its own file
         import yaml
 
-        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(cfg, f, sort_keys=False)
+        names = ["config.yaml"] if resume is None or not os.path.isfile(os.path.join(out_dir, "config.yaml")) else []
+        names += [f"config-resumed-at-{start:05d}.yaml"] if resume is not None else []
+        for name in names:
+            with open(os.path.join(out_dir, name), "w") as f:
+                yaml.safe_dump(cfg, f, sort_keys=False)
 
     tokenizer, policy = state["tokenizer"], state["policy"]
     prompts = load_prompts(cfg)
@@ -859,17 +904,21 @@ def train(cfg, rank, world, device):
     eval_ids = encode_prompts(tokenizer, tiny.synthetic_prompts(cfg["eval_prompts"], cfg["seed"] + 12345),
                               cfg["max_prompt_tokens"]) if game else None
     prev = None  # the previous iterate's mean category distribution
-    if game:  # every rank evaluates the same prompts: with sharded weights each forward is a collective
+    if game and start < cfg["iterations"]:  # every rank evaluates: with sharded weights each forward is a collective
         m, prev = category_metrics(game, state, eval_ids, None, cfg["max_new_tokens"])
         if start == 0:
             log({"iteration": -1, **m})
         say(f"start: exploitability {m['exploitability']:.4f}  categories {m['category_dist']}")
-    bar = tqdm(total=cfg["iterations"] - start, desc=cfg["algo"], disable=not master, file=sys.stderr)
+    bar = tqdm(total=max(0, cfg["iterations"] - start), desc=cfg["algo"], disable=not master, file=sys.stderr)
     current = {}  # iteration k: (start time, prompts, token ids), shared by prompts_for and after_iteration
+    copies = saved_copies(spec)
 
     def prompts_for(k):
-        x = iteration_prompts(prompts, cfg, k, rank, world)
-        current[k] = (time.time(), x, encode_prompts(tokenizer, x, cfg["max_prompt_tokens"]))
+        x, cut = iteration_prompts(prompts, cfg, k, rank, world), []
+        current[k] = (time.time(), x, encode_prompts(tokenizer, x, cfg["max_prompt_tokens"], cut))
+        if cut:
+            say(f"iteration {k}: {len(cut)} prompt(s) on rank 0 longer than max_prompt_tokens "
+                f"{cfg['max_prompt_tokens']}: their instructions were cut from the left (the chat template kept)")
         return current[k][1:]
 
     def after_iteration(k, m):
@@ -889,7 +938,7 @@ def train(cfg, rank, world, device):
         if game:
             cm, prev = category_metrics(game, state, eval_ids, prev, cfg["max_new_tokens"])
             m.update(cm)
-        m["checkpoint"] = save_checkpoint(out_dir, k, state, trainer, cfg)
+        m["checkpoint"] = checkpoint.save_checkpoint(out_dir, k, state, trainer, cfg, copies)
         log(m)
         if game:
             say(f"iteration {k:3d}  exploitability {m['exploitability']:.4f}  "
@@ -898,6 +947,8 @@ def train(cfg, rank, world, device):
             say(f"iteration {k:3d}  loss {m['loss']:.4f}  win rate vs mu {m.get('winrate_vs_mu', float('nan')):.3f}  "
                 f"length {m['response_length']:.1f}  {m['seconds']:.1f}s")
         bar.update(1)
+        if k + 1 < cfg["iterations"] and trainer.all_reduce_sum(float(STOP["signal"] is not None)) > 0:
+            raise Preempted(f"the end of iteration {k}; rerun the same command to continue from {m['checkpoint']}")
 
     comal.run(state, trainer, cfg, oracle, prompts_for, start, after_iteration)
     bar.close()
@@ -928,7 +979,8 @@ def saved_copies(spec):
 
 def load_models(cfg, spec, base_path, resume, rank, world, device):
     """(state, trainer): the policy (from the checkpoint when resuming, checked to give the log-probs of its own
-    logits: sample.check_logprob_path) and the spec's frozen copies pi_ref and opponent."""
+    logits: sample.check_logprob_path) and the spec's frozen copies pi_ref and opponent. A checkpoint is read
+    from its safetensors only (nothing in it is unpickled)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import sample
@@ -941,7 +993,8 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
     compute_dtype = torch.bfloat16 if device.type == "cuda" and cfg["dtype"] != "float32" else torch.float32
 
     def load(path):
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).to(device)
+        kw = {"use_safetensors": True} if resume and path.startswith(resume) else {}
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True, **kw).to(device)
         m.config.pad_token_id = tokenizer.pad_token_id
         return m
 
@@ -960,8 +1013,13 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
     except sample.UnsupportedModel as e:
         raise ConfigError(f"model {start_path}: {e}") from None
     state = {"policy": policy, "tokenizer": tokenizer, "ref": None, "opponent": None}
-    # sharded runs saved ref/ and opponent/ beside the policy; unsharded ones keep them in trainer_state.pt
-    saved = lambda key: os.path.join(resume, key) if resume and os.path.isdir(os.path.join(resume, key)) else start_path  # noqa: E731
+    # a checkpoint holds ref/ and opponent/ beside the policy (checkpoint.save_checkpoint)
+    def saved(key):
+        if resume and not os.path.isdir(os.path.join(resume, key)):  # only after resume_changes=[algo]
+            print(f"warning: {resume} has no {key}/ (another algorithm wrote it): {key} starts as the policy",
+                  file=sys.stderr)
+        return os.path.join(resume, key) if resume and os.path.isdir(os.path.join(resume, key)) else start_path
+
     if spec.ref == "base":
         state["ref"] = frozen(base_path, compute_dtype)
     elif spec.ref == "rounds":
@@ -975,26 +1033,31 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
     return state, Trainer(policy, cfg, rank, world, device)
 
 
-def load_trainer_state(resume, state, trainer, device):
-    """Optimizer and frozen copies from a checkpoint; returns its iteration."""
-    saved = torch.load(os.path.join(resume, "trainer_state.pt"), map_location=device, weights_only=False)
-    if trainer.units is not None:  # written by any number of ranks: each takes its slice
-        load_sharded_optimizer(trainer.optimizer, trainer.units, resume)
-    elif saved["optimizer"] is not None:
-        trainer.optimizer.load_state_dict(saved["optimizer"])
-    for key in ("ref", "opponent"):
-        if saved.get(key) is not None and state[key] is not None and trainer.units is None:
-            state[key].load_state_dict(saved[key])
+def load_trainer_state(resume, trainer):
+    """AdamW state from a checkpoint (safetensors: by parameter name, or each rank's slice of every unit);
+    returns the checkpoint's iteration."""
+    if trainer.units is not None:
+        checkpoint.load_optimizer(trainer.optimizer, resume, units=trainer.units)
+    else:
+        names = {id(p): n for n, p in trainer.model.named_parameters()}
+        checkpoint.load_optimizer(trainer.optimizer, resume, params=[(names[id(p)], p) for p in trainer.params])
     trainer.last_checkpoint = resume
-    return saved["iteration"]
+    return checkpoint.read_state(resume)["iteration"]
 
 
 def cli(argv=None):
+    """Exit 0 when done or stopped by a signal (resumable), 2 with one line on rank 0 for a bad config, a bad
+    checkpoint or a run that cannot go on (the other ranks stop silently: every rank has the same error)."""
+    rank = os.environ.get("RANK", "0")
     try:
         main(argv)
-    except (ConfigError, oracle_lib.OracleError, TrainingError) as e:
-        rank = os.environ.get("RANK", "0")
-        print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
+    except Preempted as e:
+        if rank == "0":
+            print(f"stopped by {STOP['signal']} at {e}", file=sys.stderr)
+        return 0
+    except (ConfigError, oracle_lib.OracleError, TrainingError, checkpoint.CheckpointError) as e:
+        if rank == "0":
+            print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

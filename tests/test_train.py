@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import checkpoint
 import comal
 import oracle as oracle_lib
 import tiny
@@ -145,7 +146,7 @@ def test_buckets_cover_every_parameter_once():
 
 
 def final_weights(out_dir, k):
-    m = AutoModelForCausalLM.from_pretrained(train_ddp.checkpoint_dir(str(out_dir), k))
+    m = AutoModelForCausalLM.from_pretrained(checkpoint.checkpoint_dir(str(out_dir), k))
     return m.state_dict()
 
 
@@ -155,7 +156,7 @@ def test_resume_is_bitwise_and_checkpoints_load(base, tmp_path):
     part = small_cfg(base, tmp_path / "part", iterations=2, algo="comal")
     train_ddp.train(part, 0, 1, torch.device("cpu"))
     # the interrupted run left a half-written temp checkpoint and a partial log line behind
-    os.makedirs(train_ddp.checkpoint_dir(str(tmp_path / "part"), 2) + ".tmp")
+    os.makedirs(checkpoint.checkpoint_dir(str(tmp_path / "part"), 2) + ".tmp")
     with open(tmp_path / "part" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"iteration": 2, "step": 0, "loss": 9.9}) + "\n")
     train_ddp.train(small_cfg(base, tmp_path / "part", iterations=3, algo="comal"), 0, 1, torch.device("cpu"))
@@ -169,7 +170,7 @@ def test_resume_is_bitwise_and_checkpoints_load(base, tmp_path):
     assert lines(tmp_path / "full") == lines(tmp_path / "part")
     rec = [x for x in lines(tmp_path / "full") if "exploitability" in x and x["iteration"] >= 0]
     assert len(rec) == 3 and all(0 <= x["exploitability"] <= 1 for x in rec)
-    assert AutoTokenizer.from_pretrained(train_ddp.checkpoint_dir(str(tmp_path / "full"), 2)).pad_token_id == 0
+    assert AutoTokenizer.from_pretrained(checkpoint.checkpoint_dir(str(tmp_path / "full"), 2)).pad_token_id == 0
     assert os.path.isfile(tmp_path / "full" / "config.yaml")
 
 
@@ -187,7 +188,7 @@ def test_torchrun_two_ranks_end_to_end(base, tmp_path, parallel):
     assert [x["iteration"] for x in its] == [0, 1]
     assert "iteration   1  exploitability" in r.stderr  # rank 0 prints; rank 1 does not duplicate
     assert r.stderr.count("iteration   1  exploitability") == 1
-    AutoModelForCausalLM.from_pretrained(train_ddp.checkpoint_dir(str(out), 1))
+    AutoModelForCausalLM.from_pretrained(checkpoint.checkpoint_dir(str(out), 1))
 
 
 # ---------------------------------------------------------------------------
@@ -401,7 +402,7 @@ def fsdp_worker(rank, world, init_file, ckpt):
     batches = global_batches()
     for step, ids in enumerate(batches[:2]):
         trainer.step(micro_losses(model, ids.chunk(world)[rank]), 0, step, len(batches))
-    train_ddp.save_sharded(model, ckpt, rank, trainer.optimizer)  # streamed, one unit at a time
+    checkpoint.save_sharded(model, ckpt, rank, trainer.optimizer)  # streamed, one unit at a time
     out = generate(model, sample_prompts(rank), n=3, max_new_tokens=12, temperature=1.0,
                    generator=torch.Generator().manual_seed(rank), eos_token_ids=[7], all_done=trainer.all_done)
     if rank == 0:
@@ -431,7 +432,7 @@ def test_sharded_equals_one_process_samples_alike_and_resumes_on_other_world(tmp
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     train_ddp.shard_model(model, 0, 1)
     trainer = train_ddp.Trainer(model, dict(train_ddp.load_config(None, []), **FSDP_CFG))
-    train_ddp.load_sharded_optimizer(trainer.optimizer, trainer.units, ckpt)
+    checkpoint.load_optimizer(trainer.optimizer, ckpt, units=trainer.units)
     trainer.step(micro_losses(model, batches[2]), 0, 2, 3)
     full = plain_run(batches).state_dict()
     named = dict(model.named_parameters())

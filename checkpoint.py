@@ -1,0 +1,340 @@
+"""Checkpoints and the run directory: what a checkpoint holds, how it is checked, how a run resumes.
+
+    <out_dir>/checkpoints/iter-KKKKK/          the policy pi^{k+1} after iteration k
+        config.json, model*.safetensors, tokenizer files   an HF directory (from_pretrained loads it)
+        ref/, opponent/                        the frozen copies that are state of the run (HF directories)
+        optimizer.safetensors                  AdamW moments and step counts, by parameter name (ddp)
+        optimizer/unit-UUUUU.safetensors       the same per sharded unit, unpadded (fsdp; any world size reads it)
+        trainer_state.json                     iteration, world size, parallel mode, the config that produced it
+        manifest.json                          written last: every file's size and sha256, the config hash
+
+No pickles: tensors are safetensors, everything else JSON, and nothing else in
+the directory is ever read (a stray *.pt or *.bin is ignored; the policy and
+its copies are loaded with use_safetensors). There is no RNG state: every
+generator of a run is seeded from (seed, purpose, iteration, rank)
+(comal.seed_for), so an iteration redone after a resume draws the same numbers.
+
+A checkpoint is written under iter-KKKKK.tmp, its manifest last, then renamed;
+a directory of the same iteration already there (a redone iteration) is moved
+aside first and deleted after. Resume verifies the newest checkpoint against its
+manifest and falls back, saying so in one line, to the newest good one.
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+FORMAT = "comal-checkpoint-2"
+
+# Keys that may change when a run resumes: they do not change what the run computes (how the work is split
+# over devices, what is evaluated, where files go, how long it runs). Any other change must be named in
+# resume_changes.
+RESUMABLE = {"out_dir", "resume", "resume_changes", "iterations", "eval_prompts", "eval_winrate", "keep_checkpoints",
+             "cache_dir", "bucket_mb", "micro_batch_size", "parallel", "activation_checkpointing"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or out_dir that cannot be used: one line naming the file and what is wrong."""
+
+
+def checkpoint_dir(out_dir, k):
+    return os.path.join(out_dir, "checkpoints", f"iter-{k:05d}")
+
+
+def list_checkpoints(out_dir, finished=True):
+    """Checkpoint directories of a run, oldest first: those with a manifest (finished=True), or every
+    iter-KKKKK directory (finished=False; temp and replaced directories never count)."""
+    root = os.path.join(out_dir, "checkpoints")
+    names = sorted(d for d in os.listdir(root) if re.fullmatch(r"iter-\d{5}", d)) if os.path.isdir(root) else []
+    paths = [os.path.join(root, d) for d in names]
+    return [p for p in paths if os.path.isfile(os.path.join(p, "manifest.json"))] if finished else paths
+
+
+def config_sha256(cfg):
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+
+def json_safe(x):
+    """Non-finite floats become null (strict JSON readers reject NaN); containers recursively."""
+    if isinstance(x, float):
+        return x if x == x and abs(x) != float("inf") else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def write_json(path, obj):
+    """Atomically: a temp file, then rename."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(json_safe(obj), f, indent=1, allow_nan=False)
+    os.replace(path + ".tmp", path)
+
+
+def sha256_file(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------
+
+
+def save_checkpoint(out_dir, k, state, trainer, cfg, copies):
+    """Write iteration k's checkpoint (every rank calls this; rank 0 writes). Refuses non-finite weights.
+
+    copies: the names in `state` of the frozen models that are state of the run ("ref", "opponent").
+    Sharded runs gather one unit at a time, so no rank ever holds the whole model or optimizer state.
+    """
+    from safetensors.torch import save_file
+
+    models = [state["policy"]] + [state[key] for key in copies]
+    if not trainer.weights_finite(models):  # collective: every rank agrees
+        raise CheckpointError(f"iteration {k}: the weights are not finite; nothing was saved "
+                              f"(last good checkpoint: {trainer.last_checkpoint or 'none'})")
+    path = checkpoint_dir(out_dir, k)
+    tmp, master = path + ".tmp", trainer.rank == 0
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        state["tokenizer"].save_pretrained(tmp)
+    sharded = trainer.units is not None
+    if sharded:
+        save_sharded(state["policy"], tmp, trainer.rank, trainer.optimizer)
+        for key in copies:
+            save_sharded(state[key], os.path.join(tmp, key), trainer.rank)
+    elif master:
+        state["policy"].save_pretrained(tmp)
+        for key in copies:
+            state[key].save_pretrained(os.path.join(tmp, key))
+        names = {id(p): n for n, p in state["policy"].named_parameters()}
+        tensors = {f"{names[id(p)]}.{field}": v.detach().cpu().clone().contiguous()
+                   for p, st in trainer.optimizer.state.items() for field, v in st.items()}
+        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+    if master:
+        write_json(os.path.join(tmp, "trainer_state.json"), {
+            "format": FORMAT, "iteration": k, "world": trainer.world, "parallel": cfg["parallel"], "copies": copies,
+            "rng": "none: every generator is seeded by comal.seed_for(seed, purpose, iteration, rank)",
+            "config": cfg, "config_sha256": config_sha256(cfg)})
+        write_manifest(tmp, k, cfg)
+        replace_dir(tmp, path)
+        if cfg["keep_checkpoints"]:
+            for old in list_checkpoints(out_dir)[:-cfg["keep_checkpoints"]]:
+                shutil.rmtree(old, ignore_errors=True)
+    if trainer.world > 1:
+        dist.barrier()
+    trainer.last_checkpoint = path
+    return path
+
+
+def write_manifest(path, k, cfg):
+    """Sizes and sha256 of every file under `path`; the last file written, so it marks the checkpoint finished."""
+    files = {}
+    for root, _, names in os.walk(path):
+        for name in sorted(names):
+            f = os.path.join(root, name)
+            files[os.path.relpath(f, path)] = {"bytes": os.path.getsize(f), "sha256": sha256_file(f)}
+    write_json(os.path.join(path, "manifest.json"), {"format": FORMAT, "iteration": k,
+                                                     "config_sha256": config_sha256(cfg), "files": files})
+
+
+def replace_dir(tmp, path):
+    """tmp -> path; an existing path (the same iteration, redone) is moved aside first, then deleted."""
+    old = path + ".replaced"
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_sharded(model, path, rank, optimizer=None):
+    """Stream a sharded model to an HF directory, one unit (and its Adam moments) gathered at a time."""
+    from safetensors.torch import save_file
+
+    units = model.flat_units
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+    weight_map, total = {}, 0
+    for i, u in enumerate(units):
+        full = u.gathered_fp32()  # collective: every rank takes part, rank 0 writes
+        if rank == 0:
+            tensors, offset = {}, 0
+            for name, n, shape in zip(u.names, u.numels, u.shapes):
+                tensors[name] = full[offset:offset + n].view(shape).clone()
+                offset += n
+            fname = f"model-{i + 1:05d}-of-{len(units):05d}.safetensors"
+            save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
+            weight_map.update({name: fname for name in tensors})
+            total += 4 * u.total
+        del full
+        if optimizer is not None and optimizer.state.get(u.shard):
+            st = optimizer.state[u.shard]
+            moments = {key: u.gathered_fp32(st[key]).clone() for key in ("exp_avg", "exp_avg_sq")}
+            if rank == 0:
+                os.makedirs(os.path.join(path, "optimizer"), exist_ok=True)
+                save_file({"step": st["step"].detach().cpu().reshape(()).clone(), **{k: v.cpu() for k, v in moments.items()}},
+                          os.path.join(path, "optimizer", f"unit-{i:05d}.safetensors"))
+    if rank == 0:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+        config = model.config
+        dtype = getattr(config, "dtype", None)
+        config.dtype = torch.float32  # the master weights are saved
+        config.save_pretrained(path)
+        config.dtype = dtype
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(path)
+
+
+# ---------------------------------------------------------------------------
+# Checking and resuming
+# ---------------------------------------------------------------------------
+
+
+def verify(path):
+    """None if the checkpoint matches its manifest, else what is wrong (one phrase)."""
+    mpath = os.path.join(path, "manifest.json")
+    if not os.path.isfile(mpath):
+        old = " (an older comal's pickle format, not loaded)" if os.path.isfile(os.path.join(path, "trainer_state.pt")) else ""
+        return f"no manifest.json{old}"
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+        assert manifest["format"] == FORMAT and isinstance(files, dict) and "trainer_state.json" in files
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return "manifest.json is unreadable or not this format"
+    for rel, entry in files.items():
+        f = os.path.join(path, rel)
+        if not os.path.isfile(f):
+            return f"{rel} is missing"
+        if os.path.getsize(f) != entry["bytes"]:
+            return f"{rel} has {os.path.getsize(f)} bytes, the manifest says {entry['bytes']}"
+        if sha256_file(f) != entry["sha256"]:
+            return f"{rel} does not match its sha256 in the manifest"
+    return None
+
+
+def read_state(path):
+    """trainer_state.json of a verified checkpoint."""
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def choose_resume(out_dir, resume, say):
+    """The checkpoint a run continues from (rank 0 decides; the caller broadcasts).
+
+    auto: the newest checkpoint in out_dir that matches its manifest; a bad newer one is named in one line.
+    never: none (check_config has refused a non-empty out_dir). A path: that checkpoint, which must verify,
+    and out_dir must not hold later checkpoints (a branch goes to a new out_dir).
+    """
+    if resume == "never":
+        return None
+    if resume != "auto":
+        problem = verify(resume)
+        if problem:
+            raise CheckpointError(f"resume: {resume} cannot be used: {problem}")
+        k = read_state(resume)["iteration"]
+        later = [p for p in list_checkpoints(out_dir, finished=False) if int(p[-5:]) > k]
+        if later:
+            raise CheckpointError(f"resume: out_dir {out_dir} already has checkpoints after iteration {k} "
+                                  f"(newest {os.path.basename(later[-1])}); continue a branch in a new out_dir")
+        return resume
+    candidates = list_checkpoints(out_dir, finished=False)
+    bad = []
+    for path in reversed(candidates):
+        problem = verify(path)
+        if problem is None:
+            if bad:
+                say(f"warning: skipped {'; '.join(bad)}; resuming from {path}")
+            return path
+        bad.append(f"{path}: {problem}")
+    if bad:
+        raise CheckpointError(f"no usable checkpoint in {out_dir} ({'; '.join(bad)}); move them aside to start over")
+    return None
+
+
+def config_changes(saved, cfg):
+    """Keys outside RESUMABLE whose value differs between the checkpoint's config and this one."""
+    return sorted(k for k in set(saved) | set(cfg) if k not in RESUMABLE and saved.get(k) != cfg.get(k))
+
+
+def load_optimizer(optimizer, path, params=None, units=None):
+    """AdamW state from a checkpoint: by parameter name (ddp: params = [(name, p)]) or each rank's slice of
+    every unit (sharded: written by any number of ranks)."""
+    from safetensors import safe_open
+
+    if units is None:
+        f = os.path.join(path, "optimizer.safetensors")
+        if not os.path.isfile(f):
+            return
+        with safe_open(f, "pt", device="cpu") as g:
+            keys = set(g.keys())
+            for name, p in params:
+                if f"{name}.exp_avg" in keys:
+                    optimizer.state[p] = {"step": g.get_tensor(f"{name}.step"),
+                                          **{k: g.get_tensor(f"{name}.{k}").to(p.device) for k in ("exp_avg", "exp_avg_sq")}}
+        return
+    for i, u in enumerate(units):
+        f = os.path.join(path, "optimizer", f"unit-{i:05d}.safetensors")
+        if not os.path.isfile(f):
+            continue
+        lo, hi = u.rank * u.size, min((u.rank + 1) * u.size, u.total)
+        with safe_open(f, "pt", device="cpu") as g:  # this rank's slice only
+            st = {"step": g.get_tensor("step")}
+            for key in ("exp_avg", "exp_avg_sq"):
+                mine = torch.zeros(u.size, dtype=torch.float32, device=u.shard.device)
+                if hi > lo:
+                    mine[:hi - lo] = g.get_slice(key)[lo:hi].to(u.shard.device)
+                st[key] = mine
+        optimizer.state[u.shard] = st
+
+
+# ---------------------------------------------------------------------------
+# One run per out_dir
+# ---------------------------------------------------------------------------
+
+
+def lock_out_dir(out_dir):
+    """An exclusive lock on out_dir for this process's lifetime (rank 0 holds it).
+
+    flock on <out_dir>/run.lock: the OS releases it when the holder dies, even by kill -9, so a lock left
+    by a dead run is never in the way (the file's host/pid/start then only describe that run). Returns the
+    open file (keep it) or raises CheckpointError naming the holder.
+    """
+    import fcntl
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "run.lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "an unknown process"
+        f.close()
+        raise CheckpointError(f"out_dir {out_dir} is in use by another run ({holder}); wait for it to end or "
+                              "choose another out_dir") from None
+    except OSError as e:  # a filesystem without flock: run unprotected, but say so
+        print(f"warning: cannot lock {path} ({e.strerror}); a second run on this out_dir would not be stopped",
+              file=sys.stderr)
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+def run_files(out_dir):
+    """What a previous run left in out_dir (resume=never refuses these)."""
+    return [n for n in ("metrics.jsonl", "config.yaml", "checkpoints") if os.path.exists(os.path.join(out_dir, n))]
