@@ -525,28 +525,27 @@ def minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, opponent=None, desc="",
     steps = cfg["epochs"] * math.ceil(E / per_step)
     step_losses = []
     policy.train()
-    bar = tqdm(total=steps, desc=desc, leave=False, disable=trainer.rank != 0, file=sys.stderr)
-    bar.set_postfix(**(postfix or {}))
-    for _ in range(cfg["epochs"]):
-        order = torch.randperm(E, generator=shuffle)
-        for s in range(0, E, per_step):
-            batch = order[s:s + per_step].to(trainer.device)
+    with tqdm(total=steps, desc=desc, leave=False, disable=trainer.rank != 0, file=sys.stderr) as bar:  # closed on a stop too
+        bar.set_postfix(**(postfix or {}))
+        for _ in range(cfg["epochs"]):
+            order = torch.randperm(E, generator=shuffle)
+            for s in range(0, E, per_step):
+                batch = order[s:s + per_step].to(trainer.device)
 
-            def micro_losses():
-                for m in range(0, len(batch), micro):
-                    idx = batch[m:m + micro]
-                    rows = torch.unique(torch.cat([r[idx].flatten() for r in ex["rows"].values()]))
-                    with trainer.autocast():
-                        tok_lp, seq_lp = sequence_logprobs(policy, seqs[0][rows], seqs[1][rows], seqs[2][rows])
-                    pi = tok_lp if spec.token_level else seq_lp
-                    per_example = batch_loss(spec, ex, idx, pi, rows, frozen, h)  # (b,)
-                    yield (ex["weight"][idx] * per_example).sum() / norm
+                def micro_losses():
+                    for m in range(0, len(batch), micro):
+                        idx = batch[m:m + micro]
+                        rows = torch.unique(torch.cat([r[idx].flatten() for r in ex["rows"].values()]))
+                        with trainer.autocast():
+                            tok_lp, seq_lp = sequence_logprobs(policy, seqs[0][rows], seqs[1][rows], seqs[2][rows])
+                        pi = tok_lp if spec.token_level else seq_lp
+                        per_example = batch_loss(spec, ex, idx, pi, rows, frozen, h)  # (b,)
+                        yield (ex["weight"][idx] * per_example).sum() / norm
 
-            step_losses.append(trainer.step(micro_losses(), k, len(step_losses), steps))
-            if spec.opponent == "ema":  # NashMP: target <- kappa theta + (1 - kappa) target after every step
-                trainer.ema_weights(opponent, policy, h.kappa)
-            bar.update(1)
-    bar.close()
+                step_losses.append(trainer.step(micro_losses(), k, len(step_losses), steps))
+                if spec.opponent == "ema":  # NashMP: target <- kappa theta + (1 - kappa) target after every step
+                    trainer.ema_weights(opponent, policy, h.kappa)
+                bar.update(1)
     return step_losses
 
 

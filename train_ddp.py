@@ -572,7 +572,8 @@ class Trainer:
                 u.nonfinite = None
             return not bool(torch.stack(bad).any()) if bad else True
         grads = [p.grad for p in self.params if p.grad is not None]
-        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())  # elementwise: a norm
+        # of finite entries can overflow, which the global norm check below reports as such
 
     def weights_finite(self, models):
         """Whether every weight of `models` is finite, agreed by all ranks (sharded: each checks its shards)."""
@@ -845,13 +846,24 @@ def train(cfg, rank, world, device):
     comal.run (Algorithm 3) with this trainer, checkpointing after every iteration."""
     from tqdm import tqdm
 
-    import tiny
-
     master = rank == 0
     out_dir = cfg["out_dir"]
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if master else (lambda msg: None)
-    lock = []  # rank 0 holds <out_dir>/run.lock until this process ends
+    lock = []  # rank 0 holds <out_dir>/run.lock while the run lasts
     on_rank0(lambda: lock.append(checkpoint.lock_out_dir(out_dir)), world, device)
+    try:
+        return train_locked(cfg, rank, world, device, say)
+    finally:
+        for f in lock:
+            f.close()
+
+
+def train_locked(cfg, rank, world, device, say):
+    from tqdm import tqdm
+
+    import tiny
+
+    master, out_dir = rank == 0, cfg["out_dir"]
     resume = on_rank0(lambda: checkpoint.choose_resume(out_dir, cfg["resume"], say), world, device)
     saved = checkpoint.read_state(resume) if resume else None
     if saved:  # what produced the earlier iterations must still be what runs now
@@ -950,8 +962,10 @@ def train(cfg, rank, world, device):
         if k + 1 < cfg["iterations"] and trainer.all_reduce_sum(float(STOP["signal"] is not None)) > 0:
             raise Preempted(f"the end of iteration {k}; rerun the same command to continue from {m['checkpoint']}")
 
-    comal.run(state, trainer, cfg, oracle, prompts_for, start, after_iteration)
-    bar.close()
+    try:
+        comal.run(state, trainer, cfg, oracle, prompts_for, start, after_iteration)
+    finally:
+        bar.close()  # before any final message
     return state
 
 
@@ -1058,6 +1072,8 @@ def cli(argv=None):
     except (ConfigError, oracle_lib.OracleError, TrainingError, checkpoint.CheckpointError) as e:
         if rank == "0":
             print(f"error: {e}", file=sys.stderr)
+        else:  # torchrun stops the other ranks as soon as one exits: let rank 0 print first
+            time.sleep(2)
         return 2
     return 0
 

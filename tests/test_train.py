@@ -20,14 +20,6 @@ import train_ddp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """The tiny embedded base, built once for this module (the real builder, fewer SFT steps)."""
-    path = str(tmp_path_factory.mktemp("cache") / "tiny-base-v1")
-    tiny.build_base(path, sft_steps=150, log=lambda m: None)
-    return path
-
-
 def small_cfg(base, out_dir, **kw):
     """A small config; eta, tau and ref_update_every only where the algorithm reads them."""
     cfg = train_ddp.load_config(None, [])

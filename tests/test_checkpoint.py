@@ -1,0 +1,479 @@
+"""Checkpoints that can be trusted: no pickle is ever loaded, no non-finite state is saved or stepped into,
+a bad newest checkpoint is named and skipped, one run per out_dir, predictable resume, preemption by
+SIGTERM resumes bitwise, and bad input gives one line."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import checkpoint
+import comal
+import train_ddp
+from test_train import TRAIN_CFG, ddp_model, global_batches, micro_losses, small_cfg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+
+
+def train(cfg):
+    """In process, with the threads the command line uses (one process: all cores), so runs compare bitwise."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        return train_ddp.train(cfg, 0, 1, CPU)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cfg3(base, out, **kw):
+    """Three COMAL iterations, rounds of 2: iteration 1 is mid-round (pi_ref = pi^0 differs from the policy)."""
+    return small_cfg(base, out, **dict(dict(iterations=3, algo="comal"), **kw))
+
+
+@pytest.fixture(scope="module")
+def run3(base, tmp_path_factory):
+    """An uninterrupted 3-iteration run: the reference every resumed run must equal bitwise."""
+    out = tmp_path_factory.mktemp("run3") / "out"
+    train(cfg3(base, out))
+    return out
+
+
+def weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def log_lines(out):
+    drop = ("seconds", "sample_s", "judge_s", "train_s", "tokens_per_s", "checkpoint")
+    return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in open(out / "metrics.jsonl")]
+
+
+class Payload:
+    """A pickle that runs a shell command when it is unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# ---------------------------------------------------------------------------
+# 1. No pickles
+# ---------------------------------------------------------------------------
+
+
+def test_checkpoints_hold_no_pickles_and_planted_ones_never_run(base, run3, tmp_path):
+    files = [os.path.join(r, n) for r, _, ns in os.walk(run3 / "checkpoints") for n in ns]
+    assert files and not [f for f in files if f.endswith((".pt", ".bin", ".pkl", ".pickle"))]
+    for f in files:  # every file is safetensors, JSON or a tokenizer's text
+        if f.endswith(".safetensors"):
+            with safe_open(f, "pt") as g:
+                assert list(g.keys())
+        elif f.endswith(".json"):
+            json.load(open(f))
+    ck = checkpoint.checkpoint_dir(str(run3), 1)
+    assert {"manifest.json", "trainer_state.json", "optimizer.safetensors", "ref"} <= set(os.listdir(ck))
+    # the planted payload is dangerous: unpickling it runs the command
+    marker = tmp_path / "pwned"
+    torch.save(Payload(marker), tmp_path / "probe.pt")
+    torch.load(tmp_path / "probe.pt", weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    # plant it under every name an older format or HF would unpickle, then resume from that checkpoint
+    out = tmp_path / "out"
+    shutil.copytree(run3, out)
+    shutil.rmtree(checkpoint.checkpoint_dir(str(out), 2))
+    ck = checkpoint.checkpoint_dir(str(out), 1)
+    for rel in ("trainer_state.pt", "pytorch_model.bin", "optimizer.pt", "optimizer/unit-00000.pt",
+                "ref/pytorch_model.bin", "training_args.bin"):
+        os.makedirs(os.path.dirname(os.path.join(ck, rel)), exist_ok=True)
+        torch.save(Payload(marker), os.path.join(ck, rel))
+    train(cfg3(base, out))
+    assert not marker.exists()
+    assert_same_weights(checkpoint.checkpoint_dir(str(out), 2), checkpoint.checkpoint_dir(str(run3), 2))
+    # a checkpoint of the older pickle format (no manifest) is named and refused, never unpickled
+    old = tmp_path / "old"
+    shutil.copytree(ck, checkpoint.checkpoint_dir(str(old), 1))
+    os.remove(checkpoint.checkpoint_dir(str(old), 1) + "/manifest.json")
+    with pytest.raises(checkpoint.CheckpointError, match=r"no usable checkpoint.*no manifest.json \(an older comal's"):
+        train(cfg3(base, old))
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------
+# 2. Non-finite gradients and weights
+# ---------------------------------------------------------------------------
+
+
+def snapshot(model):
+    if getattr(model, "flat_units", None):
+        return [u.shard.detach().clone() for u in model.flat_units]
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def nan_worker(rank, world, init_file, parallel, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = ddp_model(torch.float32)
+    if parallel == "fsdp":
+        train_ddp.shard_model(model, rank, world)
+    trainer = train_ddp.Trainer(model, dict(train_ddp.load_config(None, []), **TRAIN_CFG), rank, world)
+    trainer.last_checkpoint = "runs/x/checkpoints/iter-00002"
+    ids = global_batches(1)[0].chunk(world)[rank]
+    first = next(model.parameters())
+
+    def losses(extra):  # the extra term on the first micro-batch only
+        for i, loss in enumerate(micro_losses(model, ids)):
+            yield loss + extra() if i == 0 else loss
+
+    results = {}
+    before = snapshot(model)
+    # rank 1: a finite loss (sqrt(0) = 0) whose gradient is NaN (0.5 / sqrt(0) * 0)
+    nan_grad = lambda: torch.sqrt(0.0 * first.sum()) if rank == 1 else 0.0  # noqa: E731
+    # both ranks: finite gradients whose all-reduced sum overflows float32 (3e38 + 3e38)
+    overflow = lambda: 3e38 * (first.flatten()[0] - first.flatten()[0].detach())  # noqa: E731
+    for name, extra in (("nan", nan_grad), ("overflow", overflow)):
+        try:
+            trainer.step(losses(extra), 3, 1, 10)
+            results[name] = None
+        except train_ddp.TrainingError as e:
+            results[name] = str(e)
+        results[name + "_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, snapshot(model)))
+    results["optimizer_state"] = len(trainer.optimizer.state)
+    trainer.step(losses(lambda: 0.0), 3, 1, 10)  # a good step afterwards does move the weights
+    results["good_moves"] = not all(torch.equal(a, b) for a, b in zip(before, snapshot(model)))
+    torch.save(results, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_non_finite_gradient_with_finite_loss_stops_every_rank_before_the_update(tmp_path, parallel):
+    out = str(tmp_path / "r")
+    mp.spawn(nan_worker, args=(2, str(tmp_path / "init"), parallel, out), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(f"{out}.{rank}")
+        assert r["nan"] == ("non-finite gradient (finite loss) at iteration 3 step 1 on rank(s) [1]; the weights were "
+                            "not updated; last good checkpoint: runs/x/checkpoints/iter-00002"), r["nan"]
+        if parallel == "ddp":  # each rank's own gradient is finite; their reduced sum is not
+            assert r["overflow"].startswith("non-finite gradient norm (inf) at iteration 3 step 1 on every rank"), r
+        else:  # sharded: reduce-scatter happens during backward, where the overflow is seen as a local gradient
+            assert r["overflow"] is not None and "at iteration 3 step 1" in r["overflow"], r
+        assert r["nan_unchanged"] and r["overflow_unchanged"] and r["optimizer_state"] == 0
+        assert r["good_moves"]
+
+
+def test_a_nan_gradient_mid_run_leaves_the_last_good_checkpoint_and_the_run_resumes(base, run3, tmp_path,
+                                                                                    monkeypatch):
+    out = tmp_path / "out"
+    flag = {"on": False}
+    real_iteration, real_load = comal.iteration, train_ddp.load_models
+
+    def iteration(k, *a, **kw):
+        flag["on"] = k == 1
+        return real_iteration(k, *a, **kw)
+
+    def load_models(*a, **kw):
+        state, trainer = real_load(*a, **kw)
+        w = state["policy"].model.embed_tokens.weight
+        w.register_hook(lambda g: g * float("nan") if flag["on"] else g)
+        return state, trainer
+
+    monkeypatch.setattr(comal, "iteration", iteration)
+    monkeypatch.setattr(train_ddp, "load_models", load_models)
+    with pytest.raises(train_ddp.TrainingError, match=r"non-finite gradient \(finite loss\) at iteration 1 step 0 on "
+                                                      r"rank\(s\) \[0\].*last good checkpoint: .*iter-00000"):
+        train(cfg3(base, out))
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))] == ["iter-00000"]
+    monkeypatch.undo()
+    train(cfg3(base, out))  # no crash loop: it resumes from iteration 1 and ends as the uninterrupted run
+    assert_same_weights(checkpoint.checkpoint_dir(str(out), 2), checkpoint.checkpoint_dir(str(run3), 2))
+    assert log_lines(out) == log_lines(run3)
+
+
+def test_non_finite_weights_are_never_saved(base, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    policy = AutoModelForCausalLM.from_pretrained(base)
+    trainer = train_ddp.Trainer(policy, small_cfg(base, tmp_path))
+    trainer.last_checkpoint = "somewhere/iter-00003"
+    state = {"policy": policy, "tokenizer": AutoTokenizer.from_pretrained(base)}
+    cfg = small_cfg(base, tmp_path)
+    assert os.path.isdir(checkpoint.save_checkpoint(str(tmp_path), 3, state, trainer, cfg, []))
+    with torch.no_grad():
+        policy.model.norm.weight[0] = float("inf")
+    with pytest.raises(checkpoint.CheckpointError, match="iteration 4: the weights are not finite; nothing was saved "
+                                                         r"\(last good checkpoint: .*iter-00003\)"):
+        checkpoint.save_checkpoint(str(tmp_path), 4, state, trainer, cfg, [])
+    assert not os.path.exists(checkpoint.checkpoint_dir(str(tmp_path), 4) + ".tmp")
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(tmp_path))] == ["iter-00003"]
+
+
+# ---------------------------------------------------------------------------
+# 3. The manifest: a bad newest checkpoint is named, skipped, and its iteration redone in place
+# ---------------------------------------------------------------------------
+
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def garble(path):
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["delete trainer_state.json", "truncate model.safetensors",
+                                    "garble optimizer.safetensors", "garble ref/model.safetensors"])
+def test_a_bad_newest_checkpoint_is_named_and_the_previous_one_resumes(base, run3, tmp_path, capsys, damage):
+    out = tmp_path / "out"
+    shutil.copytree(run3, out)
+    verb, rel = damage.split(" ")
+    target = os.path.join(checkpoint.checkpoint_dir(str(out), 2), rel)
+    {"delete": os.remove, "truncate": truncate, "garble": garble}[verb](target)
+    assert checkpoint.verify(checkpoint.checkpoint_dir(str(out), 2)) is not None
+    capsys.readouterr()
+    train(cfg3(base, out))
+    err = capsys.readouterr().err
+    assert f"warning: skipped {checkpoint.checkpoint_dir(str(out), 2)}: {rel}" in err
+    assert f"resuming from {checkpoint.checkpoint_dir(str(out), 1)}" in err
+    # iteration 2 redone and saved over the bad directory: the same bytes as the uninterrupted run
+    assert checkpoint.verify(checkpoint.checkpoint_dir(str(out), 2)) is None
+    assert_same_weights(checkpoint.checkpoint_dir(str(out), 2), checkpoint.checkpoint_dir(str(run3), 2))
+    assert log_lines(out) == log_lines(run3)
+    assert sorted(os.listdir(out / "checkpoints")) == ["iter-00000", "iter-00001", "iter-00002"]
+
+
+def test_no_good_checkpoint_stops_with_one_line(base, run3, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(run3, out)
+    for p in checkpoint.list_checkpoints(str(out)):
+        os.remove(os.path.join(p, "trainer_state.json"))
+    with pytest.raises(checkpoint.CheckpointError, match="no usable checkpoint in .*iter-00002: trainer_state.json is "
+                                                         "missing.*iter-00000: trainer_state.json is missing"):
+        train(cfg3(base, out))
+
+
+def test_replace_dir_swaps_a_directory_of_the_same_iteration(tmp_path):
+    path, tmp = tmp_path / "iter-00001", tmp_path / "iter-00001.tmp"
+    os.makedirs(path / "sub")
+    (path / "old.txt").write_text("old")
+    os.makedirs(tmp)
+    (tmp / "new.txt").write_text("new")
+    checkpoint.replace_dir(str(tmp), str(path))
+    assert sorted(os.listdir(tmp_path)) == ["iter-00001"] and os.listdir(path) == ["new.txt"]
+
+
+# ---------------------------------------------------------------------------
+# 4. Resume semantics and the config
+# ---------------------------------------------------------------------------
+
+
+def test_resume_never_refuses_a_run_and_an_explicit_checkpoint_continues_bitwise(base, run3, tmp_path):
+    with pytest.raises(train_ddp.ConfigError, match=r"resume=never: out_dir .* already holds a run \(metrics.jsonl, "
+                                                    "config.yaml, checkpoints\\)"):
+        cfg3(base, run3, resume="never")
+    assert len(checkpoint.list_checkpoints(str(run3))) == 3  # untouched
+    # continue from iteration 0's checkpoint (mid-round: its pi_ref is pi^0, not the policy) in a new out_dir
+    ck0 = checkpoint.checkpoint_dir(str(run3), 0)
+    train(cfg3(base, tmp_path / "branch", resume=ck0))
+    assert_same_weights(checkpoint.checkpoint_dir(str(tmp_path / "branch"), 2), checkpoint.checkpoint_dir(str(run3), 2))
+    # ... but not into the run it came from, over its later checkpoints
+    with pytest.raises(checkpoint.CheckpointError, match="already has checkpoints after iteration 0 .newest iter-00002."):
+        train(cfg3(base, run3, resume=ck0))
+    with pytest.raises(train_ddp.ConfigError, match="is not a finished checkpoint directory"):
+        cfg3(base, tmp_path, resume=str(tmp_path))
+
+
+def test_a_changed_config_is_refused_on_resume_unless_named(base, run3, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(run3, out)
+    shutil.rmtree(checkpoint.checkpoint_dir(str(out), 2))
+    first = (out / "config.yaml").read_text()
+    for change, needle in ((dict(lr=2e-3), r"lr \(0.001 -> 0.002\)"), (dict(algo="inpo"), "algo .'comal' -> 'inpo'."),
+                           (dict(eta=1.0), r"eta \(2.0 -> 1.0\)"), (dict(seed=1), "seed"),
+                           (dict(batch_size=8), "batch_size")):
+        with pytest.raises(train_ddp.ConfigError, match=r"resume: the config differs from .*iter-00001's in " + needle):
+            train(cfg3(base, out, **change))
+    with pytest.raises(train_ddp.ConfigError, match="resume_changes: \\['lrr'\\] are not config keys"):
+        cfg3(base, out, resume_changes=["lrr"])
+    assert (out / "config.yaml").read_text() == first
+    train(cfg3(base, out, lr=2e-3, resume_changes=["lr"], iterations=3))  # named: it continues
+    assert (out / "config.yaml").read_text() == first  # the first segment's config is kept
+    seg = yaml.safe_load((out / "config-resumed-at-00002.yaml").read_text())
+    assert seg["lr"] == 2e-3 and seg["resume_changes"] == ["lr"]
+    state = checkpoint.read_state(checkpoint.checkpoint_dir(str(out), 2))
+    assert state["config"]["lr"] == 2e-3 and state["iteration"] == 2
+
+
+# ---------------------------------------------------------------------------
+# 5. One run per out_dir; bad input through the real command line
+# ---------------------------------------------------------------------------
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_ddp.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_a_second_run_on_a_locked_out_dir_gets_one_line(base, tmp_path):
+    out = tmp_path / "out"
+    held = checkpoint.lock_out_dir(str(out))  # this process is "the other run"
+    r = cli(os.path.join(ROOT, "configs", "tiny.yaml"), f"model={base}", f"out_dir={out}")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: out_dir {out} is in use by another run (pid {os.getpid()} on host {os.uname().nodename} since "
+        f"{r.stderr.split(' since ')[1].split(')')[0]}); wait for it to end or choose another out_dir"]
+    assert not (out / "metrics.jsonl").exists()
+    held.close()  # the holder ends (kill -9 releases it the same way): its file stays, the lock does not
+    again = checkpoint.lock_out_dir(str(out))
+    assert f"pid {os.getpid()}" in (out / "run.lock").read_text()
+    again.close()
+
+
+def test_input_errors_name_the_line(base, tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("lr: 1e-3\nalgo: comal\n  eta: [1, 2\n")
+    with pytest.raises(train_ddp.ConfigError, match=r"bad.yaml is not valid YAML at line 3"):
+        train_ddp.load_config(str(bad_yaml), [])
+    rows = tmp_path / "p.jsonl"
+    rows.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": "c",}\n')
+    with pytest.raises(train_ddp.ConfigError, match=r"prompts: line 4 of .*p.jsonl is not valid JSON"):
+        train_ddp.load_prompts(dict(train_ddp.load_config(None, []), prompts=str(rows)))
+    rows.write_text('{"prompt": "a"}\n\n{"prompt": "  "}\n')
+    with pytest.raises(train_ddp.ConfigError, match=r"prompts: line 3 of .*p.jsonl has an empty 'prompt'"):
+        train_ddp.load_prompts(dict(train_ddp.load_config(None, []), prompts=str(rows)))
+
+
+def test_long_prompts_keep_the_chat_template(base):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)  # template: <|bos|><|user|>{instruction}<|assistant|>
+    short = "which do you pick?"
+    long = " ".join(["rock paper scissors"] * 40) + " " + short
+    full, = train_ddp.encode_prompts(tok, [long], 10_000)
+    cut = []
+    ids, ok = train_ddp.encode_prompts(tok, [long, short], 24, cut)
+    assert len(full) > 24 and len(ids) == 24 and cut == [0]
+    text = tok.decode(ids).replace(" ", "")
+    assert text.startswith("<|bos|><|user|>") and text.endswith("whichdoyoupick?<|assistant|>"), text
+    assert not tok.decode(full[-24:]).startswith("<|bos|>")  # a plain left cut would have lost the head
+    assert ok == train_ddp.encode_prompts(tok, [short], 10_000)[0]  # a prompt that fits is unchanged
+    with pytest.raises(train_ddp.ConfigError, match="shorter than the chat template alone"):
+        train_ddp.encode_prompts(tok, [long], 3)
+
+
+def test_metrics_hold_strict_json():
+    rec = {"loss": float("nan"), "x": [1.0, float("inf")], "y": {"z": float("-inf")}, "k": 3}
+    assert checkpoint.json_safe(rec) == {"loss": None, "x": [1.0, None], "y": {"z": None}, "k": 3}
+    json.dumps(checkpoint.json_safe(rec), allow_nan=False)
+
+
+# ---------------------------------------------------------------------------
+# 6. Preemption: SIGTERM stops every rank at the next step, exit 0, the rerun ends bitwise equal
+# ---------------------------------------------------------------------------
+
+
+def wait_for_step(out, k, proc, timeout=240):
+    """Block until metrics.jsonl has an optimizer step of iteration k."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, proc.communicate()
+        if (out / "metrics.jsonl").exists():
+            for line in open(out / "metrics.jsonl"):
+                if line.strip() and json.loads(line).get("iteration") == k and "step" in json.loads(line):
+                    return
+        time.sleep(0.05)
+    raise AssertionError("no step logged")
+
+
+def write_cfg(cfg, path):
+    with open(path, "w") as f:
+        yaml.safe_dump({k: v for k, v in cfg.items() if k != "out_dir"}, f)
+    return path
+
+
+def stopped_where(line, out):
+    """The checkpoints a stop during iteration 1 leaves: the next optimizer step abandons the iteration; a signal
+    that lands after its last step stops the run once iteration 1 is saved."""
+    if line.startswith("stopped by SIGTERM at iteration 1 step "):
+        assert "the iteration is abandoned" in line and f"redo it from {checkpoint.checkpoint_dir(str(out), 0)}" in line
+        return ["iter-00000"]
+    assert line.startswith("stopped by SIGTERM at the end of iteration 1; rerun the same command"), line
+    return ["iter-00000", "iter-00001"]
+
+
+def test_sigterm_stops_at_the_next_step_and_the_rerun_is_bitwise(base, run3, tmp_path):
+    out = tmp_path / "out"
+    cfg_file = write_cfg(cfg3(base, out), tmp_path / "c.yaml")
+    cmd = [sys.executable, os.path.join(ROOT, "train_ddp.py"), str(cfg_file), f"out_dir={out}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    wait_for_step(out, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    expect = stopped_where(err.strip().splitlines()[-1], out)
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))] == expect
+    assert not (out / "checkpoints" / "iter-00001.tmp").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert_same_weights(checkpoint.checkpoint_dir(str(out), 2), checkpoint.checkpoint_dir(str(run3), 2))
+    assert log_lines(out) == log_lines(run3)
+
+
+def test_sigterm_under_torchrun_stops_both_ranks_and_resumes_bitwise(base, tmp_path):
+    def torchrun(out, **kw):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(ROOT, "train_ddp.py"), os.path.join(ROOT, "configs", "tiny.yaml"), f"model={base}",
+               f"out_dir={out}", "iterations=3", "prompts_per_iteration=8", "n_samples=4", "batch_size=16",
+               "micro_batch_size=4", "eval_prompts=2", "eval_winrate=false"]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw)
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    p = torchrun(full)
+    assert p.wait(timeout=300) == 0, p.communicate()
+    p = torchrun(part)
+    wait_for_step(part, 1, p)
+    workers = subprocess.run(["pgrep", "-f", f"train_ddp.py .*out_dir={part}"], capture_output=True, text=True)
+    pids = [int(x) for x in workers.stdout.split() if int(x) != p.pid]
+    assert len(pids) == 2, workers.stdout
+    for pid in pids:  # what a scheduler's notice to the training processes does
+        os.kill(pid, signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert err.count("stopped by SIGTERM at") == 1, err  # rank 0 prints, once
+    assert "Traceback" not in err
+    stop = [x for x in err.splitlines() if x.startswith("stopped by")][0]
+    assert [os.path.basename(c) for c in checkpoint.list_checkpoints(str(part))] == stopped_where(stop, part)
+    p = torchrun(part)
+    assert p.wait(timeout=300) == 0, p.communicate()
+    assert_same_weights(checkpoint.checkpoint_dir(str(part), 2), checkpoint.checkpoint_dir(str(full), 2))
+    assert log_lines(part) == log_lines(full)
+
+
+def test_config_errors_under_torchrun_print_one_line_from_rank_0(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train_ddp.py"), os.path.join(ROOT, "configs", "tiny.yaml"), "lr=-1",
+           f"out_dir={tmp_path}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    ours = [x for x in r.stderr.splitlines() if x.startswith("error")]
+    assert ours == ["error: lr must be > 0, got -1"], r.stderr
+    assert "exitcode  : 2" in r.stderr  # torchrun reports rank 0's exit status 2 as the root cause
