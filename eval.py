@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import config
 import oracle as oracle_lib
 
 GENERATED = []  # names of the models generated for in this process (tests count them)
@@ -75,12 +76,11 @@ def parse_models(items):
 
 def load_prompt_file(src, field):
     """Instructions from a JSONL/JSON/Parquet file or a `datasets` name (AlpacaEval: field `instruction`)."""
-    import train_ddp
 
     try:
-        return train_ddp.load_prompts({"prompts": src, "prompt_field": field, "prompt_split": "eval",
+        return config.load_prompts({"prompts": src, "prompt_field": field, "prompt_split": "eval",
                                        "prompts_per_iteration": 0, "num_subsets": 1, "seed": 0})
-    except train_ddp.ConfigError as e:
+    except config.ConfigError as e:
         raise EvalError(str(e)) from None
 
 
@@ -124,7 +124,6 @@ def generate_for(name, path, prompts, settings, cache_dir, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import sample
-    import train_ddp
 
     key = checkpoint_key(path, prompts, settings)
     cache = os.path.join(cache_dir, f"{name}.json")
@@ -142,7 +141,7 @@ def generate_for(name, path, prompts, settings, cache_dir, device):
                                                  dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     model.to(device).eval()
     mine = prompts[rank::world]
-    ids = train_ddp.encode_prompts(tok, mine, settings["max_prompt_tokens"])
+    ids = config.encode_prompts(tok, mine, settings["max_prompt_tokens"])
     gen = torch.Generator(device=device).manual_seed(settings["seed"] * 1009 + rank)
     responses, lengths = [], []
     n, B = settings["n"], settings["batch_size"]
@@ -346,7 +345,6 @@ def run_mode(args, device):
     import yaml
 
     import tiny
-    import train_ddp
 
     run = args.run
     cfg_path = os.path.join(run, "config.yaml")
@@ -393,7 +391,7 @@ def run_mode(args, device):
         for row, c in zip(rows, ckpts):
             model = AutoModelForCausalLM.from_pretrained(paths[c]).to(device).eval()
             tok = AutoTokenizer.from_pretrained(paths[c])
-            ids = train_ddp.encode_prompts(tok, prompts, settings["max_prompt_tokens"])
+            ids = config.encode_prompts(tok, prompts, settings["max_prompt_tokens"])
             d, _ = oracle.policy_distribution(model, tok, ids, [tok.eos_token_id], cfg.get("max_new_tokens"))
             row["exploitability"] = float(oracle.exploitability(d).mean())
             row["category_dist"] = [round(float(x), 5) for x in d.mean(0)]

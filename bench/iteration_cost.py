@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import comal  # noqa: E402
 import oracle as oracle_lib  # noqa: E402
 import tiny  # noqa: E402
+import config  # noqa: E402
 import train_ddp  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def main():
     path = args.model or os.path.join("runs", "cache", "tiny-base-v1")
     if not os.path.isdir(path):
         tiny.build_base(path)
-    base_cfg = train_ddp.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
+    base_cfg = config.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
                                      ["ref_update_every=1", "eval_prompts=0", "eval_winrate=false"] + args.overrides)
     tok = AutoTokenizer.from_pretrained(path)
     policy0 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -48,7 +49,7 @@ def main():
         own = {} if algo == "comal" else {"ref_update_every": None, "eta": base_cfg["eta"][0] if isinstance(
             base_cfg["eta"], list) else base_cfg["eta"]}
         cfg = dict(base_cfg, algo=algo, model=path, **own)
-        cfg = train_ddp.check_config({k: v for k, v in cfg.items() if v is not None or k in train_ddp.DEFAULTS}, 1)
+        cfg = config.check_config({k: v for k, v in cfg.items() if v is not None or k in config.DEFAULTS}, 1)
         policy = copy.deepcopy(policy0).to(device)
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
         state = {"policy": policy, "tokenizer": tok, "ref": ref, "opponent": None}
@@ -58,7 +59,7 @@ def main():
     times = {"comal": [], "inpo": []}
     for k in range(args.iters + 1):  # iteration 0 is a warm-up for both
         x = prompts[(k % 4) * base_cfg["prompts_per_iteration"]:(k % 4 + 1) * base_cfg["prompts_per_iteration"]]
-        ids = train_ddp.encode_prompts(tok, x, 256)
+        ids = config.encode_prompts(tok, x, 256)
         for algo in (("comal", "inpo") if k % 2 == 0 else ("inpo", "comal")):
             cfg, state, trainer = runs[algo]
             t0 = time.perf_counter()

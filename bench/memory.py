@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import config  # noqa: E402
 import train_ddp  # noqa: E402
 from sample import sequence_logprobs  # noqa: E402
 
@@ -63,7 +64,7 @@ def worker(rank, world, mode, args, init_file, out):
     model = LlamaForCausalLM(cfg).to(device)
     if mode == "fsdp":
         train_ddp.shard_model(model, rank, world)
-    trainer = train_ddp.Trainer(model, dict(train_ddp.load_config(None, []), lr=1e-4), rank, world, device)
+    trainer = train_ddp.Trainer(model, dict(config.load_config(None, []), lr=1e-4), rank, world, device)
     measured = {}
     step = trainer.optimizer.step
 

@@ -17,6 +17,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import config
 import checkpoint
 import comal
 import train_ddp
@@ -133,7 +134,7 @@ def nan_worker(rank, world, init_file, parallel, out):
     model = ddp_model(torch.float32)
     if parallel == "fsdp":
         train_ddp.shard_model(model, rank, world)
-    trainer = train_ddp.Trainer(model, dict(train_ddp.load_config(None, []), **TRAIN_CFG), rank, world)
+    trainer = train_ddp.Trainer(model, dict(config.load_config(None, []), **TRAIN_CFG), rank, world)
     trainer.last_checkpoint = "runs/x/checkpoints/iter-00002"
     ids = global_batches(1)[0].chunk(world)[rank]
     first = next(model.parameters())
@@ -287,7 +288,7 @@ def test_replace_dir_swaps_a_directory_of_the_same_iteration(tmp_path):
 
 
 def test_resume_never_refuses_a_run_and_an_explicit_checkpoint_continues_bitwise(base, run3, tmp_path):
-    with pytest.raises(train_ddp.ConfigError, match=r"resume=never: out_dir .* already holds a run \(metrics.jsonl, "
+    with pytest.raises(config.ConfigError, match=r"resume=never: out_dir .* already holds a run \(metrics.jsonl, "
                                                     "config.yaml, checkpoints\\)"):
         cfg3(base, run3, resume="never")
     assert len(checkpoint.list_checkpoints(str(run3))) == 3  # untouched
@@ -298,7 +299,7 @@ def test_resume_never_refuses_a_run_and_an_explicit_checkpoint_continues_bitwise
     # ... but not into the run it came from, over its later checkpoints
     with pytest.raises(checkpoint.CheckpointError, match="already has checkpoints after iteration 0 .newest iter-00002."):
         train(cfg3(base, run3, resume=ck0))
-    with pytest.raises(train_ddp.ConfigError, match="is not a finished checkpoint directory"):
+    with pytest.raises(config.ConfigError, match="is not a finished checkpoint directory"):
         cfg3(base, tmp_path, resume=str(tmp_path))
 
 
@@ -310,9 +311,9 @@ def test_a_changed_config_is_refused_on_resume_unless_named(base, run3, tmp_path
     for change, needle in ((dict(lr=2e-3), r"lr \(0.001 -> 0.002\)"), (dict(algo="inpo"), "algo .'comal' -> 'inpo'."),
                            (dict(eta=1.0), r"eta \(2.0 -> 1.0\)"), (dict(seed=1), "seed"),
                            (dict(batch_size=8), "batch_size")):
-        with pytest.raises(train_ddp.ConfigError, match=r"resume: the config differs from .*iter-00001's in " + needle):
+        with pytest.raises(config.ConfigError, match=r"resume: the config differs from .*iter-00001's in " + needle):
             train(cfg3(base, out, **change))
-    with pytest.raises(train_ddp.ConfigError, match="resume_changes: \\['lrr'\\] are not config keys"):
+    with pytest.raises(config.ConfigError, match="resume_changes: \\['lrr'\\] are not config keys"):
         cfg3(base, out, resume_changes=["lrr"])
     assert (out / "config.yaml").read_text() == first
     train(cfg3(base, out, lr=2e-3, resume_changes=["lr"], iterations=3))  # named: it continues
@@ -351,15 +352,15 @@ def test_a_second_run_on_a_locked_out_dir_gets_one_line(base, tmp_path):
 def test_input_errors_name_the_line(base, tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("lr: 1e-3\nalgo: comal\n  eta: [1, 2\n")
-    with pytest.raises(train_ddp.ConfigError, match=r"bad.yaml is not valid YAML at line 3"):
-        train_ddp.load_config(str(bad_yaml), [])
+    with pytest.raises(config.ConfigError, match=r"bad.yaml is not valid YAML at line 3"):
+        config.load_config(str(bad_yaml), [])
     rows = tmp_path / "p.jsonl"
     rows.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": "c",}\n')
-    with pytest.raises(train_ddp.ConfigError, match=r"prompts: line 4 of .*p.jsonl is not valid JSON"):
-        train_ddp.load_prompts(dict(train_ddp.load_config(None, []), prompts=str(rows)))
+    with pytest.raises(config.ConfigError, match=r"prompts: line 4 of .*p.jsonl is not valid JSON"):
+        config.load_prompts(dict(config.load_config(None, []), prompts=str(rows)))
     rows.write_text('{"prompt": "a"}\n\n{"prompt": "  "}\n')
-    with pytest.raises(train_ddp.ConfigError, match=r"prompts: line 3 of .*p.jsonl has an empty 'prompt'"):
-        train_ddp.load_prompts(dict(train_ddp.load_config(None, []), prompts=str(rows)))
+    with pytest.raises(config.ConfigError, match=r"prompts: line 3 of .*p.jsonl has an empty 'prompt'"):
+        config.load_prompts(dict(config.load_config(None, []), prompts=str(rows)))
 
 
 def test_long_prompts_keep_the_chat_template(base):
@@ -368,16 +369,16 @@ def test_long_prompts_keep_the_chat_template(base):
     tok = AutoTokenizer.from_pretrained(base)  # template: <|bos|><|user|>{instruction}<|assistant|>
     short = "which do you pick?"
     long = " ".join(["rock paper scissors"] * 40) + " " + short
-    full, = train_ddp.encode_prompts(tok, [long], 10_000)
+    full, = config.encode_prompts(tok, [long], 10_000)
     cut = []
-    ids, ok = train_ddp.encode_prompts(tok, [long, short], 24, cut)
+    ids, ok = config.encode_prompts(tok, [long, short], 24, cut)
     assert len(full) > 24 and len(ids) == 24 and cut == [0]
     text = tok.decode(ids).replace(" ", "")
     assert text.startswith("<|bos|><|user|>") and text.endswith("whichdoyoupick?<|assistant|>"), text
     assert not tok.decode(full[-24:]).startswith("<|bos|>")  # a plain left cut would have lost the head
-    assert ok == train_ddp.encode_prompts(tok, [short], 10_000)[0]  # a prompt that fits is unchanged
-    with pytest.raises(train_ddp.ConfigError, match="shorter than the chat template alone"):
-        train_ddp.encode_prompts(tok, [long], 3)
+    assert ok == config.encode_prompts(tok, [short], 10_000)[0]  # a prompt that fits is unchanged
+    with pytest.raises(config.ConfigError, match="shorter than the chat template alone"):
+        config.encode_prompts(tok, [long], 3)
 
 
 def test_metrics_hold_strict_json():

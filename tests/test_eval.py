@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import config
 import eval as ev
 import oracle as oracle_lib
 import tiny
@@ -39,7 +40,7 @@ def exact_matrix(d, names, prompts):
     for n in names:
         model = AutoModelForCausalLM.from_pretrained(str(d / n)).eval()
         tok = AutoTokenizer.from_pretrained(str(d / n))
-        ids = train_ddp.encode_prompts(tok, prompts, 1024)
+        ids = config.encode_prompts(tok, prompts, 1024)
         dists[n] = game.policy_distribution(model, tok, ids, [tok.eos_token_id])[0]  # (P, C+1)
     return torch.tensor([[100 * float(((dists[i] @ E) * dists[j]).sum(-1).mean()) for j in names] for i in names])
 
@@ -129,11 +130,11 @@ def test_bad_input_fails_before_any_generation(setup, tmp_path, capsys):
 
 def test_run_mode_follows_the_checkpoints(setup, tmp_path):
     d = setup
-    cfg = train_ddp.load_config(None, [])
+    cfg = config.load_config(None, [])
     cfg.update(model=str(d / "a"), out_dir=str(tmp_path / "run"), iterations=2, prompts_per_iteration=8, n_samples=4,
                max_new_tokens=6, lr=1e-3, batch_size=16, micro_batch_size=8, eval_prompts=4, num_subsets=3,
                eta=2.0, tau=0.1, ref_update_every=2)
-    train_ddp.train(train_ddp.check_config(cfg, 1), 0, 1, torch.device("cpu"))
+    train_ddp.train(config.check_config(cfg, 1), 0, 1, torch.device("cpu"))
     rows = ev.main(["--run", str(tmp_path / "run"), "--num-prompts", "16", "--samples", "4", "--temperature", "1",
                     "--max-new-tokens", "6"])
     assert [r["iteration"] for r in rows] == [0, 1]

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import comal
 import tiny
 import toy_game as tg
@@ -54,7 +55,7 @@ def test_readme_example_trains_the_tiny_base(simpo, tmp_path):
     cfg = yaml.safe_load(open(tmp_path / "run" / "config.yaml"))
     assert cfg["algo"] == "simpo" and cfg["simpo_gamma"] == 0.3 and cfg["simpo_beta"] == 2.0 and "eta" not in cfg
     # a key it does not read is refused, naming it
-    with pytest.raises(train_ddp.ConfigError, match="eta: algo simpo does not read"):
+    with pytest.raises(config.ConfigError, match="eta: algo simpo does not read"):
         train_ddp.main(argv[:1] + ["algo=simpo", "eta=1.0", f"model={base}"])
 
 

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import oracle
 import sample
+import config
 import smollm2
-import train_ddp
 
 PROMPTS = ["What is the capital of France?", "Give two tips for sleeping better.", "Write a haiku about rain."]
 
@@ -39,7 +39,7 @@ def test_converted_checkpoint_equals_the_gguf_model_and_the_sampler_equals_gener
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
     assert not hasattr(model.config, "quantization_config")
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
-    ids = train_ddp.encode_prompts(tok, PROMPTS, 256)
+    ids = config.encode_prompts(tok, PROMPTS, 256)
     ours = greedy_hf(model, ids, 24)
     ref = greedy_hf(gguf_model, ids, 24)
     assert torch.equal(ours, ref)

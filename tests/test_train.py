@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import config
 import checkpoint
 import comal
 import oracle as oracle_lib
@@ -22,13 +23,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def small_cfg(base, out_dir, **kw):
     """A small config; eta, tau and ref_update_every only where the algorithm reads them."""
-    cfg = train_ddp.load_config(None, [])
+    cfg = config.load_config(None, [])
     cfg.update(model=base, out_dir=str(out_dir), iterations=2, prompts_per_iteration=8, n_samples=4, max_new_tokens=6,
                lr=1e-3, batch_size=16, micro_batch_size=8, eval_prompts=2, num_subsets=3)
     reads = comal.ALGOS[kw.get("algo", cfg["algo"])].keys
     cfg.update({k: v for k, v in dict(eta=2.0, tau=0.1, ref_update_every=2).items() if k in reads})
     cfg.update(kw)
-    return train_ddp.check_config(cfg, 1)
+    return config.check_config(cfg, 1)
 
 
 # ---------------------------------------------------------------------------
@@ -67,7 +68,7 @@ def run_trainer(rank, world, batches):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
-    trainer = train_ddp.Trainer(model, dict(train_ddp.load_config(None, []), **TRAIN_CFG), rank, world)
+    trainer = train_ddp.Trainer(model, dict(config.load_config(None, []), **TRAIN_CFG), rank, world)
     for step, ids in enumerate(batches):
         local = ids.chunk(world)[rank]
         trainer.step(micro_losses(model, local), 0, step, len(batches))
@@ -79,7 +80,7 @@ def run_torch_ddp(rank, world, batches):
 
     model = ddp_model()
     ddp = DDP(model)
-    t = train_ddp.Trainer(model, dict(train_ddp.load_config(None, []), **TRAIN_CFG), 0, 1)  # for its lr schedule
+    t = train_ddp.Trainer(model, dict(config.load_config(None, []), **TRAIN_CFG), 0, 1)  # for its lr schedule
     opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.01},
                              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}], lr=1e-2)
     for step, ids in enumerate(batches):
@@ -213,7 +214,7 @@ def test_each_algorithm_runs_and_lowers_its_loss(base, algo, tmp_path):
     steps = []
     trainer = train_ddp.Trainer(policy, cfg, 0, 1, log=steps.append)
     prompts = tiny.synthetic_prompts(6, 3)
-    ids = train_ddp.encode_prompts(tok, prompts, 64)
+    ids = config.encode_prompts(tok, prompts, 64)
     before = [p.detach().clone() for p in policy.parameters()]
     for k in range(6 if spec.on_policy else 1):
         m = comal.iteration(k, 1.0 if "eta" in spec.keys else None, 0.2 if spec.tau else None, state, prompts, ids,
@@ -270,11 +271,11 @@ def test_eta_tau_schedule_and_rounds():
 
 
 def config_error(base, tmp_path, world=1, **kw):
-    cfg = train_ddp.load_config(None, [])
+    cfg = config.load_config(None, [])
     cfg.update(model=base, out_dir=str(tmp_path))
     cfg.update(kw)
-    with pytest.raises(train_ddp.ConfigError) as e:
-        train_ddp.check_config(cfg, world)
+    with pytest.raises(config.ConfigError) as e:
+        config.check_config(cfg, world)
     assert "\n" not in str(e.value)
     return str(e.value)
 
@@ -315,31 +316,31 @@ def test_invalid_config_values_name_the_key(base, tmp_path):
     assert "per-round list needs an algorithm with reference rounds" in config_error(base, tmp_path, algo="inpo",
                                                                                     eta=[2.0, 1.0])
     assert "on-policy" in config_error(base, tmp_path, algo="nashmp", batch_size=32, prompts_per_iteration=32)
-    cfg = train_ddp.load_config(None, ["algo=iter_ipo", "tau=0.1", "tau=null"])  # null unsets
-    assert "tau" not in train_ddp.check_config(dict(cfg, model=base, out_dir=str(tmp_path)), 1)
-    with pytest.raises(train_ddp.ConfigError, match="etaa: unknown config key.*did you mean eta"):
-        train_ddp.load_config(None, ["etaa=3"])
-    with pytest.raises(train_ddp.ConfigError, match="learning_rate: unknown config key"):
-        train_ddp.load_config(None, ["learning_rate=1e-6"])
-    with pytest.raises(train_ddp.ConfigError, match="key=value"):
-        train_ddp.load_config(None, ["lr"])
-    with pytest.raises(train_ddp.ConfigError, match="does not exist"):
-        train_ddp.load_config(str(tmp_path / "nope.yaml"), [])
-    assert train_ddp.load_config(None, ["lr=1e-6", "eta=[500, 10]"])["lr"] == 1e-6  # YAML reads 1e-6 as a string
+    cfg = config.load_config(None, ["algo=iter_ipo", "tau=0.1", "tau=null"])  # null unsets
+    assert "tau" not in config.check_config(dict(cfg, model=base, out_dir=str(tmp_path)), 1)
+    with pytest.raises(config.ConfigError, match="etaa: unknown config key.*did you mean eta"):
+        config.load_config(None, ["etaa=3"])
+    with pytest.raises(config.ConfigError, match="learning_rate: unknown config key"):
+        config.load_config(None, ["learning_rate=1e-6"])
+    with pytest.raises(config.ConfigError, match="key=value"):
+        config.load_config(None, ["lr"])
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        config.load_config(str(tmp_path / "nope.yaml"), [])
+    assert config.load_config(None, ["lr=1e-6", "eta=[500, 10]"])["lr"] == 1e-6  # YAML reads 1e-6 as a string
 
 
 def test_prompt_files_load_and_cli_prints_one_line(base, tmp_path):
     rows = tmp_path / "p.jsonl"
     rows.write_text("".join(json.dumps({"instruction": f"question {i}"}) + "\n" for i in range(12)))
-    cfg = train_ddp.load_config(None, [])
+    cfg = config.load_config(None, [])
     cfg.update(model=base, prompts=str(rows), prompt_field="instruction", num_subsets=3, prompts_per_iteration=2)
-    prompts = train_ddp.load_prompts(train_ddp.check_config(cfg, 2))
-    assert train_ddp.iteration_prompts(prompts, cfg, 1, 1, 2) == ["question 5"]  # subset 1 = 4..7; rank 1 of 2
+    prompts = config.load_prompts(config.check_config(cfg, 2))
+    assert config.iteration_prompts(prompts, cfg, 1, 1, 2) == ["question 5"]  # subset 1 = 4..7; rank 1 of 2
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"instruction": ["a", "b"]}), tmp_path / "p.parquet")
-    assert train_ddp.load_prompts(dict(cfg, prompts=str(tmp_path / "p.parquet"))) == ["a", "b"]
+    assert config.load_prompts(dict(cfg, prompts=str(tmp_path / "p.parquet"))) == ["a", "b"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr: -1\n")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train_ddp.py"), str(bad)], capture_output=True, text=True,
@@ -349,7 +350,7 @@ def test_prompt_files_load_and_cli_prints_one_line(base, tmp_path):
 
 def test_non_finite_loss_stops_with_step_rank_and_checkpoint():
     model = ddp_model()
-    trainer = train_ddp.Trainer(model, dict(train_ddp.load_config(None, []), **TRAIN_CFG))
+    trainer = train_ddp.Trainer(model, dict(config.load_config(None, []), **TRAIN_CFG))
     trainer.last_checkpoint = "runs/x/checkpoints/iter-00004"
     ids = global_batches(1)[0]
     bad = (x * float("nan") for x in micro_losses(model, ids))
@@ -367,7 +368,7 @@ FSDP_CFG = dict(TRAIN_CFG, lr=1e-3)  # fp32: Adam turns rounding of near-zero gr
 def plain_run(batches, dtype=torch.float32, world=1):
     """The reference: one process, unsharded, the same global batches."""
     model = ddp_model(dtype)
-    trainer = train_ddp.Trainer(model, dict(train_ddp.load_config(None, []), **FSDP_CFG))
+    trainer = train_ddp.Trainer(model, dict(config.load_config(None, []), **FSDP_CFG))
     for step, ids in enumerate(batches):
         trainer.step(micro_losses(model, ids), 0, step, len(batches))
     return model
@@ -390,7 +391,7 @@ def fsdp_worker(rank, world, init_file, ckpt):
                 p.mul_(3.0)  # shard_model must broadcast rank 0's weights first
     train_ddp.shard_model(model, rank, world)
     assert all(p.untyped_storage().size() == 0 for p in model.model.layers[0].parameters())  # blocks stay freed
-    trainer = train_ddp.Trainer(model, dict(train_ddp.load_config(None, []), **FSDP_CFG), rank, world)
+    trainer = train_ddp.Trainer(model, dict(config.load_config(None, []), **FSDP_CFG), rank, world)
     batches = global_batches()
     for step, ids in enumerate(batches[:2]):
         trainer.step(micro_losses(model, ids.chunk(world)[rank]), 0, step, len(batches))
@@ -423,7 +424,7 @@ def test_sharded_equals_one_process_samples_alike_and_resumes_on_other_world(tmp
     # 3. resume the 2-rank checkpoint on 1 rank (sharded, world 1): step 3 equals an uninterrupted run
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     train_ddp.shard_model(model, 0, 1)
-    trainer = train_ddp.Trainer(model, dict(train_ddp.load_config(None, []), **FSDP_CFG))
+    trainer = train_ddp.Trainer(model, dict(config.load_config(None, []), **FSDP_CFG))
     checkpoint.load_optimizer(trainer.optimizer, ckpt, units=trainer.units)
     trainer.step(micro_losses(model, batches[2]), 0, 2, 3)
     full = plain_run(batches).state_dict()

@@ -1,0 +1,347 @@
+"""The run's configuration: every key with its default and meaning (DEFAULTS), YAML + key=value loading,
+validation before anything loads (one line naming the key), and the prompt set (files, datasets, the chat
+template, the subset of each iteration). train_ddp.py and eval.py read their inputs through here.
+"""
+import json
+import os
+
+import checkpoint
+import comal
+import oracle as oracle_lib
+
+# key: (default, meaning). Types follow the defaults (an int is accepted for a float). The keys an
+# algorithm reads (eta, tau, eta_tau, ref_update_every, pair_selection, clip_eps, kappa, ...) are not here:
+# each algorithm's spec lists them (comal.ALGOS / comal.KEYS), and setting one the algorithm does not read
+# is an error.
+DEFAULTS = {
+    "model": (None, "local HF directory of the base policy; null builds the tiny embedded base (tiny.py)"),
+    "out_dir": ("runs/tiny", "where config.yaml, metrics.jsonl and checkpoints/ go"),
+    "resume": ("auto", "auto: continue from the newest good checkpoint in out_dir (a fresh start if it has none); "
+                       "never: start fresh, refused if out_dir holds a run; or a checkpoint directory to continue from"),
+    "resume_changes": ([], "keys allowed to differ from the checkpoint's config on resume, e.g. [lr]; any other change "
+                           "to what defines the run (algo, eta, lr, batch sizes, oracle, model, seed, ...) is refused"),
+    "seed": (0, "all randomness derives from (seed, purpose, iteration, rank): comal.seed_for"),
+    "algo": ("comal", "one of " + ", ".join(comal.ALGOS)),
+    "iterations": (30, "number of iterations k (one data subset each)"),
+    "n_samples": (5, "responses per prompt (paper: 5)"),
+    "temperature": (1.0, "sampling temperature (paper: 0.8; 1.0 samples mu itself, as the theory assumes)"),
+    "top_p": (1.0, "nucleus sampling"),
+    "max_new_tokens": (8, "response length limit (also Dr.GRPO's constant normaliser)"),
+    "max_prompt_tokens": (1024, "prompts are truncated on the left to this many tokens"),
+    "prompts": (None, "JSONL/JSON/Parquet file, a local `datasets` directory or name; null = synthetic prompts"),
+    "prompt_field": ("prompt", "the field holding the instruction"),
+    "prompt_split": ("train", "split of a `datasets` prompt set"),
+    "num_subsets": (6, "the prompts are split into this many parts, used in turn (paper: 6)"),
+    "prompts_per_iteration": (32, "prompts used per iteration, from the iteration's subset (0 = all of it)"),
+    "lr": (5e-7, "AdamW peak learning rate (paper: 5e-7)"),
+    "warmup_ratio": (0.1, "linear warmup fraction of each iteration's steps, then cosine to 0 (paper: 10%)"),
+    "weight_decay": (0.0, "AdamW weight decay"),
+    "batch_size": (32, "global examples per optimizer step (paper: 32)"),
+    "micro_batch_size": (8, "examples per forward/backward on one rank"),
+    "epochs": (1, "passes over each iteration's examples (paper: 1)"),
+    "grad_clip": (1.0, "max global gradient norm (0 = off)"),
+    "oracle": ({"kind": "category"}, "the preference oracle block (oracle.py)"),
+    "eval_prompts": (16, "held-out prompts for exact category-game exploitability each iteration (0 = off)"),
+    "eval_winrate": (True, "log the win rate of the updated policy against mu's responses"),
+    "dtype": ("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16; master weights stay fp32"),
+    "bucket_mb": (25, "gradient all-reduce bucket size in MiB"),
+    "parallel": ("ddp", "ddp (replicated weights, bucketed all-reduce) or fsdp (flat shards per block, ZeRO-3 style)"),
+    "activation_checkpointing": (False, "recompute each transformer block in backward instead of storing its activations"),
+    "keep_checkpoints": (0, "keep only the newest N checkpoints (0 = all)"),
+    "cache_dir": ("runs/cache", "where the tiny embedded base is built once"),
+}
+
+
+def algo_keys():
+    """Every key some algorithm of comal.ALGOS reads (an entry added by a fork or a test counts too)."""
+    return {k: v for spec in comal.ALGOS.values() for k, v in spec.key_defs().items()}
+
+
+class ConfigError(ValueError):
+    """A bad config value: one line naming the key."""
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+
+
+def load_config(path, overrides):
+    """DEFAULTS <- YAML file <- key=value overrides (values parsed as YAML)."""
+    import yaml
+
+    cfg = {k: v for k, (v, _) in DEFAULTS.items()}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}: "
+                              f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must be a mapping of key: value")
+        for key, value in data.items():
+            set_key(cfg, key, value, path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        set_key(cfg, key, yaml.safe_load(value) if value else None, "command line")
+    return cfg
+
+
+def as_number(value):
+    """YAML 1.1 reads 1e-3 (no dot) as a string; numbers written that way are numbers here."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, list):
+        return [as_number(v) for v in value]
+    return value
+
+
+def set_key(cfg, key, value, where):
+    if key.startswith("oracle."):  # oracle.kind=... edits the block
+        cfg["oracle"] = dict(cfg["oracle"], **{key[len("oracle."):]: value})
+        return
+    algo = algo_keys()
+    if key not in DEFAULTS and key not in algo:
+        import difflib
+
+        close = difflib.get_close_matches(key, list(DEFAULTS) + list(algo), n=3, cutoff=0.6)
+        raise ConfigError(f"{key}: unknown config key ({where})" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    if key in algo:
+        if value is None:  # key=null: not set (the algorithm's default, or absent for one that does not read it)
+            cfg.pop(key, None)
+            return
+        cfg[key] = as_number(value) if isinstance(algo[key][0], float) or key == "eta_tau" else value
+        return
+    cfg[key] = as_number(value) if isinstance(DEFAULTS[key][0], float) else value
+
+
+def check_algorithm_keys(cfg):
+    """The chosen algorithm's keys (comal.ALGOS): a set key it does not read is an error, its own keys get
+    their defaults and checks, and per-round lists need an algorithm with rounds."""
+    if cfg["algo"] not in comal.ALGOS:
+        raise ConfigError(f"algo: unknown algorithm {cfg['algo']!r}; choose from {', '.join(comal.ALGOS)}")
+    spec = comal.ALGOS[cfg["algo"]]
+    try:
+        comal.check_spec(cfg["algo"], spec)  # a forked or added entry is checked like the shipped ones
+    except comal.SpecError as e:
+        raise ConfigError(str(e)) from None
+    defs = spec.key_defs()
+    for key in algo_keys():
+        if key in cfg and key not in defs:
+            raise ConfigError(f"{key}: algo {cfg['algo']} does not read this key (it reads: {', '.join(defs)}); "
+                              f"remove it or set {key}=null")
+    for key, (default, _, check) in defs.items():
+        if key not in cfg:
+            cfg[key] = default
+        if cfg[key] is not None and (msg := check(cfg[key])):
+            raise ConfigError(f"{key} {msg}, got {cfg[key]!r}")
+    if spec.ref != "rounds":
+        for key in ("eta", "tau"):
+            if isinstance(cfg.get(key), list):
+                raise ConfigError(f"{key}: a per-round list needs an algorithm with reference rounds; "
+                                  f"{cfg['algo']} has none, give one number")
+    if spec.tau and "eta" in defs:  # Alg. 2: mu^(1 - eta tau) pi_ref^(eta tau), eq. 14's weight 1 - eta tau on mu
+        lists = [v for v in (cfg["eta"], cfg["tau"]) if isinstance(v, list)]
+        for t in range(max([len(v) for v in lists], default=1)):
+            eta, tau = comal.round_params(cfg, t)
+            if eta * tau >= 1:
+                raise ConfigError(f"eta * tau = {eta * tau:g} >= 1 in round {t}: eta_tau must be < 1 "
+                                  "(eq. 14 puts weight 1 - eta*tau on mu)")
+    return spec
+
+
+def check_config(cfg, world):
+    """Reject wrong types and impossible values, naming the key; nothing is loaded yet."""
+    for key, (default, _) in DEFAULTS.items():
+        v = cfg[key]
+        if default is None or v is None and key in ("model", "prompts"):
+            continue
+        ok = isinstance(v, type(default)) and not (isinstance(v, bool) and not isinstance(default, bool))
+        if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(f"{key} must be {type(default).__name__}, got {v!r}")
+    spec = check_algorithm_keys(cfg)
+    positive = ("iterations", "max_new_tokens", "max_prompt_tokens", "num_subsets", "batch_size",
+                "micro_batch_size", "epochs", "bucket_mb")
+    for key in positive:
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
+    if not cfg["lr"] > 0:
+        raise ConfigError(f"lr must be > 0, got {cfg['lr']}")
+    for key in ("prompts_per_iteration", "eval_prompts", "keep_checkpoints", "grad_clip", "weight_decay"):
+        if cfg[key] < 0:
+            raise ConfigError(f"{key} must be >= 0, got {cfg[key]}")
+    if cfg["n_samples"] < 2:
+        raise ConfigError(f"n_samples must be >= 2 (preferences compare responses), got {cfg['n_samples']}")
+    if not cfg["temperature"] > 0:
+        raise ConfigError(f"temperature must be > 0 for training (greedy samples are all alike), got {cfg['temperature']}")
+    if not 0 < cfg["top_p"] <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {cfg['top_p']}")
+    if not 0 <= cfg["warmup_ratio"] < 1:
+        raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg['warmup_ratio']}")
+    if cfg["parallel"] not in ("ddp", "fsdp"):
+        raise ConfigError(f"parallel must be ddp or fsdp, got {cfg['parallel']!r}")
+    if cfg["dtype"] not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg['dtype']!r}")
+    if cfg["batch_size"] % (world * cfg["micro_batch_size"]):
+        raise ConfigError(f"batch_size {cfg['batch_size']} is not divisible by world size {world} x "
+                          f"micro_batch_size {cfg['micro_batch_size']}")
+    if cfg["prompts_per_iteration"] and cfg["prompts_per_iteration"] % world:
+        raise ConfigError(f"prompts_per_iteration {cfg['prompts_per_iteration']} is not divisible by world size {world}")
+    if cfg["resume"] not in ("auto", "never") and not os.path.isfile(os.path.join(str(cfg["resume"]), "manifest.json")):
+        raise ConfigError(f"resume: {cfg['resume']} is not a finished checkpoint directory (no manifest.json)")
+    if cfg["resume"] == "never" and (found := checkpoint.run_files(cfg["out_dir"])):
+        raise ConfigError(f"resume=never: out_dir {cfg['out_dir']} already holds a run ({', '.join(found)}); "
+                          "choose a new out_dir, move it aside, or use resume=auto to continue it")
+    unknown = [k for k in cfg["resume_changes"] if not isinstance(k, str) or k not in DEFAULTS and k not in algo_keys()]
+    if unknown:
+        raise ConfigError(f"resume_changes: {unknown} are not config keys")
+    if cfg["max_prompt_tokens"] < 8:
+        raise ConfigError(f"max_prompt_tokens must be >= 8 (the chat template alone needs several), "
+                          f"got {cfg['max_prompt_tokens']}")
+    if cfg["model"] is not None:
+        try:
+            oracle_lib.check_model_dir(cfg["model"], "model")
+        except oracle_lib.OracleError as e:
+            raise ConfigError(str(e)) from None
+    if cfg["prompts"] is not None and not isinstance(cfg["prompts"], str):
+        raise ConfigError(f"prompts must be a path or a dataset name, got {cfg['prompts']!r}")
+    # reads the prompts: a missing field or subsets too small for the world size are reported now
+    per_iteration = len(iteration_prompts(load_prompts(cfg), cfg, 0, 0, world)) * world
+    examples = per_iteration * comal.examples_per_group(spec, cfg)
+    if spec.on_policy and (cfg["epochs"] != 1 or cfg["batch_size"] < examples):
+        raise ConfigError(f"algo {cfg['algo']} learns on-policy (REINFORCE on y ~ pi): one optimizer step per "
+                          f"iteration, so epochs must be 1 and batch_size >= the iteration's {examples} examples "
+                          f"(prompts_per_iteration x n_samples); got epochs {cfg['epochs']}, batch_size {cfg['batch_size']}")
+    try:
+        cfg["oracle"] = oracle_lib.check_oracle_config(cfg["oracle"])
+    except oracle_lib.OracleError as e:
+        raise ConfigError(str(e)) from None
+    if cfg["eval_prompts"] and cfg["oracle"]["kind"] != "category":
+        cfg["eval_prompts"] = 0  # exploitability is exact only on the category game
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------
+
+
+def load_prompts(cfg):
+    """The instruction strings of the prompt set (synthetic when `prompts` is null)."""
+    import tiny
+
+    src, field = cfg["prompts"], cfg["prompt_field"]
+    if src is None:
+        per = cfg["prompts_per_iteration"] or 32
+        return tiny.synthetic_prompts(per * cfg["num_subsets"], cfg["seed"])
+    if os.path.isfile(src):
+        rows, where = read_rows(src)
+    elif os.path.isdir(src) or src.count("/") <= 1:
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        try:
+            import datasets
+
+            ds = datasets.load_from_disk(src) if os.path.isdir(src) else datasets.load_dataset(src, split=cfg["prompt_split"])
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[cfg["prompt_split"]]
+            rows = list(ds)
+            where = [f"row {i}" for i in range(len(rows))]
+        except Exception as e:
+            raise ConfigError(f"prompts: cannot load {src!r} as a file or dataset ({str(e).splitlines()[0][:160]}); "
+                              "offline, give a local JSONL/JSON/Parquet file or a saved dataset directory") from None
+    else:
+        raise ConfigError(f"prompts: {src} does not exist")
+    if not rows:
+        raise ConfigError(f"prompts: {src} has no rows")
+    for r, w in zip(rows, where):
+        if not isinstance(r, dict) or not isinstance(r.get(field), str):
+            raise ConfigError(f"prompts: {w} of {src} has no string field {field!r} (set prompt_field)")
+        if not r[field].strip():
+            raise ConfigError(f"prompts: {w} of {src} has an empty {field!r}")
+    return [r[field] for r in rows]
+
+
+def read_rows(path):
+    """(rows, where each row is: 'line N' of a JSONL file, 'row N' otherwise)."""
+    try:
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+            return rows, [f"row {i}" for i in range(len(rows))]
+        with open(path) as f:
+            if path.endswith(".jsonl"):
+                rows, where = [], []
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise ConfigError(f"prompts: line {i} of {path} is not valid JSON ({e.msg}, "
+                                              f"column {e.colno})") from None
+                        where.append(f"line {i}")
+                return rows, where
+            data = json.load(f)
+        rows = data if isinstance(data, list) else data.get("data", [])
+        return rows, [f"row {i}" for i in range(len(rows))]
+    except (json.JSONDecodeError, OSError, ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"prompts: cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def encode_prompts(tokenizer, prompts, max_tokens, cut=None):
+    """Token ids of each prompt in the policy's chat template (plain text if it has none).
+
+    A prompt over max_tokens keeps the template whole (its head, e.g. <|bos|><|user|>, and the generation
+    prompt at the end): its instruction is cut from the left until the whole fits. The indices of cut
+    prompts are appended to `cut`.
+    """
+    chat = bool(getattr(tokenizer, "chat_template", None))
+
+    def encode(x):
+        if chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(x)["input_ids"]
+
+    out = []
+    for i, x in enumerate(prompts):
+        ids = encode(x)
+        if len(ids) > max_tokens:
+            words = tokenizer(x, add_special_tokens=False)["input_ids"]
+            while len(ids) > max_tokens:
+                words = words[len(ids) - max_tokens:]  # re-encoding may merge tokens differently: repeat
+                if not words:
+                    raise ConfigError(f"max_prompt_tokens {max_tokens} is shorter than the chat template alone "
+                                      f"({len(encode(''))} tokens)")
+                ids = encode(tokenizer.decode(words))
+            if cut is not None:
+                cut.append(i)
+        out.append(ids)
+    return out
+
+
+def iteration_prompts(prompts, cfg, k, rank, world):
+    """This rank's prompts of iteration k: subset k mod num_subsets, its first prompts_per_iteration, every world-th."""
+    S = cfg["num_subsets"]
+    size = len(prompts) // S
+    if size < world:
+        raise ConfigError(f"num_subsets: {len(prompts)} prompts in {S} subsets leave fewer than {world} per subset")
+    subset = prompts[(k % S) * size:(k % S + 1) * size]
+    per = cfg["prompts_per_iteration"] or size - size % world
+    if per > size:
+        raise ConfigError(f"prompts_per_iteration {per} > {size} prompts per subset")
+    return subset[:per][rank::world]
