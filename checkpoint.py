@@ -338,3 +338,77 @@ def lock_out_dir(out_dir):
 def run_files(out_dir):
     """What a previous run left in out_dir (resume=never refuses these)."""
     return [n for n in ("metrics.jsonl", "config.yaml", "checkpoints") if os.path.exists(os.path.join(out_dir, n))]
+
+
+# ---------------------------------------------------------------------------
+# Reading a checkpoint in slices (sharded mode: each rank reads only its part)
+# ---------------------------------------------------------------------------
+
+
+class SafetensorsReader:
+    """The tensors of an HF checkpoint directory (one safetensors file or an index), read by name in slices.
+
+    flat_range(name, shape, a, b) returns entries [a, b) of the flattened tensor, reading only the rows that
+    hold them (get_slice), so a rank that owns 1/N of a unit reads about 1/N of its bytes.
+    """
+
+    def __init__(self, path):
+        import contextlib
+
+        from safetensors import safe_open
+
+        index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
+        self.stack = contextlib.ExitStack()
+        self.path, self.handles, self.where = path, {}, {}
+        if os.path.isfile(index):
+            with open(index) as f:
+                self.where = dict(json.load(f)["weight_map"])
+        elif os.path.isfile(single):
+            with safe_open(single, "pt") as g:
+                self.where = {k: "model.safetensors" for k in g.keys()}
+        else:
+            raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json "
+                                  "(parallel: fsdp reads the weights in slices from safetensors)")
+        self.open = lambda fname: safe_open(os.path.join(path, fname), "pt", device="cpu")
+        self.bytes_read = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stack.close()
+
+    def has(self, name):
+        return name in self.where
+
+    def handle(self, name):
+        if name not in self.where:
+            raise CheckpointError(f"{self.path} has no tensor {name!r} (the model's parameters and the checkpoint's "
+                                  "names differ)")
+        fname = self.where[name]
+        if fname not in self.handles:
+            self.handles[fname] = self.stack.enter_context(self.open(fname))
+        return self.handles[fname]
+
+    def tensor(self, name):
+        t = self.handle(name).get_tensor(name)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def flat_range(self, name, shape, a, b):
+        sl = self.handle(name).get_slice(name)
+        if tuple(sl.get_shape()) != tuple(shape):
+            raise CheckpointError(f"{self.path}: {name} has shape {tuple(sl.get_shape())}, the model expects "
+                                  f"{tuple(shape)}")
+        if len(shape) <= 1:
+            t = sl[a:b] if len(shape) == 1 else self.handle(name).get_tensor(name).reshape(1)[a:b]
+        else:
+            row = 1
+            for d in shape[1:]:
+                row *= d
+            r0, r1 = a // row, -(-b // row)
+            rows = sl[r0:r1]  # whole rows: at most one partial row read beyond each end
+            self.bytes_read += rows.numel() * rows.element_size()
+            return rows.reshape(-1)[a - r0 * row:b - r0 * row]
+        self.bytes_read += t.numel() * t.element_size()
+        return t

@@ -15,6 +15,7 @@ The trainer (train_ddp.py) owns processes, optimizer, checkpoints and logging;
 everything that makes an algorithm itself is its Algorithm entry in ALGOS.
 Adding one = a loss in losses.py + an entry here (README, "Adding an algorithm").
 """
+import contextlib
 import math
 import sys
 import time
@@ -437,12 +438,14 @@ def precompute_logps(model, seqs, micro):
     return tok, tok.sum(-1)
 
 
-def frozen_logps(spec, models, seqs, micro):
-    """The frozen fields of the iteration's responses (frozen_fields) from the spec's frozen policies."""
+def frozen_logps(spec, models, seqs, micro, gathered=lambda model: contextlib.nullcontext()):
+    """The frozen fields of the iteration's responses (frozen_fields) from the spec's frozen policies
+    (each one's forwards inside gathered(model): the trainer's rollout weights, one model at a time)."""
     seq, tok, cache = {}, {}, {}
     for name, model in models.items():
         if id(model) not in cache:  # offline: mu is pi_ref itself, computed once
-            cache[id(model)] = precompute_logps(model, seqs, micro)
+            with gathered(model):
+                cache[id(model)] = precompute_logps(model, seqs, micro)
         tok[name], seq[name] = cache[id(model)]
     return frozen_fields(spec, seq, seqs[2].sum(-1).to(seq["mu"].dtype), tok, seqs[2])
 
@@ -475,9 +478,10 @@ def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
     # 1. mu <- the sampler; n responses per prompt (and n from the opponent)
     t0 = time.time()
     policy.eval()
-    with trainer.autocast():
+    with trainer.autocast(), trainer.gathered(mu_model):
         samples, groups = sample_groups(mu_model, tok, prompt_ids, cfg, gen, trainer.all_done)
-        if spec.opponent != "none":
+    if spec.opponent != "none":
+        with trainer.autocast(), trainer.gathered(state["opponent"]):
             _, opp_groups = sample_groups(state["opponent"], tok, prompt_ids, cfg, gen, trainer.all_done)
     sample_s = time.time() - t0
 
@@ -496,7 +500,8 @@ def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
     seqs = samples.sequences()
     models = {"mu": mu_model, "ref": state.get("ref"), "opp": state.get("opponent")}
     with trainer.autocast():
-        frozen = frozen_logps(spec, {name: m for name, m in models.items() if m is not None}, seqs, micro)
+        frozen = frozen_logps(spec, {name: m for name, m in models.items() if m is not None}, seqs, micro,
+                              trainer.gathered)
     if spec.opponent == "prev":  # OMWU: pi^{k-1} <- pi^k, before pi^k is updated
         trainer.copy_weights(state["opponent"], policy)
 

@@ -46,6 +46,9 @@ DEFAULTS = {
     "dtype": ("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16; master weights stay fp32"),
     "bucket_mb": (25, "gradient all-reduce bucket size in MiB"),
     "parallel": ("ddp", "ddp (replicated weights, bucketed all-reduce) or fsdp (flat shards per block, ZeRO-3 style)"),
+    "rollout": ("gathered", "fsdp: gathered (sample and precompute log-probs from weights gathered once per phase, "
+                            "no collectives per token) or sharded (per-block gathers in every forward, for models "
+                            "too large to gather whole)"),
     "activation_checkpointing": (False, "recompute each transformer block in backward instead of storing its activations"),
     "keep_checkpoints": (0, "keep only the newest N checkpoints (0 = all)"),
     "cache_dir": ("runs/cache", "where the tiny embedded base is built once"),
@@ -192,6 +195,10 @@ def check_config(cfg, world):
         raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg['warmup_ratio']}")
     if cfg["parallel"] not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel must be ddp or fsdp, got {cfg['parallel']!r}")
+    if cfg["rollout"] not in ("gathered", "sharded"):
+        raise ConfigError(f"rollout must be gathered or sharded, got {cfg['rollout']!r}")
+    if cfg["rollout"] == "sharded" and cfg["parallel"] != "fsdp":
+        raise ConfigError("rollout: sharded needs parallel: fsdp (DDP always samples from its whole weights)")
     if cfg["dtype"] not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg['dtype']!r}")
     if cfg["batch_size"] % (world * cfg["micro_batch_size"]):

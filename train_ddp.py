@@ -68,6 +68,7 @@ class Trainer:
         self.log = log or (lambda *a, **k: None)
         self.units = getattr(model, "flat_units", None)  # set by shard_model: parallel = fsdp
         self.last_checkpoint = None
+        self.lockstep = True  # sharded forwards are collectives (False inside `gathered`)
         if self.units is not None:  # AdamW on this rank's fp32 master shards; decay applied by mask in step()
             self.params = [u.shard for u in self.units]
             self.optimizer = torch.optim.AdamW(self.params, lr=cfg["lr"], weight_decay=0.0)
@@ -86,9 +87,33 @@ class Trainer:
         use_bf16 = self.cfg["dtype"] == "bfloat16" or (self.cfg["dtype"] == "auto" and self.device.type == "cuda")
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def gathered(self, *models):
+        """Forwards without collectives (rollout: gathered, the default): every unit of the sharded `models`
+        gathered once, in the compute dtype, kept for the block and freed after, so sampling and the frozen
+        log-probs run as on a plain model and the ranks need not decode in lockstep. rollout: sharded keeps
+        today's per-block gathers inside every forward (for models too large to gather whole)."""
+        units = [u for m in models if m is not None for u in getattr(m, "flat_units", None) or []]
+        if not units or self.cfg["rollout"] != "gathered":
+            yield
+            return
+        for u in units:
+            u.gather()
+            u.pinned = True
+        self.lockstep = False
+        try:
+            yield
+        finally:
+            self.lockstep = True
+            for u in units:
+                u.pinned = False
+                if not u.keep_gathered:
+                    u.free()
+
     def all_done(self, local_done):
-        """Sharded runs: every forward is a collective, so a sampler stops only when all ranks are done."""
-        if self.units is None or self.world == 1:
+        """Sharded runs: every forward is a collective, so a sampler stops only when all ranks are done
+        (not needed inside `gathered`, where forwards are local)."""
+        if self.units is None or self.world == 1 or not self.lockstep:
             return local_done
         t = torch.tensor([0.0 if local_done else 1.0], device=self.device)
         dist.all_reduce(t)
@@ -138,7 +163,7 @@ class Trainer:
         with torch.no_grad():
             if self.cfg["weight_decay"]:  # AdamW's decoupled decay, on >= 2-D parameters only (as DDP's groups)
                 for u in self.units:
-                    u.shard.mul_(1 - lr * self.cfg["weight_decay"] * u.decay_mask)
+                    u.shard.mul_(1 - lr * self.cfg["weight_decay"] * u.decay_mask.to(u.shard.dtype))
         self.optimizer.step()
         for u in self.units:
             u.shard.grad = None
@@ -284,28 +309,46 @@ def make_buckets(params, cap_bytes):
 class FlatUnit:
     """The parameters of one module as a flat vector sharded over the ranks."""
 
-    def __init__(self, params, names, rank, world, compute_dtype):
-        self.params, self.names, self.rank, self.world = params, names, rank, world
+    def __init__(self, params, names, rank, world, compute_dtype, master_dtype=torch.float32, reader=None,
+                 device=None):
+        self.names, self.rank, self.world = names, rank, world
         self.shapes = [p.shape for p in params]
         self.numels = [p.numel() for p in params]
         self.total = sum(self.numels)
         self.size = -(-self.total // world)  # shard length; the padded flat has size * world entries
-        device = params[0].device
-        flat = torch.zeros(self.size * world, dtype=torch.float32, device=device)
-        flat[:self.total] = torch.cat([p.detach().float().flatten() for p in params])
-        self.shard = torch.nn.Parameter(flat[rank * self.size:(rank + 1) * self.size].clone())  # fp32 master
-        self.decay_mask = torch.cat([torch.full((n,), float(len(s) >= 2), device=device)
-                                     for n, s in zip(self.numels, self.shapes)] +
-                                    [torch.zeros(self.size * world - self.total, device=device)])[
-            rank * self.size:(rank + 1) * self.size]
-        self.full = torch.empty(self.size * world, dtype=compute_dtype, device=device)
+        device = torch.device(device) if device is not None else params[0].device
+        lo, hi = rank * self.size, (rank + 1) * self.size
+        if reader is None:  # from the module's own values (the same on every rank)
+            flat = torch.zeros(self.size * world, dtype=master_dtype, device=device)
+            flat[:self.total] = torch.cat([p.detach().to(master_dtype).flatten() for p in params])
+            shard = flat[lo:hi].clone()
+            del flat
+        else:  # streamed: only this rank's slice of each parameter is read from the checkpoint
+            shard = torch.zeros(self.size, dtype=master_dtype, device=device)
+        self.decay_mask = torch.zeros(self.size, dtype=torch.bool, device=device)  # AdamW decays >= 2-D params
         offset = 0
+        for name, n, shape in zip(names, self.numels, self.shapes):
+            a, b = max(lo, offset), min(hi, offset + n)
+            if a < b:
+                self.decay_mask[a - lo:b - lo] = len(shape) >= 2
+                if reader is not None:
+                    shard[a - lo:b - lo] = reader.flat_range(name, shape, a - offset, b - offset).to(device, master_dtype)
+            offset += n
+        self.shard = torch.nn.Parameter(shard, requires_grad=any(p.requires_grad for p in params))  # the master
+        self.full = torch.empty(self.size * world, dtype=compute_dtype, device=device)
+        self.params, self.replaced, offset = [], {}, 0
         for p, n, shape in zip(params, self.numels, self.shapes):
-            p.data = self.full[offset:offset + n].view(shape)  # the module computes with views of `full`
+            view = self.full[offset:offset + n].view(shape)  # the module computes with views of `full`
+            if p.device.type == "meta":  # a skeleton's parameter: a new one, set on its modules by shard_model
+                new = torch.nn.Parameter(torch.empty(0, dtype=compute_dtype, device=device), requires_grad=p.requires_grad)
+                self.replaced[id(p)], p = new, new
+            p.data = view  # .data: the gathers into `full` must not bump the version autograd saved
+            self.params.append(p)
             offset += n
         self.pending = 0  # parameter gradients accumulated in the current backward
         self.nonfinite = None  # whether this rank's own gradients were non-finite (a tensor: no sync here)
         self.keep_gathered = False  # the root unit stays gathered between optimizer steps
+        self.pinned = False  # gathered for a whole rollout (trainer.gathered): the hooks neither gather nor free
         self.gathered = True
         self.free()
 
@@ -320,7 +363,7 @@ class FlatUnit:
         self.gathered = True
 
     def free(self):
-        if self.gathered:
+        if self.gathered and not self.pinned:
             self.full.untyped_storage().resize_(0)
             self.gathered = False
 
@@ -371,9 +414,15 @@ def transformer_blocks(model):
     raise ConfigError(f"parallel: fsdp cannot find the transformer blocks of {type(model).__name__}")
 
 
-def shard_model(model, rank, world, compute_dtype=torch.float32, activation_checkpointing=False):
-    """Turn `model` into a sharded one in place; returns its units (blocks first, root last)."""
-    if world > 1:  # every rank shards rank 0's weights
+def shard_model(model, rank, world, compute_dtype=torch.float32, activation_checkpointing=False, master_dtype=torch.float32,
+                reader=None, device=None):
+    """Turn `model` into a sharded one in place; returns its units (blocks first, root last).
+
+    Either from the model's own weights (rank 0's, broadcast), or, for a meta-device skeleton, streamed: each
+    rank reads only its slices from `reader` (checkpoint.SafetensorsReader) and no rank ever holds the model.
+    master_dtype: fp32 for a trained model; a frozen one keeps its shards in its compute dtype.
+    """
+    if world > 1 and reader is None:  # every rank shards rank 0's weights
         for p in model.parameters():
             dist.broadcast(p.data, 0)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -382,7 +431,14 @@ def shard_model(model, rank, world, compute_dtype=torch.float32, activation_chec
     def make_unit(module):
         params = [p for p in module.parameters() if id(p) not in seen]
         seen.update(id(p) for p in params)
-        return FlatUnit(params, [names[id(p)] for p in params], rank, world, compute_dtype)
+        unit = FlatUnit(params, [names[id(p)] for p in params], rank, world, compute_dtype, master_dtype, reader, device)
+        for m in model.modules():  # a skeleton's meta parameters are replaced everywhere (tied ones included)
+            for key, p in list(m._parameters.items()):
+                if p is not None and id(p) in unit.replaced:
+                    m._parameters[key] = unit.replaced[id(p)]
+        unit.replaced = {}
+        seen.update(id(p) for p in unit.params)
+        return unit
 
     for block in transformer_blocks(model):
         unit = make_unit(block)
@@ -425,6 +481,50 @@ def checkpoint_blocks(model):
     for block in transformer_blocks(model):
         inner = block.forward
         block.forward = lambda *a, inner=inner, **kw: torch.utils.checkpoint.checkpoint(inner, *a, use_reentrant=False, **kw)
+
+
+def load_sharded(path, rank, world, device, compute_dtype, master_dtype=torch.float32, frozen=False,
+                 activation_checkpointing=False):
+    """A sharded model straight from a checkpoint directory: a meta-device skeleton (no weights), whose units
+    each rank fills with its own slices of the safetensors files; non-persistent buffers (rotary inv_freq) are
+    rebuilt by the model's own initialiser. At no time does a rank hold more than its shards and one unit."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if frozen:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    with checkpoint.SafetensorsReader(path) as reader:
+        shard_model(model, rank, world, compute_dtype, activation_checkpointing, master_dtype, reader, device)
+        materialize_buffers(model, reader, device)
+    if os.path.isfile(os.path.join(path, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
+
+
+def materialize_buffers(model, reader, device):
+    """The skeleton's buffers: persistent ones from the checkpoint, derived ones recomputed by the model's
+    _init_weights (e.g. rotary frequencies); one that neither provides is refused rather than left garbage."""
+    for prefix, module in model.named_modules():
+        meta = [k for k, b in module._buffers.items() if b is not None and b.device.type == "meta"]
+        if not meta:
+            continue
+        for k in meta:
+            b, name = module._buffers[k], f"{prefix}.{k}" if prefix else k
+            if k not in module._non_persistent_buffers_set and reader.has(name):
+                module._buffers[k] = reader.tensor(name).to(device, b.dtype)
+            else:
+                module._buffers[k] = torch.full(b.shape, float("nan") if b.is_floating_point() else 0, dtype=b.dtype,
+                                                device=device)
+        if not list(module.parameters(recurse=False)):
+            model._init_weights(module)
+        bad = [k for k in meta if module._buffers[k].is_floating_point() and not torch.isfinite(module._buffers[k]).all()]
+        if bad:
+            raise ConfigError(f"parallel: fsdp cannot rebuild the buffer {prefix}.{bad[0]} of "
+                              f"{type(module).__name__} from a checkpoint; use parallel: ddp for this model")
 
 
 def grad_ready(unit):
@@ -580,7 +680,8 @@ def train_locked(cfg, rank, world, device, say):
                               cfg["max_prompt_tokens"]) if game else None
     prev = None  # the previous iterate's mean category distribution
     if game and start < cfg["iterations"]:  # every rank evaluates: with sharded weights each forward is a collective
-        m, prev = category_metrics(game, state, eval_ids, None, cfg["max_new_tokens"])
+        with trainer.gathered(policy):
+            m, prev = category_metrics(game, state, eval_ids, None, cfg["max_new_tokens"])
         if start == 0:
             log({"iteration": -1, **m})
         say(f"start: exploitability {m['exploitability']:.4f}  categories {m['category_dist']}")
@@ -603,7 +704,7 @@ def train_locked(cfg, rank, world, device, say):
         if cfg["eval_winrate"]:  # P(pi^{k+1} > mu) on this iteration's prompts, one fresh sample each
             gen = torch.Generator(device=device).manual_seed(comal.seed_for(cfg["seed"], "eval_winrate", k, rank))
             policy.eval()
-            with trainer.autocast():
+            with trainer.autocast(), trainer.gathered(policy):
                 _, new = comal.sample_groups(policy, tokenizer, x_ids, dict(cfg, n_samples=1), gen, trainer.all_done)
             wins = float(oracle.prob(x, [g[0] for g in new], responses).double().sum())
             m["winrate_vs_mu"] = trainer.all_reduce_sum(wins) / trainer.all_reduce_sum(float(len(x)))
@@ -611,7 +712,8 @@ def train_locked(cfg, rank, world, device, say):
             m[key] = trainer.all_reduce_sum(m[key]) / world
         m["seconds"] = time.time() - t0
         if game:
-            cm, prev = category_metrics(game, state, eval_ids, prev, cfg["max_new_tokens"])
+            with trainer.gathered(policy):
+                cm, prev = category_metrics(game, state, eval_ids, prev, cfg["max_new_tokens"])
             m.update(cm)
         m["checkpoint"] = checkpoint.save_checkpoint(out_dir, k, state, trainer, cfg, copies)
         log(m)
@@ -676,15 +778,21 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
         return m
 
     def frozen(path, dtype):
+        if sharded:  # streamed: shards kept in the frozen model's own dtype
+            m = load_sharded(path, rank, world, device, dtype, master_dtype=dtype, frozen=True)
+            m.config.pad_token_id = tokenizer.pad_token_id
+            return m
         m = load(path).eval()
         for p in m.parameters():
             p.requires_grad_(False)
-        if not sharded:
-            return m.to(dtype)
-        shard_model(m, rank, world, dtype)
-        return m
+        return m.to(dtype)
 
-    policy = load(start_path)
+    if sharded:  # no rank ever holds the whole policy: a skeleton filled with this rank's slices
+        policy = load_sharded(start_path, rank, world, device, compute_dtype,
+                              activation_checkpointing=cfg["activation_checkpointing"])
+        policy.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        policy = load(start_path)
     try:  # once: pi_ref and the opponent are copies of the same architecture
         sample.check_logprob_path(policy)
     except sample.UnsupportedModel as e:
@@ -703,9 +811,7 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
         state["ref"] = frozen(saved("ref"), compute_dtype)
     if spec.opponent != "none":  # an EMA accumulates small steps: fp32
         state["opponent"] = frozen(saved("opponent"), torch.float32 if spec.opponent == "ema" else compute_dtype)
-    if sharded:
-        shard_model(policy, rank, world, compute_dtype, cfg["activation_checkpointing"])
-    elif cfg["activation_checkpointing"]:
+    if not sharded and cfg["activation_checkpointing"]:
         checkpoint_blocks(policy)
     return state, Trainer(policy, cfg, rank, world, device)
 

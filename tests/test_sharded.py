@@ -1,0 +1,122 @@
+"""Sharded mode at scale: streamed loading (each rank reads only its slices of the checkpoint), rollout from
+gathered weights (no collectives per token, the same samples as the per-block path), and a two-node launch."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import checkpoint
+import comal
+import config
+import train_ddp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def full_of(unit, t=None):
+    flat, offset, out = unit.gathered_fp32(t), 0, {}
+    for name, n, shape in zip(unit.names, unit.numels, unit.shapes):
+        out[name] = flat[offset:offset + n].view(shape).clone()
+        offset += n
+    return out
+
+
+def load_worker(rank, world, init_file, base, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    read = {}
+    real = checkpoint.SafetensorsReader.__exit__
+
+    def record(self, *exc):  # the bytes this rank read from the checkpoint
+        read["bytes"] = self.bytes_read
+        return real(self, *exc)
+
+    checkpoint.SafetensorsReader.__exit__ = record
+    policy = train_ddp.load_sharded(base, rank, world, torch.device("cpu"), torch.float32)
+    policy_read = read["bytes"]
+    ref = train_ddp.load_sharded(base, rank, world, torch.device("cpu"), torch.bfloat16, torch.bfloat16, frozen=True)
+    got = {"policy": {}, "ref": {}, "read": policy_read, "shard_dtypes": {str(u.shard.dtype) for u in ref.flat_units},
+           "ref_requires_grad": any(p.requires_grad for p in ref.parameters())}
+    for key, m in (("policy", policy), ("ref", ref)):
+        for u in m.flat_units:
+            got[key].update(full_of(u))
+    # rollout: the same tokens from gathered weights and from per-block gathers; count the collectives
+    cfg = config.load_config(None, [])
+    prompts = [[1, 5, 9, 4], [3, 3, 8], [7, 2, 2, 6, 1]][rank::world] or [[2, 4]]
+    calls, real_gather = [], dist.all_gather_single
+    dist.all_gather_single = lambda *a, **kw: (calls.append(1), real_gather(*a, **kw))[1]
+    for rollout in ("gathered", "sharded"):
+        trainer = train_ddp.Trainer(policy, dict(cfg, parallel="fsdp", rollout=rollout, n_samples=3, max_new_tokens=10),
+                                    rank, world)
+        calls.clear()
+        gen = torch.Generator().manual_seed(rank)
+        with trainer.gathered(policy):
+            samples, _ = comal.sample_groups(policy, Tok(), prompts, trainer.cfg, gen, trainer.all_done)
+        got[rollout] = samples.response_ids
+        got[rollout + "_gathers"] = len(calls)
+    dist.all_gather_single = real_gather
+    got["units"] = len(policy.flat_units)
+    torch.save(got, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+class Tok:
+    """The two things sample_groups asks of a tokenizer."""
+    eos_token_id = 2
+    pad_token_id = 0
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return [" ".join(map(str, row)) for row in ids.tolist()]
+
+
+def test_streamed_loading_reads_each_ranks_slices_and_rollouts_agree(base, tmp_path):
+    out = str(tmp_path / "r")
+    mp.spawn(load_worker, args=(2, str(tmp_path / "init"), base, out), nprocs=2, join=True)
+    want = load_file(os.path.join(base, "model.safetensors"))
+    total = sum(t.numel() * t.element_size() for t in want.values())
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}")
+        for name, t in want.items():  # every unit, gathered from the two ranks' slices, is the checkpoint
+            assert torch.equal(got["policy"][name], t.float()), name
+            assert torch.equal(got["ref"][name], t.to(torch.bfloat16).float()), name
+        # each rank read about half of the file (whole rows around its slice's ends)
+        assert got["read"] <= total / 2 * 1.1 and got["read"] >= total / 2 * 0.9, (got["read"], total)
+        assert got["shard_dtypes"] == {"torch.bfloat16"} and not got["ref_requires_grad"]
+        assert torch.equal(got["gathered"], got["sharded"])  # the same samples either way
+        blocks = got["units"] - 1  # the root stays gathered
+        assert got["sharded_gathers"] >= 2 * blocks  # per block at the prefill and again at every decoded token
+        assert got["gathered_gathers"] == blocks  # once per block for the whole rollout
+
+
+def test_two_nodes_equal_one_node(base, tmp_path):
+    """torchrun --nnodes 2 (one process each, c10d rendezvous on localhost) gives the numbers of
+    --nproc_per_node 2."""
+    import socket
+
+    common = [os.path.join(ROOT, "train_ddp.py"), os.path.join(ROOT, "configs", "tiny.yaml"), f"model={base}",
+              "iterations=2", "prompts_per_iteration=8", "n_samples=4", "batch_size=16", "micro_batch_size=8",
+              "eval_prompts=2", "eval_winrate=false"]
+    run = lambda args, out: subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args, *common,  # noqa: E731
+                                              f"out_dir={out}"], cwd=ROOT, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True)
+    one = run(["--standalone", "--nproc_per_node", "2"], tmp_path / "one")
+    assert one.wait(timeout=300) == 0, one.communicate()[1][-2000:]
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    nodes = [run(["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(r), "--rdzv_backend", "c10d",
+                  "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "two-nodes"], tmp_path / "two") for r in (0, 1)]
+    for p in nodes:
+        assert p.wait(timeout=300) == 0, p.communicate()[1][-2000:]
+
+    def numbers(out):
+        return [(r["iteration"], r["exploitability"], r["category_dist"]) for r in map(json.loads, open(out / "metrics.jsonl"))
+                if "exploitability" in r]
+
+    assert len(numbers(tmp_path / "one")) == 3
+    assert numbers(tmp_path / "one") == numbers(tmp_path / "two")
