@@ -1,0 +1,52 @@
+"""The whole process, per rank: peak RSS, rollout and training seconds, parallel ddp vs fsdp at N ranks.
+
+python bench/sharded_rss.py [--model runs/cache/smollm2-135m-instruct] [--nproc 2] [--rollout gathered]
+
+For each mode, one short COMAL iteration with the category oracle runs under
+torchrun (gloo on CPU, nccl on GPUs); every rank reports its peak RSS
+(getrusage ru_maxrss: imports, loading, rollout, training and the checkpoint
+write all included) through bench/rss_worker.py; rollout = the iteration's
+sample_s, training = its train_s from metrics.jsonl. Prints both modes and
+the fsdp / ddp ratios, measured in the same run.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def run(mode, args, tmp):
+    out = os.path.join(tmp, mode)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+           os.path.join(ROOT, "bench", "rss_worker.py"), os.path.join(ROOT, "configs", "tiny.yaml"),
+           f"model={args.model}", f"out_dir={out}", f"parallel={mode}", "iterations=1", "prompts_per_iteration=8",
+           "n_samples=4", "max_new_tokens=32", "batch_size=16", "micro_batch_size=4", "epochs=1", "eval_prompts=0",
+           "eval_winrate=false", "lr=1e-5"] + ([f"rollout={args.rollout}"] if mode == "fsdp" else [])
+    r = subprocess.run(cmd, env=dict(os.environ, RSS_OUT=out + ".rss"), capture_output=True, text=True, cwd=ROOT)
+    if r.returncode:
+        sys.exit(f"{mode} failed:\n{r.stderr[-3000:]}")
+    peaks = [json.load(open(f"{out}.rss.{k}"))["peak_rss"] for k in range(args.nproc)]
+    it = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")) if '"sample_s"' in x][-1]
+    return {"peak_rss_gib": max(peaks) / 2**30, "sample_s": it["sample_s"], "train_s": it["train_s"]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=os.path.join("runs", "cache", "smollm2-135m-instruct"))
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--rollout", default="gathered", choices=["gathered", "sharded"])
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        res = {mode: run(mode, args, tmp) for mode in ("ddp", "fsdp")}
+    print(f"model {args.model}, N = {args.nproc}, fsdp rollout {args.rollout}")
+    for key, label in (("peak_rss_gib", "peak RSS per rank (GiB)"), ("sample_s", "rollout (s)"), ("train_s", "training (s)")):
+        d, f = res["ddp"][key], res["fsdp"][key]
+        print(f"{label:26s} ddp {d:8.2f}   fsdp {f:8.2f}   fsdp/ddp {f / d:.2f}")
+
+
+if __name__ == "__main__":
+    main()
