@@ -94,7 +94,9 @@ class Trainer:
         log-probs run as on a plain model and the ranks need not decode in lockstep. rollout: sharded keeps
         today's per-block gathers inside every forward (for models too large to gather whole)."""
         units = [u for m in models if m is not None for u in getattr(m, "flat_units", None) or []]
-        if not units or self.cfg["rollout"] != "gathered":
+        if self.cfg["rollout"] != "gathered":  # per-block gathers; a frozen model's root is gathered here only
+            units = [u for u in units if u is u.root and not u.keep_gathered]
+        if not units:
             yield
             return
         for u in units:
@@ -163,7 +165,8 @@ class Trainer:
         with torch.no_grad():
             if self.cfg["weight_decay"]:  # AdamW's decoupled decay, on >= 2-D parameters only (as DDP's groups)
                 for u in self.units:
-                    u.shard.mul_(1 - lr * self.cfg["weight_decay"] * u.decay_mask.to(u.shard.dtype))
+                    for a, b in u.decay_ranges:
+                        u.shard[a:b].mul_(1 - lr * self.cfg["weight_decay"])
         self.optimizer.step()
         for u in self.units:
             u.shard.grad = None
@@ -325,12 +328,13 @@ class FlatUnit:
             del flat
         else:  # streamed: only this rank's slice of each parameter is read from the checkpoint
             shard = torch.zeros(self.size, dtype=master_dtype, device=device)
-        self.decay_mask = torch.zeros(self.size, dtype=torch.bool, device=device)  # AdamW decays >= 2-D params
+        self.decay_ranges = []  # [a, b) of this shard that AdamW decays (>= 2-D parameters, as DDP's groups)
         offset = 0
         for name, n, shape in zip(names, self.numels, self.shapes):
             a, b = max(lo, offset), min(hi, offset + n)
             if a < b:
-                self.decay_mask[a - lo:b - lo] = len(shape) >= 2
+                if len(shape) >= 2:
+                    self.decay_ranges.append((a - lo, b - lo))
                 if reader is not None:
                     shard[a - lo:b - lo] = reader.flat_range(name, shape, a - offset, b - offset).to(device, master_dtype)
             offset += n
@@ -348,6 +352,7 @@ class FlatUnit:
         self.pending = 0  # parameter gradients accumulated in the current backward
         self.nonfinite = None  # whether this rank's own gradients were non-finite (a tensor: no sync here)
         self.keep_gathered = False  # the root unit stays gathered between optimizer steps
+        self.root = None  # shard_model: the root unit points to itself
         self.pinned = False  # gathered for a whole rollout (trainer.gathered): the hooks neither gather nor free
         self.gathered = True
         self.free()
@@ -415,12 +420,14 @@ def transformer_blocks(model):
 
 
 def shard_model(model, rank, world, compute_dtype=torch.float32, activation_checkpointing=False, master_dtype=torch.float32,
-                reader=None, device=None):
+                reader=None, device=None, keep_root=True):
     """Turn `model` into a sharded one in place; returns its units (blocks first, root last).
 
     Either from the model's own weights (rank 0's, broadcast), or, for a meta-device skeleton, streamed: each
     rank reads only its slices from `reader` (checkpoint.SafetensorsReader) and no rank ever holds the model.
     master_dtype: fp32 for a trained model; a frozen one keeps its shards in its compute dtype.
+    keep_root: the root unit stays gathered between steps (the policy: its output layer is used outside a module
+    call); a frozen model's root is gathered only inside trainer.gathered, for its log-prob forwards.
     """
     if world > 1 and reader is None:  # every rank shards rank 0's weights
         for p in model.parameters():
@@ -458,9 +465,11 @@ def shard_model(model, rank, world, compute_dtype=torch.float32, activation_chec
     if activation_checkpointing:
         checkpoint_blocks(model)
     root = make_unit(model)
-    root.keep_gathered = True
+    root.root = root
+    root.keep_gathered = keep_root
     units.append(root)
-    root.gather()
+    if keep_root:
+        root.gather()
     for unit in units:
         for p in unit.params:
             if p.requires_grad:
@@ -498,7 +507,8 @@ def load_sharded(path, rank, world, device, compute_dtype, master_dtype=torch.fl
         for p in model.parameters():
             p.requires_grad_(False)
     with checkpoint.SafetensorsReader(path) as reader:
-        shard_model(model, rank, world, compute_dtype, activation_checkpointing, master_dtype, reader, device)
+        shard_model(model, rank, world, compute_dtype, activation_checkpointing, master_dtype, reader, device,
+                    keep_root=not frozen)
         materialize_buffers(model, reader, device)
     if os.path.isfile(os.path.join(path, "generation_config.json")):
         model.generation_config = GenerationConfig.from_pretrained(path)
