@@ -120,3 +120,56 @@ def test_two_nodes_equal_one_node(base, tmp_path):
 
     assert len(numbers(tmp_path / "one")) == 3
     assert numbers(tmp_path / "one") == numbers(tmp_path / "two")
+
+
+def bench_module(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def held_worker(rank, world, init_file, base, parallel, out):
+    from transformers import AutoModelForCausalLM
+
+    from sample import sequence_logprobs
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    if parallel == "fsdp":
+        model = train_ddp.load_sharded(base, rank, world, torch.device("cpu"), torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    trainer = train_ddp.Trainer(model, dict(config.load_config(None, []), parallel=parallel), rank, world)
+    held, real = {}, trainer.optimizer.step
+
+    def step(*a, **kw):  # before the second step: gradients and Adam moments all exist
+        if trainer.optimizer.state:
+            held["bytes"] = bench_module("memory").held_bytes(model, trainer)
+        return real(*a, **kw)
+
+    trainer.optimizer.step = step
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(rank))
+    mask = torch.ones_like(ids)
+    for s in range(2):
+        trainer.step(iter([-sequence_logprobs(model, ids, mask, mask)[1].mean()]), 0, s, 2)
+    torch.save(held["bytes"], f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_the_memory_plan_matches_the_bytes_the_trainers_hold(base, tmp_path):
+    plan = bench_module("plan")
+    hf, blocks, root = plan.architecture(base)
+    cfg = config.load_config(None, [])
+    for world in (1, 2):
+        for parallel in ("ddp", "fsdp"):
+            out = str(tmp_path / f"{parallel}{world}")
+            mp.spawn(held_worker, args=(world, str(tmp_path / f"init{parallel}{world}"), base, parallel, out),
+                     nprocs=world, join=True)
+            measured = max(torch.load(f"{out}.{r}") for r in range(world))
+            rows, _ = plan.plan(dict(cfg, algo="iter_ipo", parallel=parallel), hf, blocks, root, world, "cpu")
+            predicted = sum(rows.values())  # iter_ipo: no frozen copy in the trainer's state
+            print(f"plan {parallel} N={world}: predicted {predicted} measured {measured} ({predicted / measured:.3f})")
+            assert abs(predicted - measured) <= 0.02 * measured, (parallel, world, predicted, measured)  # issue: 15%

@@ -1,0 +1,132 @@
+"""Per-rank memory plan of a training config on N ranks, from the model's architecture alone.
+
+python bench/plan.py CONFIG [key=value ...] --world N [--gpu-gib 80] [--arch llama3_8b|qwen25_7b|DIR]
+
+The model is built on the meta device (no weights, no hub): --arch names one
+of the shipped recipes' architectures (their public config.json numbers,
+below) or a local directory with a config.json; default: the config's model.
+Printed per rank, in GiB: the persistent state (fp32 master weights or
+shards, gradients, AdamW moments, the gathered root, the frozen pi_ref /
+opponent) and the two peaks on top of it: the rollout (the gathered policy
+when rollout: gathered, the KV cache of prompts x n x (prompt + response)
+tokens) and one training micro-batch (activations with and without
+activation checkpointing, the fused log-prob's logits chunk, one gathered
+block and its fp32 gradient during the reduce-scatter). The state rows are
+exact parameter arithmetic, checked against the bytes the trainers hold
+(tests/test_sharded.py); activations are an estimate (saved tensors of a
+Llama-style block, in the compute dtype).
+"""
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import comal  # noqa: E402
+import config  # noqa: E402
+
+# the public config.json numbers of the recipes' models (configs/llama3_8b_*.yaml, configs/qwen25_7b_*.yaml)
+ARCHS = {
+    "llama3_8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)),
+    "qwen25_7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)),
+}
+GIB = 2 ** 30
+
+
+def architecture(arch):
+    """(HF config, [parameters per transformer block], root parameters) of a meta-device model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if arch in ARCHS:
+        kind, kw = ARCHS[arch]
+        hf = AutoConfig.for_model(kind, **kw)
+    else:
+        hf = AutoConfig.from_pretrained(arch, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    import train_ddp
+
+    seen, blocks = set(), []
+    for block in train_ddp.transformer_blocks(model):
+        ps = [p for p in block.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in ps)
+        blocks.append(sum(p.numel() for p in ps))
+    root = sum(p.numel() for p in model.parameters() if id(p) not in seen)
+    return hf, blocks, root
+
+
+def plan(cfg, hf, blocks, root, world, device="cuda"):
+    """{row: bytes per rank}. The units of parallel: fsdp are the blocks and the root, each padded to N."""
+    c = 2 if device == "cuda" and cfg["dtype"] != "float32" else 4  # compute dtype bytes
+    spec = comal.ALGOS[cfg["algo"]]
+    P = sum(blocks) + root
+    shard = sum(math.ceil(n / world) for n in blocks + [root])  # this rank's entries over all units
+    frozen = ([c] if spec.ref != "none" else []) + ([4 if spec.opponent == "ema" else c] if spec.opponent != "none" else [])
+    rows = {}
+    if cfg["parallel"] == "fsdp":
+        rows["master shards (fp32)"] = 4 * shard
+        rows["gradient shards (fp32)"] = 4 * shard
+        rows["AdamW moments (fp32)"] = 8 * shard
+        rows["root, kept gathered"] = c * root
+        rows["frozen copies (shards)"] = sum(b * shard for b in frozen)
+        rollout_weights = c * P if cfg["rollout"] == "gathered" else c * max(blocks)
+        unit_transient = (c + 4 + 4) * max(blocks)  # gathered block, its full gradient, the flat being scattered
+    else:
+        rows["weights (fp32)"] = 4 * P
+        rows["gradients (fp32)"] = 4 * P
+        rows["AdamW moments (fp32)"] = 8 * P
+        rows["frozen copies"] = sum(b * P for b in frozen)
+        rollout_weights = 0
+        unit_transient = 4 * min(P, cfg["bucket_mb"] << 20) * 2  # a bucket and its all-reduced copy
+    H, L, V = hf.hidden_size, hf.num_hidden_layers, hf.vocab_size
+    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    head_dim = getattr(hf, "head_dim", None) or H // hf.num_attention_heads
+    inter = getattr(hf, "intermediate_size", 4 * H)
+    T = cfg["max_prompt_tokens"] + cfg["max_new_tokens"]
+    per = (cfg["prompts_per_iteration"] or 32) // world
+    kv = L * 2 * kv_heads * head_dim * c * per * cfg["n_samples"] * T
+    tokens = cfg["micro_batch_size"] * T
+    per_layer = tokens * c * (6 * H + 2 * kv_heads * head_dim + 4 * inter)  # saved tensors of one block
+    logits = 4 * min(tokens, 1024) * V * 2  # the fused log-prob's fp32 chunk and its gradient
+    rows_peak = {
+        "rollout: gathered weights": rollout_weights,
+        "rollout: KV cache": kv,
+        "training: activations, no checkpointing": per_layer * L + logits,
+        "training: activations, activation_checkpointing": tokens * c * H * L + per_layer + logits,
+        "training: gathered unit / gradient buckets": unit_transient,
+    }
+    return rows, rows_peak
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--world", type=int, required=True)
+    p.add_argument("--gpu-gib", type=float, default=80.0)
+    p.add_argument("--arch", default=None)
+    args = p.parse_args(argv)
+    cfg = config.load_config(args.config, args.overrides)
+    config.check_algorithm_keys(cfg)
+    hf, blocks, root = architecture(args.arch or cfg["model"])
+    rows, peaks = plan(cfg, hf, blocks, root, args.world)
+    state = sum(rows.values())
+    print(f"{args.config} on {args.world} rank(s), parallel {cfg['parallel']}, {(sum(blocks) + root) / 1e9:.2f}B "
+          f"parameters, per rank (GiB):")
+    for k, v in {**rows, **peaks}.items():
+        print(f"  {k:50s} {v / GIB:8.2f}")
+    rollout = state + peaks["rollout: gathered weights"] + peaks["rollout: KV cache"]
+    for ckpt in (False, True):
+        act = peaks["training: activations, activation_checkpointing" if ckpt else "training: activations, no checkpointing"]
+        train = state + act + peaks["training: gathered unit / gradient buckets"]
+        print(f"  peak, activation_checkpointing={str(ckpt).lower():5s}: rollout {rollout / GIB:.1f}, training "
+              f"{train / GIB:.1f} -> {'fits' if max(rollout, train) <= args.gpu_gib * GIB else 'does NOT fit'} "
+              f"in {args.gpu_gib:g} GiB")
+
+
+if __name__ == "__main__":
+    main()
