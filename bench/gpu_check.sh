@@ -18,7 +18,7 @@ echo "== sampler vs model.generate";            python bench/sample_bench.py "${
 echo "== fused log-prob vs log_softmax.gather"; python bench/logprob_bench.py "${LOGPROB[@]}"
 echo "== per-rank state, ddp vs fsdp";          python bench/memory.py "${MEM[@]}"
 echo "== the tiny default, one process ($DEV)"
-python train_ddp.py configs/tiny.yaml out_dir="$OUT/tiny" iterations=3 resume=never 2>&1 | grep -E "iteration|start|error"
+python train_ddp.py configs/tiny.yaml out_dir="$OUT/tiny" iterations=3 resume=never 2>&1 | tr "\r" "\n" | grep -E "exploitability|^error"
 if [ -d runs/cache/smollm2-135m-instruct ]; then
   echo "== whole-process peak, rollout and training, ddp vs fsdp (SmolLM2-135M)"; python bench/sharded_rss.py "${RSS[@]}"
 else

@@ -424,9 +424,9 @@ def test_sharded_equals_one_process_samples_alike_and_resumes_on_other_world(tmp
     plain = generate(ref.eval(), sample_prompts(0), n=3, max_new_tokens=12, temperature=1.0,
                      generator=torch.Generator().manual_seed(0), eos_token_ids=[7])
     assert torch.equal(torch.load(os.path.join(ckpt, "sampled.pt")), plain.response_ids)
-    # 3. resume the 2-rank checkpoint on 1 rank (sharded, world 1): step 3 equals an uninterrupted run
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    train_ddp.shard_model(model, 0, 1)
+    # 3. resume the 2-rank checkpoint on 1 rank (streamed sharded loading, world 1): step 3 equals an
+    # uninterrupted run
+    model = train_ddp.load_sharded(ckpt, 0, 1, torch.device("cpu"), torch.float32)
     trainer = train_ddp.Trainer(model, dict(config.load_config(None, []), **FSDP_CFG))
     checkpoint.load_optimizer(trainer.optimizer, ckpt, units=trainer.units)
     trainer.step(micro_losses(model, batches[2]), 0, 2, 3)
