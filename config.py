@@ -352,3 +352,23 @@ def iteration_prompts(prompts, cfg, k, rank, world):
     if per > size:
         raise ConfigError(f"prompts_per_iteration {per} > {size} prompts per subset")
     return subset[:per][rank::world]
+
+
+def help_text():
+    """`train_ddp.py --help`: every key with its default and meaning, generated from DEFAULTS, the algorithms'
+    keys (comal.KEYS, with the algorithms that read each) and the oracle kinds' keys (oracle.KINDS)."""
+    import yaml
+
+    show = lambda v: yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()  # noqa: E731
+    lines = ["usage: python train_ddp.py CONFIG.yaml [key=value ...]",
+             "       torchrun --nproc_per_node N train_ddp.py CONFIG.yaml [key=value ...]",
+             "", "Keys (YAML file, then key=value overrides; an unknown key is an error with the closest names):"]
+    lines += [f"  {k} = {show(v)}\n      {meaning}" for k, (v, meaning) in DEFAULTS.items()]
+    lines += ["", "Algorithm keys: only the algorithms listed read each one; setting it for another is an error",
+              "(key=null unsets a key a config file set):"]
+    for key, (default, meaning, _) in algo_keys().items():
+        readers = [name for name, spec in comal.ALGOS.items() if key in spec.key_defs()]
+        lines.append(f"  {key} = {show(default)}\n      {meaning}\n      read by: {', '.join(readers)}")
+    lines += ["", "Oracle block (oracle: {kind: ..., ...}; oracle.KEY=value edits one key; details in oracle.py):"]
+    lines += [f"  kind {kind}: {', '.join(sorted(keys - {'kind'}))}" for kind, keys in oracle_lib.KINDS.items()]
+    return "\n".join(lines)

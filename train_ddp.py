@@ -36,6 +36,7 @@ import torch.distributed as dist
 import checkpoint
 import comal
 import oracle as oracle_lib
+import config
 from config import ConfigError, check_config, encode_prompts, iteration_prompts, load_config, load_prompts
 
 class TrainingError(RuntimeError):
@@ -56,6 +57,19 @@ def request_stop(signum, frame):
 # ---------------------------------------------------------------------------
 # The trainer: process group, hand-written gradient all-reduce, AdamW, schedule
 # ---------------------------------------------------------------------------
+
+
+def release_free_memory(device):
+    """CPU: hand the allocator's free pages back to the OS (glibc keeps freed blocks of a few MiB in its heaps,
+    so the rollout's gathered weights and each step's activations would otherwise stay resident)."""
+    if device.type != "cpu":
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class Trainer:
@@ -111,6 +125,7 @@ class Trainer:
                 u.pinned = False
                 if not u.keep_gathered:
                     u.free()
+            release_free_memory(self.device)
 
     def all_done(self, local_done):
         """Sharded runs: every forward is a collective, so a sampler stops only when all ranks are done
@@ -252,6 +267,7 @@ class Trainer:
         else:
             self.sharded_update(lr, grad_norm)
         loss = float(status[0]) / W
+        release_free_memory(self.device)
         self.log({"iteration": k, "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
         return loss
 
@@ -565,8 +581,12 @@ def category_metrics(game, state, eval_ids, prev, max_new_tokens):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        if os.environ.get("RANK", "0") == "0":
+            print(config.help_text())
+        return
     if not argv or argv[0].startswith("-"):
-        raise ConfigError("usage: train_ddp.py CONFIG.yaml [key=value ...]")
+        raise ConfigError("usage: train_ddp.py CONFIG.yaml [key=value ...] (--help lists every key)")
     distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", 0)) if distributed else 0
     world = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1

@@ -470,3 +470,17 @@ def test_no_framework_sharding_in_the_training_path():
         src = open(os.path.join(ROOT, f)).read()
         for banned in ("FullyShardedDataParallel", "fully_shard", "deepspeed", "DistributedDataParallel(", "accelerate"):
             assert banned not in src, (f, banned)
+
+
+def test_help_lists_every_key_with_its_default_and_meaning(capsys):
+    import oracle
+
+    assert train_ddp.cli(["--help"]) == 0
+    out = capsys.readouterr().out
+    for key, (default, meaning) in config.DEFAULTS.items():
+        assert f"\n  {key} = " in out and meaning in out, key
+    for key, (default, meaning, _) in config.algo_keys().items():
+        assert f"\n  {key} = " in out and meaning in out, key
+    assert "read by: comal, comal_sppo" in out  # ref_update_every
+    for kind in oracle.KINDS:
+        assert f"kind {kind}: " in out
