@@ -59,19 +59,6 @@ def request_stop(signum, frame):
 # ---------------------------------------------------------------------------
 
 
-def release_free_memory(device):
-    """CPU: hand the allocator's free pages back to the OS (glibc keeps freed blocks of a few MiB in its heaps,
-    so the rollout's gathered weights and each step's activations would otherwise stay resident)."""
-    if device.type != "cpu":
-        return
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 class Trainer:
     """Everything distributed about one optimizer step, in the open."""
 
@@ -125,7 +112,6 @@ class Trainer:
                 u.pinned = False
                 if not u.keep_gathered:
                     u.free()
-            release_free_memory(self.device)
 
     def all_done(self, local_done):
         """Sharded runs: every forward is a collective, so a sampler stops only when all ranks are done
@@ -267,7 +253,6 @@ class Trainer:
         else:
             self.sharded_update(lr, grad_norm)
         loss = float(status[0]) / W
-        release_free_memory(self.device)
         self.log({"iteration": k, "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
         return loss
 
