@@ -1,6 +1,6 @@
 """Per-rank memory plan of a training config on N ranks, from the model's architecture alone.
 
-python bench/plan.py CONFIG [key=value ...] --world N [--gpu-gib 80] [--arch llama3_8b|qwen25_7b|DIR]
+python bench/plan.py CONFIG [key=value ...] --world N [--gpu-gib 80] [--arch llama3_8b|qwen25_7b|DIR] [--oracle-gib X]
 
 The model is built on the meta device (no weights, no hub): --arch names one
 of the shipped recipes' architectures (their public config.json numbers,
@@ -14,7 +14,9 @@ activation checkpointing, the fused log-prob's logits chunk, one gathered
 block and its fp32 gradient during the reduce-scatter). The state rows are
 exact parameter arithmetic, checked against the bytes the trainers hold
 (tests/test_sharded.py); activations are an estimate (saved tensors of a
-Llama-style block, in the compute dtype).
+Llama-style block, in the compute dtype). The oracle's models are resident
+on every rank and are not derived here: --oracle-gib adds them (the paper
+recipes' two 8B reward models in bf16: 29.9).
 """
 import argparse
 import math
@@ -109,11 +111,13 @@ def main(argv=None):
     p.add_argument("--world", type=int, required=True)
     p.add_argument("--gpu-gib", type=float, default=80.0)
     p.add_argument("--arch", default=None)
+    p.add_argument("--oracle-gib", type=float, default=0.0, help="GiB of the oracle's models on each rank")
     args = p.parse_args(argv)
     cfg = config.load_config(args.config, args.overrides)
     config.check_algorithm_keys(cfg)
     hf, blocks, root = architecture(args.arch or cfg["model"])
     rows, peaks = plan(cfg, hf, blocks, root, args.world)
+    rows["oracle models (--oracle-gib)"] = int(args.oracle_gib * GIB)
     state = sum(rows.values())
     print(f"{args.config} on {args.world} rank(s), parallel {cfg['parallel']}, {(sum(blocks) + root) / 1e9:.2f}B "
           f"parameters, per rank (GiB):")
