@@ -350,7 +350,8 @@ def iteration_prompts(prompts, cfg, k, rank, world):
     subset = prompts[(k % S) * size:(k % S + 1) * size]
     per = cfg["prompts_per_iteration"] or size - size % world
     if per > size:
-        raise ConfigError(f"prompts_per_iteration {per} > {size} prompts per subset")
+        raise ConfigError(f"prompts_per_iteration {per} > {size} prompts per subset ({len(prompts)} prompts / "
+                          f"num_subsets {S}); lower num_subsets, or set prompts_per_iteration <= {size} (0 = all)")
     return subset[:per][rank::world]
 
 

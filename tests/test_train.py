@@ -310,6 +310,9 @@ def test_invalid_config_values_name_the_key(base, tmp_path):
     rows.write_text('{"instruction": "hi"}\n')
     assert "no string field 'prompt'" in config_error(base, tmp_path, prompts=str(rows))
     assert "does not exist" in config_error(base, tmp_path, prompts=str(tmp_path / "none.jsonl"))
+    rows.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(10)))  # 10 prompts, 6 subsets
+    assert ("prompts_per_iteration 32 > 1 prompts per subset (10 prompts / num_subsets 6); lower num_subsets"
+            in config_error(base, tmp_path, prompts=str(rows), prompts_per_iteration=32))
     assert "cannot load" in config_error(base, tmp_path, prompts="HuggingFaceH4/ultrafeedback_binarized")
     # a key the chosen algorithm does not read is an error naming it, never a silent 0
     assert "tau: algo iter_ipo does not read this key" in config_error(base, tmp_path, algo="iter_ipo", tau=0.1)
