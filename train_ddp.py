@@ -95,7 +95,8 @@ class Trainer:
         log-probs run as on a plain model and the ranks need not decode in lockstep. rollout: sharded keeps
         today's per-block gathers inside every forward (for models too large to gather whole)."""
         units = [u for m in models if m is not None for u in getattr(m, "flat_units", None) or []]
-        if self.cfg["rollout"] != "gathered":  # per-block gathers; a frozen model's root is gathered here only
+        local = self.cfg["rollout"] == "gathered"  # every unit gathered: forwards need no collective
+        if not local:  # per-block gathers stay (ranks in lockstep); a frozen model's root is gathered here only
             units = [u for u in units if u is u.root and not u.keep_gathered]
         if not units:
             yield
@@ -103,7 +104,7 @@ class Trainer:
         for u in units:
             u.gather()
             u.pinned = True
-        self.lockstep = False
+        self.lockstep = not local
         try:
             yield
         finally:

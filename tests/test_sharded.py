@@ -59,6 +59,8 @@ def load_worker(rank, world, init_file, base, out):
             samples, _ = comal.sample_groups(policy, Tok(), prompts, trainer.cfg, gen, trainer.all_done)
         got[rollout] = samples.response_ids
         got[rollout + "_gathers"] = len(calls)
+        with trainer.gathered(ref):  # a frozen model: only its root is gathered under rollout: sharded
+            got[rollout + "_lockstep"] = trainer.lockstep
     dist.all_gather_single = real_gather
     got["units"] = len(policy.flat_units)
     torch.save(got, f"{out}.{rank}")
@@ -91,6 +93,8 @@ def test_streamed_loading_reads_each_ranks_slices_and_rollouts_agree(base, tmp_p
         blocks = got["units"] - 1  # the root stays gathered
         assert got["sharded_gathers"] >= 2 * blocks  # per block at the prefill and again at every decoded token
         assert got["gathered_gathers"] == blocks  # once per block for the whole rollout
+        # per-block gathers are collectives: decoding must stay in lockstep unless every unit is gathered
+        assert got["sharded_lockstep"] and not got["gathered_lockstep"]
 
 
 def test_two_nodes_equal_one_node(base, tmp_path):
