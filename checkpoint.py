@@ -168,10 +168,7 @@ def save_sharded(model, path, rank, optimizer=None):
     for i, u in enumerate(units):
         full = u.gathered_fp32()  # collective: every rank takes part, rank 0 writes
         if rank == 0:
-            tensors, offset = {}, 0
-            for name, n, shape in zip(u.names, u.numels, u.shapes):
-                tensors[name] = full[offset:offset + n].view(shape).clone()
-                offset += n
+            tensors = {name: t.clone() for name, t in u.split(full).items()}
             fname = f"model-{i + 1:05d}-of-{len(units):05d}.safetensors"
             save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
             weight_map.update({name: fname for name in tensors})

@@ -39,6 +39,7 @@ import oracle as oracle_lib
 import config
 from config import ConfigError, check_config, encode_prompts, iteration_prompts, load_config, load_prompts
 
+
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss or gradient): names step, rank and last good checkpoint."""
 
@@ -70,7 +71,7 @@ class Trainer:
         self.units = getattr(model, "flat_units", None)  # set by shard_model: parallel = fsdp
         self.last_checkpoint = None
         self.lockstep = True  # sharded forwards are collectives (False inside `gathered`)
-        if self.units is not None:  # AdamW on this rank's fp32 master shards; decay applied by mask in step()
+        if self.units is not None:  # AdamW on this rank's fp32 master shards; decay by shard ranges in step()
             self.params = [u.shard for u in self.units]
             self.optimizer = torch.optim.AdamW(self.params, lr=cfg["lr"], weight_decay=0.0)
             return
@@ -400,6 +401,14 @@ class FlatUnit:
         self.shard.grad = out if self.shard.grad is None else self.shard.grad + out
         self.pending = 0
 
+    def split(self, flat):
+        """{name: view} of the unit's parameters in an unpadded full vector (e.g. gathered_fp32's)."""
+        out, offset = {}, 0
+        for name, n, shape in zip(self.names, self.numels, self.shapes):
+            out[name] = flat[offset:offset + n].view(shape)
+            offset += n
+        return out
+
     def gathered_fp32(self, t=None):
         """The unpadded full vector of a shard-shaped tensor (default: the fp32 master shard); every rank takes
         part. Used for checkpoints (weights and Adam moments), one unit at a time."""
@@ -671,7 +680,8 @@ def train_locked(cfg, rank, world, device, say):
             f"master parameters on each of {world} rank(s)")
     start = 0
     if resume is not None:
-        start = load_trainer_state(resume, trainer) + 1
+        load_trainer_state(resume, trainer)
+        start = saved["iteration"] + 1
         if master and os.path.isfile(metrics_path):  # drop what the interrupted iteration logged
             with open(metrics_path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("iteration", -1) < start]
@@ -816,10 +826,12 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
     state = {"policy": policy, "tokenizer": tokenizer, "ref": None, "opponent": None}
     # a checkpoint holds ref/ and opponent/ beside the policy (checkpoint.save_checkpoint)
     def saved(key):
-        if resume and not os.path.isdir(os.path.join(resume, key)):  # only after resume_changes=[algo]
+        if resume and os.path.isdir(os.path.join(resume, key)):
+            return os.path.join(resume, key)
+        if resume:  # only after resume_changes=[algo]
             print(f"warning: {resume} has no {key}/ (another algorithm wrote it): {key} starts as the policy",
                   file=sys.stderr)
-        return os.path.join(resume, key) if resume and os.path.isdir(os.path.join(resume, key)) else start_path
+        return start_path
 
     if spec.ref == "base":
         state["ref"] = frozen(base_path, compute_dtype)
@@ -833,15 +845,13 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
 
 
 def load_trainer_state(resume, trainer):
-    """AdamW state from a checkpoint (safetensors: by parameter name, or each rank's slice of every unit);
-    returns the checkpoint's iteration."""
+    """AdamW state from a checkpoint (safetensors: by parameter name, or each rank's slice of every unit)."""
     if trainer.units is not None:
         checkpoint.load_optimizer(trainer.optimizer, resume, units=trainer.units)
     else:
         names = {id(p): n for n, p in trainer.model.named_parameters()}
         checkpoint.load_optimizer(trainer.optimizer, resume, params=[(names[id(p)], p) for p in trainer.params])
     trainer.last_checkpoint = resume
-    return checkpoint.read_state(resume)["iteration"]
 
 
 def cli(argv=None):

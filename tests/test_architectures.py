@@ -6,7 +6,7 @@ import torch
 import transformers as tf
 
 import sample
-from test_sample import BOS, EOS, PAD, V, prompts_of
+from test_sample import BOS, EOS, PAD, V, greedy_both, prompts_of
 COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS,
               bos_token_id=BOS, initializer_range=0.3)
@@ -41,11 +41,7 @@ def build(arch, seed=0):
 def test_greedy_generate_and_logprobs_equal_the_model_itself(arch):
     model = build(arch)
     prompts = prompts_of([7, 3, 10, 5])
-    out = sample.generate(model, prompts, n=1, max_new_tokens=12, temperature=0)
-    ids, mask = sample.left_pad(prompts, PAD, "cpu")
-    with torch.no_grad():
-        hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
-                            pad_token_id=PAD, eos_token_id=EOS)[:, ids.shape[1]:]
+    out, hf = greedy_both(model, prompts, 12)
     assert torch.equal(out.response_ids[:, :hf.shape[1]], hf), arch
     # log-probs of sampled sequences (temperature 1, left-padded) against the model's own full logits
     s = sample.generate(model, prompts, n=2, max_new_tokens=10, temperature=1.0, generator=torch.Generator().manual_seed(0))

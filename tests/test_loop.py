@@ -182,13 +182,7 @@ def grad_case(rank, world, parallel, clip):
     def full(tensor_of):  # {name: full tensor}, gathered unit by unit when sharded
         if trainer.units is None:
             return {n: tensor_of(p).detach().clone() for n, p in model.named_parameters()}
-        got = {}
-        for u in trainer.units:
-            flat, offset = u.gathered_fp32(tensor_of(u.shard)), 0
-            for name, n, shape in zip(u.names, u.numels, u.shapes):
-                got[name] = flat[offset:offset + n].view(shape).clone()
-                offset += n
-        return got
+        return {name: t for u in trainer.units for name, t in u.split(u.gathered_fp32(tensor_of(u.shard))).items()}
 
     def step(*a, **kw):  # the gradient the optimizer gets (after the all-reduce and clipping)
         seen.append(full(lambda p: p.grad.detach()))

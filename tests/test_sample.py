@@ -28,15 +28,21 @@ def prompts_of(lengths, seed=1):
     return [[BOS] + torch.randint(3, V, (L - 1,), generator=g).tolist() for L in lengths]
 
 
+def greedy_both(model, prompts, max_new_tokens):
+    """Greedy samples of sample.generate and of model.generate (its new tokens) on the same left-padded prompts."""
+    out = sample.generate(model, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0)
+    ids, mask = sample.left_pad(prompts, PAD, "cpu")
+    with torch.no_grad():
+        hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                            pad_token_id=PAD, eos_token_id=EOS)[:, ids.shape[1]:]
+    return out, hf
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_greedy_equals_model_generate_and_padding_is_invisible(arch):
     model = tiny(arch)
     prompts = prompts_of([7, 3, 12, 5])
-    out = sample.generate(model, prompts, n=1, max_new_tokens=24, temperature=0)
-    ids, mask = sample.left_pad(prompts, PAD, "cpu")
-    with torch.no_grad():
-        hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=24,
-                            pad_token_id=PAD, eos_token_id=EOS)[:, ids.shape[1]:]
+    out, hf = greedy_both(model, prompts, 24)
     R = hf.shape[1]
     assert torch.equal(out.response_ids[:, :R], hf)
     assert (out.response_ids[:, R:] == PAD).all()

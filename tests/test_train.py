@@ -436,11 +436,8 @@ def test_sharded_equals_one_process_samples_alike_and_resumes_on_other_world(tmp
     full = plain_run(batches).state_dict()
     named = dict(model.named_parameters())
     for unit in trainer.units:
-        flat = unit.gathered_fp32()
-        offset = 0
-        for name, n, shape in zip(unit.names, unit.numels, unit.shapes):
-            assert torch.allclose(flat[offset:offset + n].view(shape), full[name], atol=1e-5, rtol=0), name
-            offset += n
+        for name, t in unit.split(unit.gathered_fp32()).items():
+            assert torch.allclose(t, full[name], atol=1e-5, rtol=0), name
     assert set(named) <= set(full)
 
 
