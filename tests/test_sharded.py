@@ -18,14 +18,6 @@ import train_ddp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def full_of(unit, t=None):
-    flat, offset, out = unit.gathered_fp32(t), 0, {}
-    for name, n, shape in zip(unit.names, unit.numels, unit.shapes):
-        out[name] = flat[offset:offset + n].view(shape).clone()
-        offset += n
-    return out
-
-
 def load_worker(rank, world, init_file, base, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -44,7 +36,7 @@ def load_worker(rank, world, init_file, base, out):
            "ref_requires_grad": any(p.requires_grad for p in ref.parameters())}
     for key, m in (("policy", policy), ("ref", ref)):
         for u in m.flat_units:
-            got[key].update(full_of(u))
+            got[key].update(u.split(u.gathered_fp32()))
     # rollout: the same tokens from gathered weights and from per-block gathers; count the collectives
     cfg = config.load_config(None, [])
     prompts = [[1, 5, 9, 4], [3, 3, 8], [7, 2, 2, 6, 1]][rank::world] or [[2, 4]]
@@ -160,6 +152,7 @@ def held_worker(rank, world, init_file, base, parallel, out):
     for s in range(2):
         trainer.step(iter([-sequence_logprobs(model, ids, mask, mask)[1].mean()]), 0, s, 2)
     torch.save(held["bytes"], f"{out}.{rank}")
+    dist.barrier()  # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
