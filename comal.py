@@ -475,7 +475,16 @@ def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
     mu_model = state["ref"] if spec.sampler == "ref" else policy
     gen = torch.Generator(device=trainer.device).manual_seed(seed_for(cfg["seed"], "sample", k, trainer.rank))
 
+    peaks = {}  # CUDA: max bytes allocated in the rollout (1-4) and in training (5), for bench/plan.py --measured
+
+    def peak(name):
+        if trainer.device.type == "cuda":
+            if name:
+                peaks[name] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(trainer.device)
+
     # 1. mu <- the sampler; n responses per prompt (and n from the opponent)
+    peak(None)
     t0 = time.time()
     policy.eval()
     with trainer.autocast(), trainer.gathered(mu_model):
@@ -506,14 +515,16 @@ def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
         trainer.copy_weights(state["opponent"], policy)
 
     # 5. minimise the loss
+    peak("rollout_peak_gib")
     t0 = time.time()
     step_losses = minimise(spec, ex, frozen, seqs, hyper(spec, cfg, eta, tau), trainer, cfg, k, state.get("opponent"),
                            desc=f"iteration {k} train", postfix=dict(sample=f"{sample_s:.1f}s", judge=f"{judge_s:.1f}s"))
     train_s = time.time() - t0
+    peak("train_peak_gib")
     lengths = samples.response_mask.sum(-1).float()
     return {"iteration": k, "loss": sum(step_losses) / len(step_losses), "response_length": float(lengths.mean()),
             "tokens_per_s": int(samples.response_mask.sum()) / max(sample_s, 1e-9), "sample_s": sample_s,
-            "judge_s": judge_s, "train_s": train_s, "responses": [g[0] for g in groups]}
+            "judge_s": judge_s, "train_s": train_s, **peaks, "responses": [g[0] for g in groups]}
 
 
 def minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, opponent=None, desc="", postfix=None):

@@ -42,6 +42,8 @@ DEFAULTS = {
     "grad_clip": (1.0, "max global gradient norm (0 = off)"),
     "oracle": ({"kind": "category"}, "the preference oracle block (oracle.py)"),
     "eval_prompts": (16, "held-out prompts for exact category-game exploitability each iteration (0 = off)"),
+    "eval_prompt_file": (None, "held-out prompts for eval_prompts (a prompts-like file, field prompt_field; the "
+                               "first eval_prompts rows); null = synthetic instructions"),
     "eval_winrate": (True, "log the win rate of the updated policy against mu's responses"),
     "dtype": ("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16; master weights stay fp32"),
     "bucket_mb": (25, "gradient all-reduce bucket size in MiB"),
@@ -235,9 +237,29 @@ def check_config(cfg, world):
         cfg["oracle"] = oracle_lib.check_oracle_config(cfg["oracle"])
     except oracle_lib.OracleError as e:
         raise ConfigError(str(e)) from None
+    if cfg["eval_prompt_file"] is not None:
+        if cfg["oracle"]["kind"] != "category" or not cfg["eval_prompts"]:
+            raise ConfigError("eval_prompt_file is read only for the category game's exact exploitability "
+                              "(oracle kind category and eval_prompts > 0)")
+        n = len(eval_prompt_texts(cfg))
+        if n < cfg["eval_prompts"]:
+            raise ConfigError(f"eval_prompts {cfg['eval_prompts']} > the {n} rows of eval_prompt_file "
+                              f"{cfg['eval_prompt_file']}")
     if cfg["eval_prompts"] and cfg["oracle"]["kind"] != "category":
         cfg["eval_prompts"] = 0  # exploitability is exact only on the category game
     return cfg
+
+
+def eval_prompt_texts(cfg):
+    """The held-out instructions of the exploitability evaluation: eval_prompt_file's first eval_prompts rows,
+    or synthetic ones."""
+    import tiny
+
+    if cfg["eval_prompt_file"] is None:
+        return tiny.synthetic_prompts(cfg["eval_prompts"], cfg["seed"] + 12345)
+    rows = load_prompts({"prompts": cfg["eval_prompt_file"], "prompt_field": cfg["prompt_field"],
+                         "prompt_split": "eval", "prompts_per_iteration": 0, "num_subsets": 1, "seed": 0})
+    return rows[:cfg["eval_prompts"]]
 
 
 # ---------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def check_sampling_args(prompts, n, max_new_tokens, temperature, top_p, top_k):
 @torch.inference_mode()
 def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0,
              eos_token_ids=None, generator=None, pad_token_id=None, device=None, compact_fraction=0.25,
-             all_done=None):
+             all_done=None, decode_step=None):
     """Sample n responses for each prompt (lists of token ids); returns Samples.
 
     temperature 0 is greedy. eos_token_ids default to the model's
@@ -122,6 +122,9 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     `all_done(local_done) -> bool` keeps ranks in lockstep when every forward
     is a collective (sharded weights): decoding stops only when all ranks are
     done, and a rank never compacts its batch to nothing.
+    `decode_step` replaces the model in the one-token decode forwards (e.g.
+    torch.compile(model)); the batch is then never compacted, so every decode
+    step has the same shapes and the cache tensors keep their addresses.
     """
     check_sampling_args(prompts, n, max_new_tokens, temperature, top_p, top_k)
     dev = next(model.parameters()).device
@@ -149,6 +152,12 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     for layer in cache.layers:  # replicate the prefilled cache for the n samples of each prompt
         layer.keys = layer.keys.repeat_interleave(n, 0)
         layer.values = layer.values.repeat_interleave(n, 0)
+    if decode_step is not None:  # static shapes and addresses for a compiled step (CUDA graphs need both)
+        compact_fraction = float("inf")
+        for layer in cache.layers:
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
+    step = model if decode_step is None else decode_step
     logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # (N, V)
     mask = torch.zeros(N, L, dtype=torch.long, device=dev)  # attention mask over the whole cache
     mask[:, :P] = prompt_mask.repeat_interleave(n, 0)
@@ -180,7 +189,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
                 layer.keys, layer.values = layer.keys[idx], layer.values[idx]
             rows, tok, mask, next_pos, finished = rows[idx], tok[idx], mask[idx], next_pos[idx], finished[idx]
         # Finished rows not yet dropped keep decoding; what they produce after EOS is masked below.
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+        out = step(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                     cache_position=torch.tensor([P + t], device=dev), **cache_kw)
         next_pos = next_pos + 1
         logits = out.logits[:, -1].float()

@@ -702,8 +702,7 @@ def train_locked(cfg, rank, world, device, say):
     tokenizer, policy = state["tokenizer"], state["policy"]
     prompts = load_prompts(cfg)
     game = oracle if isinstance(oracle, oracle_lib.CategoryGame) and cfg["eval_prompts"] else None
-    eval_ids = encode_prompts(tokenizer, tiny.synthetic_prompts(cfg["eval_prompts"], cfg["seed"] + 12345),
-                              cfg["max_prompt_tokens"]) if game else None
+    eval_ids = encode_prompts(tokenizer, config.eval_prompt_texts(cfg), cfg["max_prompt_tokens"]) if game else None
     prev = None  # the previous iterate's mean category distribution
     if game and start < cfg["iterations"]:  # every rank evaluates: with sharded weights each forward is a collective
         with trainer.gathered(policy):

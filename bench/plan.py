@@ -1,6 +1,7 @@
 """Per-rank memory plan of a training config on N ranks, from the model's architecture alone.
 
 python bench/plan.py CONFIG [key=value ...] --world N [--gpu-gib 80] [--arch llama3_8b|qwen25_7b|DIR] [--oracle-gib X]
+                     [--measured OUT_DIR/metrics.jsonl]
 
 The model is built on the meta device (no weights, no hub): --arch names one
 of the shipped recipes' architectures (their public config.json numbers,
@@ -16,7 +17,9 @@ exact parameter arithmetic, checked against the bytes the trainers hold
 (tests/test_sharded.py); activations are an estimate (saved tensors of a
 Llama-style block, in the compute dtype). The oracle's models are resident
 on every rank and are not derived here: --oracle-gib adds them (the paper
-recipes' two 8B reward models in bf16: 29.9).
+recipes' two 8B reward models in bf16: 29.9). --measured prints the plan's
+two peaks next to the largest rollout_peak_gib / train_peak_gib that a CUDA
+run of the same config logged (torch.cuda.max_memory_allocated per phase).
 """
 import argparse
 import math
@@ -112,6 +115,7 @@ def main(argv=None):
     p.add_argument("--gpu-gib", type=float, default=80.0)
     p.add_argument("--arch", default=None)
     p.add_argument("--oracle-gib", type=float, default=0.0, help="GiB of the oracle's models on each rank")
+    p.add_argument("--measured", default=None, help="metrics.jsonl of a CUDA run of this config to compare with")
     args = p.parse_args(argv)
     cfg = config.load_config(args.config, args.overrides)
     config.check_algorithm_keys(cfg)
@@ -124,12 +128,22 @@ def main(argv=None):
     for k, v in {**rows, **peaks}.items():
         print(f"  {k:50s} {v / GIB:8.2f}")
     rollout = state + peaks["rollout: gathered weights"] + peaks["rollout: KV cache"]
+    train = {}
     for ckpt in (False, True):
         act = peaks["training: activations, activation_checkpointing" if ckpt else "training: activations, no checkpointing"]
-        train = state + act + peaks["training: gathered unit / gradient buckets"]
+        train[ckpt] = state + act + peaks["training: gathered unit / gradient buckets"]
         print(f"  peak, activation_checkpointing={str(ckpt).lower():5s}: rollout {rollout / GIB:.1f}, training "
-              f"{train / GIB:.1f} -> {'fits' if max(rollout, train) <= args.gpu_gib * GIB else 'does NOT fit'} "
+              f"{train[ckpt] / GIB:.1f} -> {'fits' if max(rollout, train[ckpt]) <= args.gpu_gib * GIB else 'does NOT fit'} "
               f"in {args.gpu_gib:g} GiB")
+    if args.measured:
+        import json
+        rows = [json.loads(x) for x in open(args.measured) if '"train_peak_gib"' in x]
+        if not rows:
+            sys.exit(f"error: --measured {args.measured}: no iteration with train_peak_gib (not a CUDA run?)")
+        for name, planned in (("rollout", rollout), ("training", train[bool(cfg["activation_checkpointing"])])):
+            got = max(r[f"{'rollout' if name == 'rollout' else 'train'}_peak_gib"] for r in rows)
+            print(f"  measured {name} peak (CUDA max allocated) {got:.3f} GiB, plan {planned / GIB:.3f} GiB: "
+                  f"plan / measured {planned / GIB / got:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Tokens/s of sample.generate vs model.generate on the same model, prompts, n and settings, in one run.
 
 python bench/sample_bench.py [--prompts 32 --n 5 --new 128 --min-prompt 96 --max-prompt 256 --dtype fp32]
+                             [--compile default,reduce-overhead]
 
 A Llama-architecture model of ~58M parameters (hidden 512, 8 layers, vocab 32000),
 random weights; EOS is disabled so both generate exactly prompts x n x new tokens.
 Prompt lengths are drawn uniformly in [min-prompt, max-prompt] (chat prompts of
 UltraFeedback with a template are ~100-300 tokens). Greedy outputs are checked equal first.
+--compile also times sample.generate with its decode step torch.compile'd in each
+mode named (static cache, no compaction) and says whether its greedy tokens are
+bitwise those of the eager step.
 """
 import argparse
 import os
@@ -32,6 +36,7 @@ def main():
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--model", default=None, help="a local HF checkpoint (e.g. runs/cache/smollm2-135m-instruct) "
                                                  "instead of the random 58M Llama")
+    p.add_argument("--compile", default="", help="comma-separated torch.compile modes for the decode step")
     args = p.parse_args()
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -87,6 +92,30 @@ def main():
         shape = tuple(out.response_ids.shape) if name == "sample.generate" else tuple(out[:, ids.shape[1]:].shape)
         print(f"{name:>16}: {dt:7.2f} s  {tokens / dt:8.1f} tokens/s  output {shape}")
     print(f"ratio sample.generate / model.generate: {results['sample.generate'] / results['model.generate']:.2f}x (target >= 2x)")
+
+    for mode in filter(None, args.compile.split(",")):
+        step = torch.compile(model, mode=mode, dynamic=False)
+        greedy = dict(n=1, max_new_tokens=32, temperature=0, eos_token_ids=[], pad_token_id=pad)
+        t = time.perf_counter()
+        same = torch.equal(sample.generate(model, prompts, **greedy).response_ids,
+                           sample.generate(model, prompts, decode_step=step, **greedy).response_ids)
+        first = time.perf_counter() - t
+
+        def compiled_run():
+            return sample.generate(model, prompts, n=args.n, max_new_tokens=args.new, temperature=args.temperature,
+                                   top_p=args.top_p, eos_token_ids=[], pad_token_id=pad, decode_step=step,
+                                   generator=torch.Generator(args.device).manual_seed(0))
+        compiled_run()  # compiles for this batch size
+        if args.device != "cpu":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        compiled_run()
+        if args.device != "cpu":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        print(f"compiled decode ({mode}): {dt:7.2f} s  {tokens / dt:8.1f} tokens/s  "
+              f"{tokens / dt / results['sample.generate']:.2f}x eager sample.generate  "
+              f"greedy tokens bitwise equal to eager: {'yes' if same else 'NO'}  (first call incl. compile {first:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """The whole process, per rank: peak RSS, rollout and training seconds, parallel ddp vs fsdp at N ranks.
 
-python bench/sharded_rss.py [--model runs/cache/smollm2-135m-instruct] [--nproc 2] [--rollout gathered]
+python bench/sharded_rss.py [--model runs/cache/smollm2-135m-instruct] [--nproc 2] [--rollout gathered] [key=value ...]
 
 For each mode, one short COMAL iteration with the category oracle runs under
 torchrun (gloo on CPU, nccl on GPUs); every rank reports its peak RSS
 (getrusage ru_maxrss: imports, loading, rollout, training and the checkpoint
 write all included) through bench/rss_worker.py; rollout = the iteration's
 sample_s, training = its train_s from metrics.jsonl. Prints both modes and
-the fsdp / ddp ratios, measured in the same run.
+the fsdp / ddp ratios, measured in the same run. Extra key=value overrides
+apply to both modes (e.g. activation_checkpointing=true).
 """
 import argparse
 import json
@@ -25,7 +26,7 @@ def run(mode, args, tmp):
            os.path.join(ROOT, "bench", "rss_worker.py"), os.path.join(ROOT, "configs", "tiny.yaml"),
            f"model={args.model}", f"out_dir={out}", f"parallel={mode}", "iterations=1", "prompts_per_iteration=8",
            "n_samples=4", "max_new_tokens=32", "batch_size=16", "micro_batch_size=4", "epochs=1", "eval_prompts=0",
-           "eval_winrate=false", "lr=1e-5"] + ([f"rollout={args.rollout}"] if mode == "fsdp" else [])
+           "eval_winrate=false", "lr=1e-5"] + ([f"rollout={args.rollout}"] if mode == "fsdp" else []) + args.overrides
     r = subprocess.run(cmd, env=dict(os.environ, RSS_OUT=out + ".rss"), capture_output=True, text=True, cwd=ROOT)
     if r.returncode:
         sys.exit(f"{mode} failed:\n{r.stderr[-3000:]}")
@@ -39,10 +40,11 @@ def main():
     p.add_argument("--model", default=os.path.join("runs", "cache", "smollm2-135m-instruct"))
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--rollout", default="gathered", choices=["gathered", "sharded"])
+    p.add_argument("overrides", nargs="*", help="key=value for both modes")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         res = {mode: run(mode, args, tmp) for mode in ("ddp", "fsdp")}
-    print(f"model {args.model}, N = {args.nproc}, fsdp rollout {args.rollout}")
+    print(f"model {args.model}, N = {args.nproc}, fsdp rollout {args.rollout} {' '.join(args.overrides)}")
     for key, label in (("peak_rss_gib", "peak RSS per rank (GiB)"), ("sample_s", "rollout (s)"), ("train_s", "training (s)")):
         d, f = res["ddp"][key], res["fsdp"][key]
         print(f"{label:26s} ddp {d:8.2f}   fsdp {f:8.2f}   fsdp/ddp {f / d:.2f}")

@@ -83,6 +83,28 @@ def test_eos_stops_rows_masks_the_rest_and_compaction_changes_nothing():
     assert b.response_ids.shape == a.response_ids.shape
 
 
+def test_decode_step_replaces_only_the_decode_forwards_and_keeps_the_batch_whole():
+    model = tiny("llama", std=0.5, seed=3)
+    prompts = prompts_of([4, 9, 6, 5], seed=4)
+    free = sample.generate(model, prompts, n=1, max_new_tokens=20, temperature=0, eos_token_ids=[])
+    eos = int(free.response_ids[:, :8].flatten().mode().values)  # rows finish at different steps
+    calls, batches = [0], set()
+
+    def step(**kw):  # what torch.compile(model) would be called with (the bench compiles it)
+        calls[0] += 1
+        batches.add(kw["input_ids"].shape[0])
+        return model(**kw)
+
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    ref = sample.generate(model, prompts, n=3, max_new_tokens=20, temperature=1.0, eos_token_ids=[eos], generator=g(),
+                          compact_fraction=2.0)  # the eager path, never compacting: same RNG use
+    got = sample.generate(model, prompts, n=3, max_new_tokens=20, temperature=1.0, eos_token_ids=[eos], generator=g(),
+                          decode_step=step)
+    assert torch.equal(got.response_ids, ref.response_ids) and torch.equal(got.response_mask, ref.response_mask)
+    torch.testing.assert_close(got.token_logps, ref.token_logps, atol=1e-6, rtol=0)
+    assert calls[0] == int(ref.response_mask.sum(-1).max()) - 1 and batches == {12}  # every decode step, never compacted
+
+
 def reference_first_token_probs(model, prompt, temperature, top_k, top_p):
     """softmax(logits / t) restricted to top-k then top-p, written with sort + loops."""
     with torch.no_grad():

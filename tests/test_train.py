@@ -354,6 +354,42 @@ def test_prompt_files_load_and_cli_prints_one_line(base, tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == "error: lr must be > 0, got -1"
 
 
+def test_rps_prompt_set_is_deterministic_and_names_every_option(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "data"))
+    import make_rps_prompts
+
+    make_rps_prompts.main(out_dir=str(tmp_path))
+    for name, n in (("rps_train.jsonl", 100), ("rps_eval.jsonl", 20)):
+        made = (tmp_path / name).read_text()
+        assert made == open(os.path.join(ROOT, "data", name)).read()  # the committed files are what it writes
+        rows = [json.loads(x)["instruction"] for x in made.splitlines()]
+        assert len(rows) == len(set(rows)) == n
+        assert all(all(c in r.lower() for c in ("rock", "paper", "scissors")) for r in rows)
+    train = set((tmp_path / "rps_train.jsonl").read_text().splitlines())
+    assert not train & set((tmp_path / "rps_eval.jsonl").read_text().splitlines())  # held-out prompts are held out
+
+
+def test_eval_prompt_file_is_what_exploitability_is_measured_on(base, tmp_path):
+    rows = tmp_path / "eval.jsonl"
+    texts = ["Pick one: rock, paper or scissors.", "Your move?", "Say a word.", "Play!"]
+    rows.write_text("".join(json.dumps({"q": t}) + "\n" for t in texts))
+    cfg = small_cfg(base, tmp_path / "run", eval_prompt_file=str(rows), eval_prompts=3, prompt_field="q",
+                    iterations=1)
+    assert config.eval_prompt_texts(cfg) == texts[:3]
+    for bad, msg in ((dict(eval_prompts=5), "eval_prompts 5 > the 4 rows of eval_prompt_file"),
+                     (dict(eval_prompts=0), "eval_prompt_file is read only for the category game")):
+        with pytest.raises(config.ConfigError, match=msg):
+            small_cfg(base, tmp_path / "x", eval_prompt_file=str(rows), prompt_field="q", **bad)
+    train_ddp.train(cfg, 0, 1, torch.device("cpu"))
+    start = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    tok, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base).eval()
+    game = oracle_lib.CategoryGame()
+    dist_, _ = game.policy_distribution(model, tok, config.encode_prompts(tok, texts[:3], cfg["max_prompt_tokens"]),
+                                        [tok.eos_token_id], cfg["max_new_tokens"])
+    assert start["iteration"] == -1 and start["exploitability"] == pytest.approx(float(game.exploitability(dist_).mean()),
+                                                                                abs=1e-9)
+
+
 def test_non_finite_loss_stops_with_step_rank_and_checkpoint():
     model = ddp_model()
     trainer = train_ddp.Trainer(model, dict(config.load_config(None, []), **TRAIN_CFG))
