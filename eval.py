@@ -305,7 +305,9 @@ def line_plot(path, xs, series, ylabel, title, hline=None):
 # ---------------------------------------------------------------------------
 
 
-def settings_of(args):
+def settings_of(args, max_new_tokens):
+    if args.max_new_tokens is None:
+        args.max_new_tokens = max_new_tokens
     if args.samples < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise EvalError("--samples, --max-new-tokens and --batch-size must be >= 1")
     if args.temperature < 0:
@@ -322,9 +324,9 @@ def matrix_mode(args, device):
         raise EvalError("--prompts is required with --models")
     if not args.oracle:
         raise EvalError("--oracle ORACLE.yaml is required with --models")
-    prompts = load_prompt_file(args.prompts, args.prompt_field)
+    prompts = load_prompt_file(args.prompts, args.prompt_field or config.DEFAULTS["prompt_field"][0])
     block = oracle_lib.load_oracle_yaml(args.oracle)
-    settings = settings_of(args)
+    settings = settings_of(args, 512)
     os.makedirs(args.out, exist_ok=True)
     oracle = oracle_lib.build_oracle(block, device=device)
     names = list(models)
@@ -361,12 +363,12 @@ def run_mode(args, device):
     block = oracle_lib.load_oracle_yaml(args.oracle) if args.oracle else oracle_lib.check_oracle_config(cfg["oracle"])
     game = block.get("kind", "category") == "category"
     if args.prompts:
-        prompts = load_prompt_file(args.prompts, args.prompt_field)
+        prompts = load_prompt_file(args.prompts, args.prompt_field or cfg.get("prompt_field", "prompt"))
     elif game:
         prompts = tiny.synthetic_prompts(args.num_prompts, cfg.get("seed", 0) + 999)
     else:
         raise EvalError("--prompts is required for a run whose oracle is not the category game")
-    settings = settings_of(args)
+    settings = settings_of(args, cfg.get("max_new_tokens", 512))  # the run's response length by default
     out = args.out or os.path.join(run, "eval")
     os.makedirs(out, exist_ok=True)
     oracle = oracle_lib.build_oracle(block, device=device)
@@ -444,14 +446,16 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", help="NAME=CHECKPOINT_DIR ...")
     p.add_argument("--run", help="a train_ddp.py out_dir: training dynamics of its checkpoints")
     p.add_argument("--prompts", help="JSONL/JSON/Parquet file or a datasets name")
-    p.add_argument("--prompt-field", default="instruction")
+    p.add_argument("--prompt-field", default=None, help="the field holding the instruction (default: the run's "
+                   f"prompt_field with --run, else {config.DEFAULTS['prompt_field'][0]!r}, as in training)")
     p.add_argument("--num-prompts", type=int, default=64, help="run mode on the category game: synthetic prompts")
     p.add_argument("--oracle", help="YAML file with an oracle: block")
     p.add_argument("--out", default=None)
     p.add_argument("--samples", type=int, default=1, help="samples per prompt (n)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the run's max_new_tokens with --run, else 512")
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)

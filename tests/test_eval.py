@@ -21,7 +21,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
     for name, probs in SKEWS.items():
         tiny.build_base(str(d / name), probs=probs, sft_steps=150, seed=len(name), log=lambda m: None)
-    (d / "prompts.jsonl").write_text("".join(json.dumps({"instruction": x}) + "\n" for x in tiny.synthetic_prompts(40, 5)))
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": x}) + "\n" for x in tiny.synthetic_prompts(40, 5)))
     (d / "oracle.yaml").write_text("oracle: {kind: category}\n")
     return d
 
@@ -55,7 +55,7 @@ def test_matrix_matches_exact_distributions_and_outputs_parse_back(setup):
     assert torch.allclose((M + M.T)[off], torch.full((K * K - K,), 100.0, dtype=torch.float64), atol=1e-9, rtol=0)
     # Sampling error: 8 samples x 40 prompts per model; SE is the standard error of the per-prompt win rates.
     # The estimate must lie within 4 SE (+0.5 points for the pruned/none mass) of the exact value.
-    exact = exact_matrix(d, r["names"], ev.load_prompt_file(str(d / "prompts.jsonl"), "instruction")).double()
+    exact = exact_matrix(d, r["names"], ev.load_prompt_file(str(d / "prompts.jsonl"), "prompt")).double()
     assert ((M - exact).abs()[off] <= 4 * SE[off] + 0.5).all(), (M, exact, SE)
     assert (SE[off] > 0).all() and (SE[off] < 3).all()
     # the three policies form a preference cycle: a > b > c > a
@@ -108,14 +108,14 @@ def test_bad_input_fails_before_any_generation(setup, tmp_path, capsys):
     d = setup
     ev.GENERATED.clear()
     (tmp_path / "notackpt").mkdir()
-    (tmp_path / "nofield.jsonl").write_text('{"prompt": "hi"}\n')
+    (tmp_path / "nofield.jsonl").write_text('{"instruction": "hi"}\n')
     cases = [
         (["--models", f"a={d / 'a'}", f"b={tmp_path / 'notackpt'}"], "no config.json"),
         (["--models", f"a={d / 'a'}", f"b={tmp_path / 'missing'}"], "does not exist"),
         (["--models", f"a={d / 'a'}"], "at least two models"),
         (["--models", f"a={d / 'a'}", f"a={d / 'b'}"], "given twice"),
         (["--models", f"a={d / 'a'}", f"b={d / 'b'}", "--prompts", str(tmp_path / "nofield.jsonl")],
-         "no string field 'instruction'"),
+         "no string field 'prompt'"),
         (["--models", f"a={d / 'a'}", f"b={d / 'b'}", "--samples", "4"], "needs --temperature > 0"),
     ]
     for argv, needle in cases:
@@ -128,15 +128,19 @@ def test_bad_input_fails_before_any_generation(setup, tmp_path, capsys):
     assert ev.cli(["--run", str(tmp_path)]) == 2 and "no config.yaml" in capsys.readouterr().err
 
 
-def test_run_mode_follows_the_checkpoints(setup, tmp_path):
+def test_run_mode_follows_the_checkpoints(setup, tmp_path, monkeypatch):
     d = setup
     cfg = config.load_config(None, [])
     cfg.update(model=str(d / "a"), out_dir=str(tmp_path / "run"), iterations=2, prompts_per_iteration=8, n_samples=4,
                max_new_tokens=6, lr=1e-3, batch_size=16, micro_batch_size=8, eval_prompts=4, num_subsets=3,
                eta=2.0, tau=0.1, ref_update_every=2)
     train_ddp.train(config.check_config(cfg, 1), 0, 1, torch.device("cpu"))
-    rows = ev.main(["--run", str(tmp_path / "run"), "--num-prompts", "16", "--samples", "4", "--temperature", "1",
-                    "--max-new-tokens", "6"])
+    import sample
+
+    asked, generate = set(), sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **kw: asked.add(kw["max_new_tokens"]) or generate(*a, **kw))
+    rows = ev.main(["--run", str(tmp_path / "run"), "--num-prompts", "16", "--samples", "4", "--temperature", "1"])
+    assert asked == {6}  # the run's max_new_tokens, not eval's own default (512)
     assert [r["iteration"] for r in rows] == [0, 1]
     for r in rows:
         assert 0 <= r["winrate_vs_base"] <= 100 and 0 <= r["exploitability"] <= 0.5 and r["mean_length"] > 0
