@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 import losses
-from sample import generate, sequence_logprobs
+from sample import cat_samples, generate, sequence_logprobs
 
 
 class SpecError(ValueError):
@@ -420,9 +420,13 @@ PURPOSES = ("sample", "shuffle", "eval_winrate")
 
 
 def sample_groups(model, tokenizer, prompt_ids, cfg, generator, all_done=None):
-    s = generate(model, prompt_ids, n=cfg["n_samples"], max_new_tokens=cfg["max_new_tokens"],
-                 temperature=cfg["temperature"], top_p=cfg["top_p"], generator=generator, all_done=all_done,
-                 pad_token_id=tokenizer.pad_token_id)
+    """n samples for each prompt, generated `rollout_batch_size` prompts at a time (0 = all at once: the KV
+    cache holds prompts x n x (prompt + max_new_tokens) tokens); (Samples, [n texts per prompt])."""
+    B = cfg.get("rollout_batch_size") or len(prompt_ids)
+    s = cat_samples([generate(model, prompt_ids[i:i + B], n=cfg["n_samples"], max_new_tokens=cfg["max_new_tokens"],
+                              temperature=cfg["temperature"], top_p=cfg["top_p"], generator=generator,
+                              all_done=all_done, pad_token_id=tokenizer.pad_token_id)
+                     for i in range(0, len(prompt_ids), B)], tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(s.response_ids, skip_special_tokens=True)  # after EOS: the tokenizer's pad
     n = cfg["n_samples"]
     return s, [texts[i * n:(i + 1) * n] for i in range(len(prompt_ids))]

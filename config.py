@@ -48,6 +48,8 @@ DEFAULTS = {
     "dtype": ("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16; master weights stay fp32"),
     "bucket_mb": (25, "gradient all-reduce bucket size in MiB"),
     "parallel": ("ddp", "ddp (replicated weights, bucketed all-reduce) or fsdp (flat shards per block, ZeRO-3 style)"),
+    "rollout_batch_size": (0, "prompts per generate call on each rank (0 = all of the iteration's at once); the KV "
+                               "cache holds rollout_batch_size x n_samples x (prompt + max_new_tokens) tokens"),
     "rollout": ("gathered", "fsdp: gathered (sample and precompute log-probs from weights gathered once per phase, "
                             "no collectives per token) or sharded (per-block gathers in every forward, for models "
                             "too large to gather whole)"),
@@ -184,7 +186,8 @@ def check_config(cfg, world):
             raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
     if not cfg["lr"] > 0:
         raise ConfigError(f"lr must be > 0, got {cfg['lr']}")
-    for key in ("prompts_per_iteration", "eval_prompts", "keep_checkpoints", "grad_clip", "weight_decay"):
+    for key in ("prompts_per_iteration", "rollout_batch_size", "eval_prompts", "keep_checkpoints", "grad_clip",
+                "weight_decay"):
         if cfg[key] < 0:
             raise ConfigError(f"{key} must be >= 0, got {cfg[key]}")
     if cfg["n_samples"] < 2:

@@ -54,6 +54,23 @@ class Samples:
         return Samples(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
+def cat_samples(parts, pad_token_id):
+    """One Samples from several (e.g. generate called on chunks of the prompts): prompts padded further on the
+    left and responses on the right (masks 0, log-probs 0), which changes no row's log-probs (positions
+    count from each row's first real token)."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p.prompt_ids.shape[1] for p in parts)
+    R = max(p.response_ids.shape[1] for p in parts)
+    pad = lambda t, n, left, value: F.pad(t, (n, 0) if left else (0, n), value=value)  # noqa: E731
+    return Samples(
+        torch.cat([pad(p.prompt_ids, P - p.prompt_ids.shape[1], True, pad_token_id) for p in parts]),
+        torch.cat([pad(p.prompt_mask, P - p.prompt_mask.shape[1], True, 0) for p in parts]),
+        torch.cat([pad(p.response_ids, R - p.response_ids.shape[1], False, pad_token_id) for p in parts]),
+        torch.cat([pad(p.response_mask, R - p.response_mask.shape[1], False, 0) for p in parts]),
+        torch.cat([pad(p.token_logps, R - p.token_logps.shape[1], False, 0.0) for p in parts]))
+
+
 def left_pad(prompts, pad_token_id, device):
     """(ids, mask) of shape (B, P) from a list of token-id lists, padded on the left."""
     P = max(len(p) for p in prompts)

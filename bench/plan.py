@@ -92,7 +92,11 @@ def plan(cfg, hf, blocks, root, world, device="cuda"):
     head_dim = getattr(hf, "head_dim", None) or H // hf.num_attention_heads
     inter = getattr(hf, "intermediate_size", 4 * H)
     T = cfg["max_prompt_tokens"] + cfg["max_new_tokens"]
-    per = (cfg["prompts_per_iteration"] or 32) // world
+    per = cfg["rollout_batch_size"] or cfg["prompts_per_iteration"] // world  # prompts in one generate call
+    if not per:
+        raise SystemExit("error: prompts_per_iteration 0 (the whole subset) and rollout_batch_size 0: one generate "
+                         "call over the whole subset, whose KV cache this plan cannot bound; set rollout_batch_size")
+    per = min(per, cfg["prompts_per_iteration"] // world) if cfg["prompts_per_iteration"] else per
     kv = L * 2 * kv_heads * head_dim * c * per * cfg["n_samples"] * T
     tokens = cfg["micro_batch_size"] * T
     per_layer = tokens * c * (6 * H + 2 * kv_heads * head_dim + 4 * inter)  # saved tensors of one block

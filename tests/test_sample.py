@@ -105,6 +105,28 @@ def test_decode_step_replaces_only_the_decode_forwards_and_keeps_the_batch_whole
     assert calls[0] == int(ref.response_mask.sum(-1).max()) - 1 and batches == {12}  # every decode step, never compacted
 
 
+def test_chunked_rollout_equals_one_batch():
+    """comal.sample_groups with rollout_batch_size: chunks concatenated by cat_samples give the one-batch
+    result (greedy: the same tokens; the log-probs of the padded whole equal each chunk's)."""
+    import comal
+
+    model = tiny("llama", std=0.5, seed=3)
+    prompts = prompts_of([4, 9, 6, 5, 8, 3, 7], seed=4)
+    tok = type("Tok", (), {"pad_token_id": PAD, "batch_decode": lambda self, ids, **kw: [str(r.tolist()) for r in ids]})()
+    cfg = dict(n_samples=2, max_new_tokens=12, temperature=0, top_p=1.0)
+    whole, texts = comal.sample_groups(model, tok, prompts, cfg, None)
+    parts, texts3 = comal.sample_groups(model, tok, prompts, dict(cfg, rollout_batch_size=3), None)
+    assert texts3 == texts and len(texts3) == len(prompts)
+    R = whole.response_ids.shape[1]
+    assert parts.response_ids.shape[1] == R and torch.equal(parts.response_ids, whole.response_ids)
+    assert torch.equal(parts.response_mask, whole.response_mask)
+    torch.testing.assert_close(parts.token_logps, whole.token_logps, atol=1e-5, rtol=0)
+    ids, att, resp = parts.sequences()
+    lp = sample.sequence_logprobs(model, ids, att, resp)[0][:, -R:]
+    torch.testing.assert_close(lp, parts.token_logps, atol=1e-4, rtol=0)
+    assert parts.prompt_ids.shape[1] == whole.prompt_ids.shape[1] == 9  # chunks padded to the longest prompt
+
+
 def reference_first_token_probs(model, prompt, temperature, top_k, top_p):
     """softmax(logits / t) restricted to top-k then top-p, written with sort + loops."""
     with torch.no_grad():
