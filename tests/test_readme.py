@@ -69,3 +69,95 @@ def test_readme_example_plays_the_tabular_game_and_equals_its_tabular_step(simpo
     got = ex.lm_step(None, 5, spec=spec)  # the LM examples and loss, every group of 5 enumerated
     want = tg.tabular_step(spec, SimpleNamespace(A=ex.A), tg.make_config(), None, ex.LOG_MU)
     assert float((got - want).abs().max()) < 1e-6
+
+
+# ---------------------------------------------------------------------------
+# The README's quick start and "Your own model, prompts and oracle", run as written (short versions)
+# ---------------------------------------------------------------------------
+
+
+def section_blocks(title, lang="bash"):
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split(title, 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    return [b for kind, b in re.findall(r"```(\w*)\n(.*?)```", section, re.S) if kind == lang]
+
+
+def runnable(line, cwd):
+    """A README command line as argv: python/torchrun scripts and configs/ resolved in the repo."""
+    import sys
+
+    argv = shlex.split(line.split("#")[0])
+    if argv[0] == "torchrun":
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone"] + argv[1:]  # a free port
+    elif argv[0] == "python":
+        argv = [sys.executable] + argv[1:]
+    return [os.path.join(ROOT, a) if a.endswith(".py") or a.startswith("configs/") else a for a in argv]
+
+
+def run_ok(argv, cwd):
+    import subprocess
+
+    r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (argv, r.stderr[-3000:])
+    return r
+
+
+def test_readme_quick_start_runs(tmp_path):
+    (block,) = section_blocks("## Quick start")
+    train, evaluate = [x for x in block.strip().splitlines()]
+    fast = [f"out_dir={tmp_path / 'tiny'}", "iterations=2", "eval_prompts=2", f"cache_dir={tmp_path / 'cache'}"]
+    run_ok(runnable(train, ROOT) + fast, ROOT)
+    records = [json.loads(x) for x in open(tmp_path / "tiny" / "metrics.jsonl")]
+    assert [r["iteration"] for r in records if "exploitability" in r] == [-1, 0, 1]
+    assert "runs/tiny" in evaluate
+    r = run_ok([a.replace("runs/tiny", str(tmp_path / "tiny")) for a in runnable(evaluate, ROOT)] + ["--num-prompts", "4"],
+               ROOT)
+    assert "exploitability" in r.stdout and (tmp_path / "tiny" / "eval" / "dynamics.csv").is_file()
+
+
+def test_readme_own_model_and_prompts_run_as_written(tmp_path):
+    (block,) = section_blocks("### Your own model, prompts and oracle")
+    train, evaluate = block.strip().splitlines()
+    (oracle_yaml,) = section_blocks("### Your own model, prompts and oracle", "yaml")
+    (tmp_path / "my_oracle.yaml").write_text(oracle_yaml)
+    (tmp_path / "my_prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Pick a move for round {i}."}) + "\n"
+                                                       for i in range(10)))
+    tiny.build_base(str(tmp_path / "my_model"), sft_steps=150, log=lambda m: None)  # stands in for your model
+    fast = ["n_samples=4", "max_new_tokens=6", "batch_size=16", "micro_batch_size=8", "eval_prompts=2"]
+    # the README's subset bullet: the tiny config's subsets are too small for 10 prompts, with this message
+    import subprocess
+
+    argv = [a for a in runnable(train, tmp_path) if not a.startswith(("num_subsets", "prompts_per_iteration"))]
+    r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    quoted = re.search(r"stop with\s+`([^`]*)`", readme).group(1)
+    assert r.returncode == 2 and quoted in r.stderr, r.stderr
+    run_ok(runnable(train, tmp_path) + fast, tmp_path)
+    iters = [json.loads(x) for x in open(tmp_path / "runs" / "mine" / "metrics.jsonl") if '"train_s"' in x]
+    assert [r["iteration"] for r in iters] == [0, 1]
+    r = run_ok(runnable(evaluate, tmp_path) + ["--max-new-tokens", "8"], tmp_path)
+    table = (tmp_path / "runs" / "mine_eval" / "winrate.md").read_text()
+    assert "| mine |" in table and "| base |" in table and "row beats column" in r.stdout
+
+
+def test_ultrafeedback_prompts_script_feeds_the_recipes(tmp_path):
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "uf" / "data").mkdir(parents=True)
+    rows = ["Say hi", "Name a fruit", "Say hi", "  ", "Count to 3"] + [f"Question {i}" for i in range(7)]
+    pq.write_table(pa.table({"source": ["x"] * len(rows), "instruction": rows}),
+                   tmp_path / "uf" / "data" / "train-00000-of-00001.parquet")
+    out = tmp_path / "prompts.jsonl"
+    run_ok([sys.executable, os.path.join(ROOT, "data", "ultrafeedback_prompts.py"), str(tmp_path / "uf"),
+            "--out", str(out)], tmp_path)
+    got = [json.loads(x)["prompt"] for x in out.read_text().splitlines()]
+    assert sorted(got) == sorted(set(rows) - {"  "})  # empty and repeated dropped, field renamed to the recipes'
+    cfg = config.load_config(os.path.join(ROOT, "configs", "llama3_8b_comal.yaml"), [f"prompts={out}"])
+    assert cfg["prompt_field"] == "prompt" and len(config.load_prompts(cfg)) == 10
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "ultrafeedback_prompts.py"), str(tmp_path / "none"),
+                        "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error:") and len(r.stderr.splitlines()) == 1
