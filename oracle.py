@@ -156,40 +156,63 @@ class CategoryGame(Oracle):
         it), an EOS, or max_new_tokens tokens (the sampler's cap: the oracle
         then judges the truncated text, e.g. "roc" is none). Branches with probability below `min_mass` are not
         expanded and count as "none" (which can only raise exploitability);
-        their total is returned as the second output, the error bound.
+        their total is returned as the second output, the error bound. Each
+        prompt is prefilled once into a KV cache; the open prefixes of a step
+        (all of one length) run as a batch over its copies (tested against
+        brute-force enumeration).
         """
-        from sample import left_pad, positions
+        from transformers import DynamicCache
+
+        from sample import cache_kwargs
 
         dev = next(model.parameters()).device
         C = len(self.categories)
         dist = torch.zeros(len(prompt_ids), C + 1, dtype=torch.float64)
         pruned = torch.zeros(len(prompt_ids), dtype=torch.float64)
         eos = set(int(e) for e in eos_token_ids)
-        frontier = [(b, [], 0.0) for b in range(len(prompt_ids))]  # (prompt, response prefix, log-prob)
-        while frontier:
-            nxt = []
-            for s in range(0, len(frontier), batch_size):
-                chunk = frontier[s:s + batch_size]
-                ids, mask = left_pad([list(prompt_ids[b]) + r for b, r, _ in chunk], tokenizer.pad_token_id, dev)
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=1).logits
-                logp = torch.log_softmax(logits[:, -1].double(), -1).cpu()  # (b, V)
-                for (b, r, lp), row in zip(chunk, logp):
-                    total = lp + row
-                    keep = (total > math.log(min_mass)).nonzero().squeeze(-1).tolist()
-                    pruned[b] += float(total.exp().sum()) - float(total[keep].exp().sum()) if keep else float(total.exp().sum())
-                    for v in keep:
-                        mass, seq = float(total[v]), r + [v]
-                        text = tokenizer.decode(seq, skip_special_tokens=True)
-                        ended = v in eos or len(text.lstrip().split(maxsplit=1)) > 1 or (
-                            text.lstrip() and text.lstrip() != text.lstrip().rstrip()) or (
-                            max_new_tokens is not None and len(seq) >= max_new_tokens)
-                        if ended:
-                            dist[b, int(self.category([text])[0])] += math.exp(mass)  # -1 is the "none" column
-                        elif self.could_still_match(text):
-                            nxt.append((b, seq, mass))
-                        else:
-                            dist[b, C] += math.exp(mass)
-            frontier = nxt
+
+        def next_logps(prompt, prefixes):
+            """(len(prefixes), V) next-token log-probs after prompt + each prefix (all of one length d): the
+            prompt is prefilled once into a KV cache replicated for the batch, only the d prefix tokens are run."""
+            cache = DynamicCache(config=model.config)
+            kw = cache_kwargs(model, cache)
+            ids = torch.tensor([prompt], device=dev)
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, **kw)
+            if not prefixes[0]:
+                return torch.log_softmax(out.logits[:, -1].double(), -1).cpu().expand(len(prefixes), -1)
+            cache.batch_repeat_interleave(len(prefixes))
+            P, d = len(prompt), len(prefixes[0])
+            x = torch.tensor(prefixes, device=dev)
+            out = model(input_ids=x, attention_mask=torch.ones(len(prefixes), P + d, dtype=torch.long, device=dev),
+                        position_ids=torch.arange(P, P + d, device=dev).expand(len(prefixes), -1), logits_to_keep=1,
+                        **kw)
+            return torch.log_softmax(out.logits[:, -1].double(), -1).cpu()
+
+        for b, prompt in enumerate(prompt_ids):
+            prompt = [int(t) for t in prompt]
+            frontier = [([], 0.0)]  # (response prefix, log-prob); every prefix of a step has the same length
+            while frontier:
+                nxt = []
+                for s in range(0, len(frontier), batch_size):
+                    chunk = frontier[s:s + batch_size]
+                    logp = next_logps(prompt, [r for r, _ in chunk])  # (b, V)
+                    for (r, lp), row in zip(chunk, logp):
+                        total = lp + row
+                        keep = (total > math.log(min_mass)).nonzero().squeeze(-1).tolist()
+                        pruned[b] += float(total.exp().sum()) - float(total[keep].exp().sum()) if keep else float(total.exp().sum())
+                        for v in keep:
+                            mass, seq = float(total[v]), r + [v]
+                            text = tokenizer.decode(seq, skip_special_tokens=True)
+                            ended = v in eos or len(text.lstrip().split(maxsplit=1)) > 1 or (
+                                text.lstrip() and text.lstrip() != text.lstrip().rstrip()) or (
+                                max_new_tokens is not None and len(seq) >= max_new_tokens)
+                            if ended:
+                                dist[b, int(self.category([text])[0])] += math.exp(mass)  # -1 is the "none" column
+                            elif self.could_still_match(text):
+                                nxt.append((seq, mass))
+                            else:
+                                dist[b, C] += math.exp(mass)
+                frontier = nxt
         dist[:, C] += pruned
         return dist, pruned
 
