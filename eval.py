@@ -469,7 +469,10 @@ def main(argv=None):
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return matrix_mode(args, device) if args.models else run_mode(args, device)
+        out = matrix_mode(args, device) if args.models else run_mode(args, device)
+        if distributed:
+            dist.barrier()  # rank 0 still writes tables: a gloo rank torn down before it can abort at exit
+        return out
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()

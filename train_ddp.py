@@ -600,6 +600,8 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
     try:
         train(cfg, rank, world, device)
+        if distributed:
+            dist.barrier()  # every rank done before gloo is torn down (one torn down early can abort at exit)
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
