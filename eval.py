@@ -441,10 +441,54 @@ def run_mode(args, device):
     return rows
 
 
+def figure1_mode(args):
+    """The paper's Figure 1 layout for language-model runs on the category game: each run's trajectory of
+    category distributions on the simplex and all runs' exact exploitability per iteration, read from their
+    metrics.jsonl (iteration -1 = the start); writes figure1.png and figure1.md."""
+    import yaml
+
+    import toy_game
+
+    results, rows, payoff = {}, [], None
+    for run in args.figure1:
+        cfg_path, metrics = os.path.join(run, "config.yaml"), os.path.join(run, "metrics.jsonl")
+        if not (os.path.isfile(cfg_path) and os.path.isfile(metrics)):
+            raise EvalError(f"--figure1 {run}: no config.yaml and metrics.jsonl (not a train_ddp.py out_dir)")
+        with open(cfg_path) as f:
+            cfg = yaml.safe_load(f)
+        game = oracle_lib.build_oracle(oracle_lib.check_oracle_config(cfg["oracle"]))
+        if not isinstance(game, oracle_lib.CategoryGame) or len(game.categories) != 3:
+            raise EvalError(f"--figure1 {run}: needs the category game with 3 categories")
+        if payoff is not None and not torch.equal(payoff, game.A):
+            raise EvalError(f"--figure1 {run}: its payoff differs from the first run's")
+        payoff = game.A
+        recs = sorted((r for r in map(json.loads, open(metrics)) if "category_dist" in r), key=lambda r: r["iteration"])
+        if not recs:
+            raise EvalError(f"--figure1 {run}: no exploitability in metrics.jsonl (eval_prompts: 0?)")
+        name = cfg.get("algo", "run")
+        name = name if name not in results else f"{name} ({os.path.basename(os.path.normpath(run))})"
+        dists = [torch.tensor(r["category_dist"][:3], dtype=torch.float64) for r in recs]
+        results[name] = {"policies": [(d / d.sum()).tolist() for d in dists],  # on the simplex: "none" left out
+                         "exploitability": [r["exploitability"] for r in recs]}
+        e = results[name]["exploitability"]
+        rows.append(f"| {name} | {len(recs) - 1} | {e[0]:.4f} | {e[-1]:.4f} | {max(e[len(e) - len(e) // 3:]):.4f} | "
+                    f"{[round(x, 3) for x in recs[-1]['category_dist'][:3]]} | {recs[-1]['category_dist'][3]:.4f} |")
+    os.makedirs(args.out, exist_ok=True)
+    toy_game.plot(results, toy_game.make_game(payoff.tolist()), os.path.join(args.out, "figure1.png"),
+                  title="category distribution per iteration (exact) and exploitability")
+    table = ["| run | iterations | start | final | max over the last third | final categories | none |",
+             "|---|---|---|---|---|---|---|"] + rows
+    with open(os.path.join(args.out, "figure1.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    print("\n".join(table))
+    return results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", help="NAME=CHECKPOINT_DIR ...")
     p.add_argument("--run", help="a train_ddp.py out_dir: training dynamics of its checkpoints")
+    p.add_argument("--figure1", nargs="+", help="train_ddp.py out_dirs on the category game: Figure 1's layout")
     p.add_argument("--prompts", help="JSONL/JSON/Parquet file or a datasets name")
     p.add_argument("--prompt-field", default=None, help="the field holding the instruction (default: the run's "
                    f"prompt_field with --run, else {config.DEFAULTS['prompt_field'][0]!r}, as in training)")
@@ -460,8 +504,13 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if bool(args.models) == bool(args.run):
-        raise EvalError("give either --models NAME=DIR ... (a win-rate matrix) or --run RUN_DIR (training dynamics)")
+    if sum(map(bool, (args.models, args.run, args.figure1))) != 1:
+        raise EvalError("give one of --models NAME=DIR ... (a win-rate matrix), --run RUN_DIR (training dynamics) "
+                        "or --figure1 RUN_DIR ... (runs on the category game, Figure 1's layout)")
+    if args.figure1:
+        if not args.out:
+            raise EvalError("--out DIR is required with --figure1")
+        return figure1_mode(args)
     if args.models and not args.out:
         raise EvalError("--out DIR is required with --models")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

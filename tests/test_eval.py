@@ -173,3 +173,33 @@ def test_torchrun_splits_prompts_and_gives_the_single_process_matrix(setup):
     g2 = json.load(open(d / "greedy2" / "generations" / "a.json"))["responses"]
     assert g1 == g2 and len(g1) == 40
     assert r.stdout.count("row beats column") == 1  # rank 0 prints
+
+
+def test_figure1_draws_the_runs_from_their_metrics(base, tmp_path, capsys):
+    """--figure1: each run's exact category distributions on the simplex and its exploitability, read from
+    metrics.jsonl; the table's numbers are the logged ones; runs of different games are refused."""
+    runs = []
+    for algo, extra in (("comal", dict(eta=2.0, tau=0.1, ref_update_every=2)), ("iter_ipo", dict(eta=2.0))):
+        cfg = config.load_config(None, [])
+        cfg.update(model=base, out_dir=str(tmp_path / algo), algo=algo, iterations=2, prompts_per_iteration=8,
+                   n_samples=4, max_new_tokens=6, lr=1e-3, batch_size=16, micro_batch_size=8, eval_prompts=2,
+                   num_subsets=3, eval_winrate=False, **extra)
+        train_ddp.train(config.check_config(cfg, 1), 0, 1, torch.device("cpu"))
+        runs.append(str(tmp_path / algo))
+    res = ev.main(["--figure1", *runs, "--out", str(tmp_path / "fig")])
+    assert (tmp_path / "fig" / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "fig" / "figure1.md").read_text()
+    for algo, run in zip(("comal", "iter_ipo"), runs):
+        logged = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl")) if "category_dist" in x]
+        assert res[algo]["exploitability"] == [r["exploitability"] for r in logged]  # start, then each iteration
+        p = torch.tensor(logged[-1]["category_dist"][:3], dtype=torch.float64)
+        assert res[algo]["policies"][-1] == pytest.approx((p / p.sum()).tolist())
+        assert f"| {algo} | 2 | {logged[0]['exploitability']:.4f} | {logged[-1]['exploitability']:.4f} |" in table
+    import yaml
+
+    other = tmp_path / "comal" / "config.yaml"
+    cfg = yaml.safe_load(other.read_text())
+    cfg["oracle"]["payoff"] = [[0.5, 0.9, 0.2], [0.1, 0.5, 0.8], [0.8, 0.2, 0.5]]  # the transposed game
+    other.write_text(yaml.safe_dump(cfg))
+    assert ev.cli(["--figure1", runs[1], runs[0], "--out", str(tmp_path / "fig2")]) == 2
+    assert "payoff differs" in capsys.readouterr().err
