@@ -260,9 +260,13 @@ def eval_prompt_texts(cfg):
 
     if cfg["eval_prompt_file"] is None:
         return tiny.synthetic_prompts(cfg["eval_prompts"], cfg["seed"] + 12345)
-    rows = load_prompts({"prompts": cfg["eval_prompt_file"], "prompt_field": cfg["prompt_field"],
-                         "prompt_split": "eval", "prompts_per_iteration": 0, "num_subsets": 1, "seed": 0})
-    return rows[:cfg["eval_prompts"]]
+    return prompt_file(cfg["eval_prompt_file"], cfg["prompt_field"])[:cfg["eval_prompts"]]
+
+
+def prompt_file(src, field, split="eval"):
+    """Every instruction of one prompt file or dataset (held-out sets: eval_prompt_file, eval.py --prompts)."""
+    return load_prompts({"prompts": src, "prompt_field": field, "prompt_split": split, "prompts_per_iteration": 0,
+                         "num_subsets": 1, "seed": 0})
 
 
 # ---------------------------------------------------------------------------

@@ -78,8 +78,7 @@ def load_prompt_file(src, field):
     """Instructions from a JSONL/JSON/Parquet file or a `datasets` name (AlpacaEval: field `instruction`)."""
 
     try:
-        return config.load_prompts({"prompts": src, "prompt_field": field, "prompt_split": "eval",
-                                       "prompts_per_iteration": 0, "num_subsets": 1, "seed": 0})
+        return config.prompt_file(src, field)
     except config.ConfigError as e:
         raise EvalError(str(e)) from None
 
@@ -456,7 +455,7 @@ def figure1_mode(args):
             raise EvalError(f"--figure1 {run}: no config.yaml and metrics.jsonl (not a train_ddp.py out_dir)")
         with open(cfg_path) as f:
             cfg = yaml.safe_load(f)
-        game = oracle_lib.build_oracle(oracle_lib.check_oracle_config(cfg["oracle"]))
+        game = oracle_lib.build_oracle(cfg["oracle"])
         if not isinstance(game, oracle_lib.CategoryGame) or len(game.categories) != 3:
             raise EvalError(f"--figure1 {run}: needs the category game with 3 categories")
         if payoff is not None and not torch.equal(payoff, game.A):

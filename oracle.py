@@ -19,6 +19,7 @@ validates the block (keys, types, paths, heads, templates) without loading any w
 
 Models are loaded from local directories only (no hub is assumed reachable).
 """
+import copy
 import json
 import math
 import os
@@ -171,31 +172,36 @@ class CategoryGame(Oracle):
         pruned = torch.zeros(len(prompt_ids), dtype=torch.float64)
         eos = set(int(e) for e in eos_token_ids)
 
-        def next_logps(prompt, prefixes):
-            """(len(prefixes), V) next-token log-probs after prompt + each prefix (all of one length d): the
-            prompt is prefilled once into a KV cache replicated for the batch, only the d prefix tokens are run."""
+        def prefill(prompt):
+            """(KV cache of the prompt, (V,) log-probs of the first response token): once per prompt."""
             cache = DynamicCache(config=model.config)
-            kw = cache_kwargs(model, cache)
             ids = torch.tensor([prompt], device=dev)
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, **kw)
-            if not prefixes[0]:
-                return torch.log_softmax(out.logits[:, -1].double(), -1).cpu().expand(len(prefixes), -1)
-            cache.batch_repeat_interleave(len(prefixes))
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1,
+                        **cache_kwargs(model, cache))
+            return cache, torch.log_softmax(out.logits[0, -1].double(), -1).cpu()
+
+        def next_logps(prompt, cache, prefixes):
+            """(len(prefixes), V) next-token log-probs after prompt + each prefix (all of one length d >= 1): a
+            copy of the prompt's cache replicated for the batch, only the d prefix tokens are run."""
+            batch = copy.deepcopy(cache)
+            batch.batch_repeat_interleave(len(prefixes))
             P, d = len(prompt), len(prefixes[0])
-            x = torch.tensor(prefixes, device=dev)
-            out = model(input_ids=x, attention_mask=torch.ones(len(prefixes), P + d, dtype=torch.long, device=dev),
+            out = model(input_ids=torch.tensor(prefixes, device=dev),
+                        attention_mask=torch.ones(len(prefixes), P + d, dtype=torch.long, device=dev),
                         position_ids=torch.arange(P, P + d, device=dev).expand(len(prefixes), -1), logits_to_keep=1,
-                        **kw)
+                        **cache_kwargs(model, batch))
             return torch.log_softmax(out.logits[:, -1].double(), -1).cpu()
 
         for b, prompt in enumerate(prompt_ids):
             prompt = [int(t) for t in prompt]
+            cache, first = prefill(prompt)
             frontier = [([], 0.0)]  # (response prefix, log-prob); every prefix of a step has the same length
             while frontier:
                 nxt = []
                 for s in range(0, len(frontier), batch_size):
                     chunk = frontier[s:s + batch_size]
-                    logp = next_logps(prompt, [r for r, _ in chunk])  # (b, V)
+                    prefixes = [r for r, _ in chunk]
+                    logp = next_logps(prompt, cache, prefixes) if prefixes[0] else first[None]  # (b, V)
                     for (r, lp), row in zip(chunk, logp):
                         total = lp + row
                         keep = (total > math.log(min_mass)).nonzero().squeeze(-1).tolist()

@@ -92,11 +92,11 @@ def plan(cfg, hf, blocks, root, world, device="cuda"):
     head_dim = getattr(hf, "head_dim", None) or H // hf.num_attention_heads
     inter = getattr(hf, "intermediate_size", 4 * H)
     T = cfg["max_prompt_tokens"] + cfg["max_new_tokens"]
-    per = cfg["rollout_batch_size"] or cfg["prompts_per_iteration"] // world  # prompts in one generate call
+    # prompts in one generate call: rollout_batch_size, at most this rank's share (0 = the whole subset: unknown here)
+    per = min(filter(None, (cfg["rollout_batch_size"], cfg["prompts_per_iteration"] // world)), default=0)
     if not per:
         raise SystemExit("error: prompts_per_iteration 0 (the whole subset) and rollout_batch_size 0: one generate "
                          "call over the whole subset, whose KV cache this plan cannot bound; set rollout_batch_size")
-    per = min(per, cfg["prompts_per_iteration"] // world) if cfg["prompts_per_iteration"] else per
     kv = L * 2 * kv_heads * head_dim * c * per * cfg["n_samples"] * T
     tokens = cfg["micro_batch_size"] * T
     per_layer = tokens * c * (6 * H + 2 * kv_heads * head_dim + 4 * inter)  # saved tensors of one block
@@ -141,11 +141,12 @@ def main(argv=None):
               f"in {args.gpu_gib:g} GiB")
     if args.measured:
         import json
-        rows = [json.loads(x) for x in open(args.measured) if '"train_peak_gib"' in x]
-        if not rows:
+        logged = [json.loads(x) for x in open(args.measured) if '"train_peak_gib"' in x]
+        if not logged:
             sys.exit(f"error: --measured {args.measured}: no iteration with train_peak_gib (not a CUDA run?)")
-        for name, planned in (("rollout", rollout), ("training", train[bool(cfg["activation_checkpointing"])])):
-            got = max(r[f"{'rollout' if name == 'rollout' else 'train'}_peak_gib"] for r in rows)
+        for name, key, planned in (("rollout", "rollout_peak_gib", rollout),
+                                   ("training", "train_peak_gib", train[bool(cfg["activation_checkpointing"])])):
+            got = max(r[key] for r in logged)
             print(f"  measured {name} peak (CUDA max allocated) {got:.3f} GiB, plan {planned / GIB:.3f} GiB: "
                   f"plan / measured {planned / GIB / got:.2f}")
 

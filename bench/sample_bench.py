@@ -77,17 +77,21 @@ def main():
                                   top_p=args.top_p, top_k=0, num_return_sequences=args.n, max_new_tokens=args.new,
                                   min_new_tokens=args.new, pad_token_id=pad, eos_token_id=None)
 
-    tokens = args.prompts * args.n * args.new
-    results = {}
-    for name, fn in (("sample.generate", ours_run), ("model.generate", hf_run)):
-        fn() if args.device != "cpu" else None  # warm-up on GPU only (CPU runs are long enough)
+    def timed(fn):
+        """(fn's output, seconds), the device synchronised on both sides."""
         if args.device != "cpu":
             torch.cuda.synchronize()
         t = time.perf_counter()
         out = fn()
         if args.device != "cpu":
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t
+        return out, time.perf_counter() - t
+
+    tokens = args.prompts * args.n * args.new
+    results = {}
+    for name, fn in (("sample.generate", ours_run), ("model.generate", hf_run)):
+        fn() if args.device != "cpu" else None  # warm-up on GPU only (CPU runs are long enough)
+        out, dt = timed(fn)
         results[name] = tokens / dt
         shape = tuple(out.response_ids.shape) if name == "sample.generate" else tuple(out[:, ids.shape[1]:].shape)
         print(f"{name:>16}: {dt:7.2f} s  {tokens / dt:8.1f} tokens/s  output {shape}")
@@ -96,23 +100,15 @@ def main():
     for mode in filter(None, args.compile.split(",")):
         step = torch.compile(model, mode=mode, dynamic=False)
         greedy = dict(n=1, max_new_tokens=32, temperature=0, eos_token_ids=[], pad_token_id=pad)
-        t = time.perf_counter()
-        same = torch.equal(sample.generate(model, prompts, **greedy).response_ids,
-                           sample.generate(model, prompts, decode_step=step, **greedy).response_ids)
-        first = time.perf_counter() - t
+        same, first = timed(lambda: torch.equal(sample.generate(model, prompts, **greedy).response_ids,
+                                                sample.generate(model, prompts, decode_step=step, **greedy).response_ids))
 
         def compiled_run():
             return sample.generate(model, prompts, n=args.n, max_new_tokens=args.new, temperature=args.temperature,
                                    top_p=args.top_p, eos_token_ids=[], pad_token_id=pad, decode_step=step,
                                    generator=torch.Generator(args.device).manual_seed(0))
         compiled_run()  # compiles for this batch size
-        if args.device != "cpu":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        compiled_run()
-        if args.device != "cpu":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t
+        _, dt = timed(compiled_run)
         print(f"compiled decode ({mode}): {dt:7.2f} s  {tokens / dt:8.1f} tokens/s  "
               f"{tokens / dt / results['sample.generate']:.2f}x eager sample.generate  "
               f"greedy tokens bitwise equal to eager: {'yes' if same else 'NO'}  (first call incl. compile {first:.0f} s)")
