@@ -433,23 +433,27 @@ def sample_groups(model, tokenizer, prompt_ids, cfg, generator, all_done=None):
 
 
 @torch.no_grad()
-def precompute_logps(model, seqs, micro):
-    """(N, T) token and (N,) sequence log-probs of a frozen policy on all rows, `micro` rows at a time."""
+def precompute_logps(model, seqs, micro, rows=None):
+    """(N, T) token and (N,) sequence log-probs of a frozen policy, `micro` rows at a time: on every row, or only
+    on `rows` (sorted unique ids) with NaN elsewhere, so that a loss reading a row no example uses fails loudly."""
     ids, att, resp = seqs
-    tok = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
-    for s in range(0, ids.shape[0], micro):
-        tok[s:s + micro] = sequence_logprobs(model, ids[s:s + micro], att[s:s + micro], resp[s:s + micro])[0]
+    rows = torch.arange(ids.shape[0], device=ids.device) if rows is None else rows
+    tok = torch.full(ids.shape, float("nan"), dtype=torch.float32, device=ids.device)
+    for s in range(0, len(rows), micro):
+        r = rows[s:s + micro]
+        tok[r] = sequence_logprobs(model, ids[r], att[r], resp[r])[0]
     return tok, tok.sum(-1)
 
 
-def frozen_logps(spec, models, seqs, micro, gathered=lambda model: contextlib.nullcontext()):
+def frozen_logps(spec, models, seqs, micro, gathered=lambda model: contextlib.nullcontext(), rows=None):
     """The frozen fields of the iteration's responses (frozen_fields) from the spec's frozen policies
-    (each one's forwards inside gathered(model): the trainer's rollout weights, one model at a time)."""
+    (each one's forwards inside gathered(model): the trainer's rollout weights, one model at a time), on every
+    row or only on `rows` (those the examples use: best_worst pairs read 2 of each group's n)."""
     seq, tok, cache = {}, {}, {}
     for name, model in models.items():
         if id(model) not in cache:  # offline: mu is pi_ref itself, computed once
             with gathered(model):
-                cache[id(model)] = precompute_logps(model, seqs, micro)
+                cache[id(model)] = precompute_logps(model, seqs, micro, rows)
         tok[name], seq[name] = cache[id(model)]
     return frozen_fields(spec, seq, seqs[2].sum(-1).to(seq["mu"].dtype), tok, seqs[2])
 
@@ -513,8 +517,9 @@ def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
     seqs = samples.sequences()
     models = {"mu": mu_model, "ref": state.get("ref"), "opp": state.get("opponent")}
     with trainer.autocast():
+        used = torch.unique(torch.cat([r.flatten() for r in ex["rows"].values()])) if trainer.local_forwards else None
         frozen = frozen_logps(spec, {name: m for name, m in models.items() if m is not None}, seqs, micro,
-                              trainer.gathered)
+                              trainer.gathered, used)
     if spec.opponent == "prev":  # OMWU: pi^{k-1} <- pi^k, before pi^k is updated
         trainer.copy_weights(state["opponent"], policy)
 
@@ -531,8 +536,19 @@ def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
             "judge_s": judge_s, "train_s": train_s, **peaks, "responses": [g[0] for g in groups]}
 
 
+def grouped_order(group_of, generator):
+    """A random permutation of the examples that keeps each prompt's together: the prompts in a random order,
+    each one's examples in a random order. group_of: (E,) prompt of each example. A micro-batch of all-pairs
+    examples then reads a few groups' n responses instead of two per example."""
+    E = len(group_of)
+    key = torch.randperm(E, generator=generator)  # order within a prompt
+    rank_of = torch.randperm(int(group_of.max()) + 1 if E else 1, generator=generator)  # order of the prompts
+    return torch.argsort(rank_of[group_of] * E + key)
+
+
 def minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, opponent=None, desc="", postfix=None):
-    """`epochs` shuffled passes of optimizer steps over the examples. Each step's loss is
+    """`epochs` shuffled passes (prompts in a random order, each prompt's examples together in a random order) of
+    optimizer steps over the examples. Each step's loss is
     sum_{global batch} weight * loss / (batch_size * mean weight of the iteration's examples): an unbiased
     estimate of the iteration's weighted mean loss, with the same step size whatever a batch's realised
     weight (a ratio to the realised weight would shrink steps and over-weight a short last batch)."""
@@ -543,12 +559,13 @@ def minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, opponent=None, desc="",
     norm = per_step * mean_weight or 1.0  # per rank: the gradient all-reduce averages over ranks
     shuffle = torch.Generator().manual_seed(seed_for(cfg["seed"], "shuffle", k, trainer.rank))
     steps = cfg["epochs"] * math.ceil(E / per_step)
+    group_of = next(iter(ex["rows"].values())).reshape(E, -1)[:, 0].cpu() // cfg["n_samples"]  # (E,) prompt of each
     step_losses = []
     policy.train()
     with tqdm(total=steps, desc=desc, leave=False, disable=trainer.rank != 0, file=sys.stderr) as bar:  # closed on a stop too
         bar.set_postfix(**(postfix or {}))
         for _ in range(cfg["epochs"]):
-            order = torch.randperm(E, generator=shuffle)
+            order = grouped_order(group_of, shuffle)
             for s in range(0, E, per_step):
                 batch = order[s:s + per_step].to(trainer.device)
 

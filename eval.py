@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import comal
 import config
 import oracle as oracle_lib
 
@@ -440,6 +441,85 @@ def run_mode(args, device):
     return rows
 
 
+def sampling_check_mode(args, device):
+    """An independent check of the exact enumeration on a run's newest checkpoint: `--samples` responses per
+    held-out prompt (the run's eval_prompt_file / eval_prompts) drawn with transformers' own model.generate
+    (temperature 1, no top-k / top-p), classified by the oracle, against policy_distribution. Each category's
+    sampled frequency (mean over prompts) must lie within 4 standard errors (from the exact probabilities)
+    plus the enumeration's unsettled mass; otherwise an EvalError. Writes sampling_check.md."""
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = args.sampling_check
+    cfg_path = os.path.join(run, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise EvalError(f"--sampling-check {run} has no config.yaml: not a train_ddp.py output directory")
+    with open(cfg_path) as f:
+        cfg = {**{k: v for k, (v, _) in config.DEFAULTS.items()}, **yaml.safe_load(f)}
+    game = oracle_lib.build_oracle(oracle_lib.check_oracle_config(cfg["oracle"]))
+    if not isinstance(game, oracle_lib.CategoryGame) or not cfg["eval_prompts"]:
+        raise EvalError(f"--sampling-check {run}: needs a run on the category game with eval_prompts > 0")
+    finished = checkpoint.list_checkpoints(run)
+    if not finished:
+        raise EvalError(f"--sampling-check {run} has no checkpoints (checkpoints/iter-*)")
+    path, n = finished[-1], args.samples
+    if n < 100:
+        raise EvalError(f"--samples {n}: the sampling check needs at least 100 responses per prompt")
+    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = config.encode_prompts(tok, config.eval_prompt_texts(cfg), cfg["max_prompt_tokens"])
+    exact, unsettled = game.policy_distribution(model, tok, ids, [tok.eos_token_id], cfg["max_new_tokens"])
+    C = len(game.categories)
+    counts = torch.zeros(len(ids), C + 1, dtype=torch.float64)
+    torch.manual_seed(args.seed)
+    for b, prompt in enumerate(ids):
+        for s in range(0, n, args.batch_size * 16):
+            m = min(args.batch_size * 16, n - s)
+            x = torch.tensor([list(prompt)] * m, device=device)
+            with torch.no_grad():
+                out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, temperature=1.0,
+                                     top_k=0, top_p=1.0, max_new_tokens=cfg["max_new_tokens"],
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+            cats = game.category(tok.batch_decode(out[:, x.shape[1]:], skip_special_tokens=True))
+            counts[b] += torch.bincount(torch.where(cats < 0, C, cats), minlength=C + 1).double()
+    sampled, p = (counts / n).mean(0), exact.mean(0)  # (C+1,): mean over prompts
+    se = (exact * (1 - exact) / n).sum(0).sqrt() / len(ids)
+    slack = 4 * se + unsettled.mean()
+    names = game.categories + ["none"]
+    lines = [f"checkpoint {os.path.basename(path)}: {n} samples x {len(ids)} prompts (model.generate, temperature 1) "
+             f"vs the exact enumeration (unsettled mass {float(unsettled.mean()):.2e})", "",
+             "| category | exact | sampled | SE | (sampled - exact) / SE |", "|---|---|---|---|---|"]
+    lines += [f"| {names[c]} | {float(p[c]):.4f} | {float(sampled[c]):.4f} | {float(se[c]):.4f} | "
+              f"{float((sampled[c] - p[c]) / se[c]) if se[c] > 0 else 0.0:+.2f} |" for c in range(C + 1)]
+    out = args.out or os.path.join(run, "eval")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "sampling_check.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    bad = [names[c] for c in range(C + 1) if abs(float(sampled[c] - p[c])) > float(slack[c])]
+    if bad:
+        raise EvalError(f"--sampling-check {run}: sampled frequency of {', '.join(bad)} outside 4 standard errors "
+                        "of the exact enumeration")
+    return {"exact": p.tolist(), "sampled": sampled.tolist(), "se": se.tolist(), "unsettled": float(unsettled.mean())}
+
+
+def regularized_distance(game, cfg, recs):
+    """For a run regularised towards its start (an algorithm with ref "base" and a tau, e.g. INPO): the NE of
+    J_tau (eq. 2) on the game with "none" (extended_payoff), pi_ref = the start's mean category distribution
+    (iteration -1), tau of the last iteration; returns (that NE, total variation of the final distribution to
+    it). The KL of eq. 2 over responses reduces to one over categories because the payoff depends on the
+    category only. None for other runs."""
+    import toy_game
+
+    spec = comal.ALGOS.get(cfg.get("algo"))
+    if spec is None or spec.ref != "base" or "tau" not in recs[-1] or recs[0]["iteration"] != -1:
+        return None
+    start = torch.tensor(recs[0]["category_dist"], dtype=torch.float64)
+    star = toy_game.regularized_nash(game.extended_payoff(), start.clamp(min=1e-300).log(), recs[-1]["tau"]).exp()
+    final = torch.tensor(recs[-1]["category_dist"], dtype=torch.float64)
+    return star.tolist(), float((final - star).abs().sum() / 2)
+
+
 def figure1_mode(args):
     """The paper's Figure 1 layout for language-model runs on the category game: each run's trajectory of
     category distributions on the simplex and all runs' exact exploitability per iteration, read from their
@@ -470,13 +550,17 @@ def figure1_mode(args):
         results[name] = {"policies": [(d / d.sum()).tolist() for d in dists],  # on the simplex: "none" left out
                          "exploitability": [r["exploitability"] for r in recs]}
         e = results[name]["exploitability"]
+        reg = regularized_distance(game, cfg, recs)
+        if reg is not None:
+            results[name]["regularized_nash"], results[name]["tv_to_regularized_nash"] = reg
         rows.append(f"| {name} | {len(recs) - 1} | {e[0]:.4f} | {e[-1]:.4f} | {max(e[len(e) - len(e) // 3:]):.4f} | "
-                    f"{[round(x, 3) for x in recs[-1]['category_dist'][:3]]} | {recs[-1]['category_dist'][3]:.4f} |")
+                    f"{[round(x, 3) for x in recs[-1]['category_dist'][:3]]} | {recs[-1]['category_dist'][3]:.4f} | "
+                    + (f"{reg[1]:.4f} (to {[round(x, 3) for x in reg[0]]})" if reg else "-") + " |")
     os.makedirs(args.out, exist_ok=True)
     toy_game.plot(results, toy_game.make_game(payoff.tolist()), os.path.join(args.out, "figure1.png"),
                   title="category distribution per iteration (exact) and exploitability")
-    table = ["| run | iterations | start | final | max over the last third | final categories | none |",
-             "|---|---|---|---|---|---|---|"] + rows
+    table = ["| run | iterations | start | final | max over the last third | final categories | none | "
+             "TV to its regularised NE |", "|---|---|---|---|---|---|---|---|"] + rows
     with open(os.path.join(args.out, "figure1.md"), "w") as f:
         f.write("\n".join(table) + "\n")
     print("\n".join(table))
@@ -488,6 +572,8 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", help="NAME=CHECKPOINT_DIR ...")
     p.add_argument("--run", help="a train_ddp.py out_dir: training dynamics of its checkpoints")
     p.add_argument("--figure1", nargs="+", help="train_ddp.py out_dirs on the category game: Figure 1's layout")
+    p.add_argument("--sampling-check", help="a train_ddp.py out_dir on the category game: model.generate samples "
+                   "(--samples per eval prompt) of its newest checkpoint against the exact enumeration")
     p.add_argument("--prompts", help="JSONL/JSON/Parquet file or a datasets name")
     p.add_argument("--prompt-field", default=None, help="the field holding the instruction (default: the run's "
                    f"prompt_field with --run, else {config.DEFAULTS['prompt_field'][0]!r}, as in training)")
@@ -503,13 +589,16 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if sum(map(bool, (args.models, args.run, args.figure1))) != 1:
-        raise EvalError("give one of --models NAME=DIR ... (a win-rate matrix), --run RUN_DIR (training dynamics) "
-                        "or --figure1 RUN_DIR ... (runs on the category game, Figure 1's layout)")
+    if sum(map(bool, (args.models, args.run, args.figure1, args.sampling_check))) != 1:
+        raise EvalError("give one of --models NAME=DIR ... (a win-rate matrix), --run RUN_DIR (training dynamics), "
+                        "--figure1 RUN_DIR ... (runs on the category game, Figure 1's layout) or --sampling-check "
+                        "RUN_DIR (generate vs the exact category distribution)")
     if args.figure1:
         if not args.out:
             raise EvalError("--out DIR is required with --figure1")
         return figure1_mode(args)
+    if args.sampling_check:
+        return sampling_check_mode(args, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if args.models and not args.out:
         raise EvalError("--out DIR is required with --models")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -146,21 +146,98 @@ class CategoryGame(Oracle):
         return any(c.startswith(core) or (core.startswith(c) and not core[len(c):].strip(string.punctuation))
                    for c in self.index)
 
-    @torch.no_grad()
-    def policy_distribution(self, model, tokenizer, prompt_ids, eos_token_ids, max_new_tokens=None, min_mass=1e-7,
-                            batch_size=256):
-        """(B, C+1) exact category distribution of the policy's responses to each prompt ("none" last).
+    def outcome(self, text, ended):
+        """The fate of a response whose decoded text so far is `text`: its category index if it has ended
+        (`ended`: EOS or the length cap) or its first word is complete (whitespace after it); otherwise C
+        ("none") when no category can follow, C + 1 ("open") while one still can (always, while the text ends
+        in a character cut between tokens)."""
+        C, s = len(self.categories), text.lstrip()
+        if not ended and "\ufffd" in text:  # a character cut between tokens: whatever it becomes, still open
+            return C + 1
+        if ended or len(s.split(maxsplit=1)) > 1 or (s and s != s.rstrip()):
+            c = int(self.category([text])[0])
+            return C if c < 0 else c
+        return C + 1 if self.could_still_match(text) else C
 
-        Enumerates response prefixes while their first word is open and can
-        still become a category, by batched forwards (no sampling): a prefix
-        ends when the decoded text has a complete first word (whitespace after
-        it), an EOS, or max_new_tokens tokens (the sampler's cap: the oracle
-        then judges the truncated text, e.g. "roc" is none). Branches with probability below `min_mass` are not
-        expanded and count as "none" (which can only raise exploitability);
-        their total is returned as the second output, the error bound. Each
-        prompt is prefilled once into a KV cache; the open prefixes of a step
-        (all of one length) run as a batch over its copies (tested against
-        brute-force enumeration).
+    def token_table(self, tokenizer, vocab_size):
+        """Per-token texts and fates, built once per tokenizer, for settling the tail of a prefix's next-token
+        distribution without decoding each (prefix + token). first: decode([v]) (exact after the prompt);
+        cont: the text v adds after other tokens, decode([a, v]) minus decode([a]) (a leading space a
+        sentencepiece tokenizer drops at the start stays here). fate_*: outcome() of a response that is
+        just that text, open / at the cap. by_char: ids of the tokens whose cont text starts with each
+        (lowercased) non-space character."""
+        key = getattr(self, "_table_key", (None, None))
+        if key[0] is tokenizer and key[1] == vocab_size:  # holds the tokenizer, so its id is not reused
+            return self._table
+        anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
+        head = tokenizer.decode([anchor], skip_special_tokens=True)
+        first = tokenizer.batch_decode([[v] for v in range(vocab_size)], skip_special_tokens=True)
+        pair = tokenizer.batch_decode([[anchor, v] for v in range(vocab_size)], skip_special_tokens=True)
+        cont = [p[len(head):] if p.startswith(head) else "\ufffd" for p in pair]  # unusable -> never settled
+        fate = lambda texts, ended: torch.tensor([self.outcome(s, ended) for s in texts])  # noqa: E731
+        by_char = {}
+        for v, s in enumerate(cont):
+            if s and not s[0].isspace():
+                by_char.setdefault(s[0].lower(), []).append(v)
+        self._table_key, self._table = (tokenizer, vocab_size), {
+            "first": first, "cont": cont, "fate_first": (fate(first, False), fate(first, True)),
+            "fate_cont": (fate(cont, False), fate(cont, True)),
+            "starts_ws": torch.tensor([bool(s) and s[0].isspace() for s in cont]),
+            "empty": torch.tensor([not s for s in cont]),
+            "bad": torch.tensor(["\ufffd" in s for s in cont]),
+            "by_char": {c: torch.tensor(v) for c, v in by_char.items()}}
+        return self._table
+
+    def tail_fates(self, table, text, depth, idx, at_cap):
+        """(len(idx),) outcome() of prefix text `text` (depth tokens, first word still open) followed by each
+        token of idx, from the token table: the response is text + that token's text (checked by the caller
+        on every token it decodes). Tokens whose text is not a whole character stay "open" (unsettled)."""
+        C = len(self.categories)
+        if depth == 0:
+            return table["fate_first"][at_cap][idx]
+        word = text.lstrip()
+        core = word.strip(string.punctuation)
+        if not core:  # nothing or only punctuation so far: the category is decided by the token's own text
+            fates = table["fate_cont"][at_cap][idx].clone()
+            if word:
+                fates[table["starts_ws"][idx]] = C  # a word of punctuation only, ended: none
+        else:
+            fates = torch.full((len(idx),), C, dtype=torch.long)
+            ended_here = self.outcome(text + " ", True)  # the open word ended by whitespace
+            fates[table["starts_ws"][idx]] = ended_here
+            fates[table["empty"][idx]] = self.outcome(text, at_cap)  # e.g. a skipped special token
+            low = word.lstrip(string.punctuation)
+            low = low if self.case_sensitive else low.lower()
+            nexts = {c[len(low)].lower() for c in self.index if c.startswith(low) and len(c) > len(low)}
+            if any(low.startswith(c) for c in self.index):  # a category word, maybe with punctuation after it
+                nexts |= set(string.punctuation)
+            maybe = [table["by_char"][ch] for ch in nexts if ch in table["by_char"]]
+            if maybe:
+                cand = torch.cat(maybe)
+                pos = torch.full((len(table["cont"]),), -1, dtype=torch.long)
+                pos[idx] = torch.arange(len(idx))
+                for v in cand[pos[cand] >= 0].tolist():
+                    fates[pos[v]] = self.outcome(text + table["cont"][v], at_cap)
+        for i in table["bad"][idx].nonzero().squeeze(-1).tolist():  # a cut character: exact once the response ends
+            fates[i] = self.outcome(text + table["cont"][int(idx[i])], at_cap)
+        return fates
+
+    @torch.no_grad()
+    def policy_distribution(self, model, tokenizer, prompt_ids, eos_token_ids, max_new_tokens=None, min_mass=1e-6,
+                            batch_size=256):
+        """(B, C+1) exact category distribution of the policy's responses to each prompt ("none" last), and the
+        (B,) mass left unsettled (the error bound, counted as "none", which can only raise exploitability).
+
+        Enumerates response prefixes while their first word is open and can still become a category, by
+        batched forwards (no sampling): a response ends when the decoded text has a complete first word
+        (whitespace after it), an EOS, or max_new_tokens tokens (the sampler's cap: the oracle then judges
+        the truncated text, e.g. "roc" is none). Next tokens of probability >= min_mass are decoded and
+        expanded one by one; the rest of the vocabulary (the tail) is settled at once from a per-token
+        table (token_table, tail_fates): ended in a category, none, or still open. Only the still-open tail
+        is unsettled. The table assumes decoding concatenates token texts (byte-level BPE, sentencepiece
+        after the first token); every decoded token checks it, and a prefix where it fails leaves its whole
+        tail unsettled. Each prompt is prefilled once into a KV cache; the open prefixes of a step (all of
+        one length) run as a batch over its copies (tested against brute-force enumeration).
         """
         from transformers import DynamicCache
 
@@ -171,6 +248,7 @@ class CategoryGame(Oracle):
         dist = torch.zeros(len(prompt_ids), C + 1, dtype=torch.float64)
         pruned = torch.zeros(len(prompt_ids), dtype=torch.float64)
         eos = set(int(e) for e in eos_token_ids)
+        table = None
 
         def prefill(prompt):
             """(KV cache of the prompt, (V,) log-probs of the first response token): once per prompt."""
@@ -195,29 +273,39 @@ class CategoryGame(Oracle):
         for b, prompt in enumerate(prompt_ids):
             prompt = [int(t) for t in prompt]
             cache, first = prefill(prompt)
-            frontier = [([], 0.0)]  # (response prefix, log-prob); every prefix of a step has the same length
+            table = table or self.token_table(tokenizer, len(first))
+            eos_ids = torch.tensor(sorted(e for e in eos if e < len(first)), dtype=torch.long)
+            frontier = [([], "", 0.0)]  # (response prefix, its text, log-prob); all prefixes of a step have one length
             while frontier:
                 nxt = []
                 for s in range(0, len(frontier), batch_size):
                     chunk = frontier[s:s + batch_size]
-                    prefixes = [r for r, _ in chunk]
+                    prefixes = [r for r, _, _ in chunk]
                     logp = next_logps(prompt, cache, prefixes) if prefixes[0] else first[None]  # (b, V)
-                    for (r, lp), row in zip(chunk, logp):
-                        total = lp + row
-                        keep = (total > math.log(min_mass)).nonzero().squeeze(-1).tolist()
-                        pruned[b] += float(total.exp().sum()) - float(total[keep].exp().sum()) if keep else float(total.exp().sum())
-                        for v in keep:
-                            mass, seq = float(total[v]), r + [v]
-                            text = tokenizer.decode(seq, skip_special_tokens=True)
-                            ended = v in eos or len(text.lstrip().split(maxsplit=1)) > 1 or (
-                                text.lstrip() and text.lstrip() != text.lstrip().rstrip()) or (
-                                max_new_tokens is not None and len(seq) >= max_new_tokens)
-                            if ended:
-                                dist[b, int(self.category([text])[0])] += math.exp(mass)  # -1 is the "none" column
-                            elif self.could_still_match(text):
-                                nxt.append((seq, mass))
-                            else:
-                                dist[b, C] += math.exp(mass)
+                    for (r, text, lp), row in zip(chunk, logp):
+                        total = lp + row  # (V,)
+                        at_cap = max_new_tokens is not None and len(r) + 1 >= max_new_tokens
+                        big = total > math.log(min_mass)
+                        big[eos_ids] = False  # EOS ends the response as it stands: settled below
+                        fates = torch.full((len(total),), C + 1, dtype=torch.long)
+                        fates[eos_ids] = self.outcome(text, True)
+                        concatenates = "\ufffd" not in text
+                        for v in big.nonzero().squeeze(-1).tolist():
+                            seq = r + [v]
+                            new = tokenizer.decode(seq, skip_special_tokens=True)
+                            concatenates &= new == (text + table["cont"][v] if r else table["first"][v])
+                            fates[v] = self.outcome(new, at_cap)
+                            if fates[v] == C + 1:
+                                nxt.append((seq, new, float(total[v])))
+                        tail = (~big).nonzero().squeeze(-1)
+                        tail = tail[~torch.isin(tail, eos_ids)]
+                        if concatenates:
+                            fates[tail] = self.tail_fates(table, text, len(r), tail, at_cap)
+                        settle = fates.clone()
+                        settle[big & (fates == C + 1)] = C + 2  # expanded: counted at the next step
+                        mass = torch.zeros(C + 3, dtype=torch.float64).index_add_(0, settle, total.exp())
+                        dist[b, :C + 1] += mass[:C + 1]
+                        pruned[b] += mass[C + 1]
                 frontier = nxt
         dist[:, C] += pruned
         return dist, pruned

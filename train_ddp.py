@@ -115,6 +115,12 @@ class Trainer:
                 if not u.keep_gathered:
                     u.free()
 
+    @property
+    def local_forwards(self):
+        """Whether a frozen model's forwards need no collective (DDP, one rank, or gathered rollouts), so that
+        ranks may run different numbers of them (comal: frozen log-probs of only the rows the examples use)."""
+        return self.units is None or self.world == 1 or self.cfg["rollout"] == "gathered"
+
     def all_done(self, local_done):
         """Sharded runs: every forward is a collective, so a sampler stops only when all ranks are done
         (not needed inside `gathered`, where forwards are local)."""

@@ -203,3 +203,25 @@ def test_figure1_draws_the_runs_from_their_metrics(base, tmp_path, capsys):
     other.write_text(yaml.safe_dump(cfg))
     assert ev.cli(["--figure1", runs[1], runs[0], "--out", str(tmp_path / "fig2")]) == 2
     assert "payoff differs" in capsys.readouterr().err
+
+
+def test_figure1_distance_of_a_regularised_run_to_its_regularised_equilibrium():
+    """An INPO run (pi_ref = pi_0) is measured against the NE of J_tau with pi_ref = its start distribution: the
+    tabular INPO step (Alg. 4) iterated from that start converges there, so its TV tends to 0; a COMAL run
+    (pi_ref moves every round) gets no such column."""
+    import toy_game
+
+    game = oracle_lib.CategoryGame()
+    E = game.extended_payoff()
+    start = torch.tensor([0.04, 0.10, 0.03, 0.83], dtype=torch.float64)
+    eta, tau = 2.0, 0.1
+    mu, recs = start.clone(), [{"iteration": -1, "category_dist": start.tolist()}]
+    for k in range(200):  # Alg. 4: mu^(1 - eta tau) pi_ref^(eta tau) exp(eta P(. > mu))
+        mu = torch.softmax((1 - eta * tau) * mu.log() + eta * tau * start.log() + eta * (E @ mu), 0)
+        recs.append({"iteration": k, "category_dist": mu.tolist(), "tau": tau})
+    star, tv = ev.regularized_distance(game, {"algo": "inpo"}, recs)
+    assert tv < 1e-9
+    assert ev.regularized_distance(game, {"algo": "inpo"}, recs[:6])[1] > 1e-3  # not there after 5 steps
+    planted = toy_game.regularized_nash(E, start.log(), 2 * tau).exp()  # the wrong tau gives another point
+    assert float((planted - torch.tensor(star)).abs().sum()) > 1e-2
+    assert ev.regularized_distance(game, {"algo": "comal"}, recs) is None

@@ -224,3 +224,44 @@ def test_two_rank_gradient_before_the_optimizer_equals_one_process_autograd(tmp_
         assert max(float((final[n] - start[n]).abs().max()) for n in final) > 1e-4
         for n in final:  # plain SGD: a constant factor on the gradient would show here
             assert torch.allclose(got["final"][n], final[n], atol=tol, rtol=0), (parallel, clip, n)
+
+
+# ---------------------------------------------------------------------------
+# The minibatch order and the frozen log-probs of only the rows the examples use
+# ---------------------------------------------------------------------------
+
+
+def test_grouped_order_is_a_random_permutation_keeping_each_prompts_examples_together():
+    import comal
+
+    group_of = torch.arange(5).repeat_interleave(torch.tensor([3, 1, 4, 2, 6]))  # (16,) prompt of each example
+    firsts, insides = set(), set()
+    for seed in range(40):
+        order = comal.grouped_order(group_of, torch.Generator().manual_seed(seed))
+        assert sorted(order.tolist()) == list(range(16))  # a permutation
+        seen = group_of[order].tolist()
+        runs = [g for i, g in enumerate(seen) if i == 0 or seen[i - 1] != g]
+        assert sorted(runs) == list(range(5))  # each prompt's examples are contiguous
+        firsts.add(runs[0])
+        insides.add(tuple(order[group_of[order] == 4].tolist()))
+    assert len(firsts) == 5 and len(insides) > 10  # the prompts and the examples inside one are shuffled
+
+
+def test_frozen_logps_on_the_used_rows_equal_all_rows_and_leave_nan_elsewhere(base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import comal
+
+    model, tok = AutoModelForCausalLM.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
+    cfg = dict(config.load_config(None, []), n_samples=3, max_new_tokens=6, temperature=1.0)
+    ids = config.encode_prompts(tok, ["Pick one.", "Choose a move, please.", "Your move?"], 1024)
+    samples, _ = comal.sample_groups(model, tok, ids, cfg, torch.Generator().manual_seed(0))
+    seqs = samples.sequences()
+    rows = torch.tensor([1, 4, 5, 8])
+    with torch.no_grad():
+        tok_all, seq_all = comal.precompute_logps(model, seqs, 4)
+        tok_sub, seq_sub = comal.precompute_logps(model, seqs, 3, rows)
+    assert torch.allclose(seq_sub[rows], seq_all[rows], atol=1e-5) and torch.allclose(tok_sub[rows], tok_all[rows], atol=1e-5)
+    rest = torch.ones(9, dtype=torch.bool)
+    rest[rows] = False
+    assert torch.isnan(seq_sub[rest]).all() and not torch.isnan(seq_all).any()

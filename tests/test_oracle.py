@@ -348,4 +348,13 @@ def test_policy_distribution_honours_max_new_tokens_against_brute_force(tmp_path
     for cap, brute in ((1, brute1), (2, brute2)):
         got, pruned = game.policy_distribution(model, tok, [ids], [eos], cap, min_mass=1e-12)
         assert float((got[0] - brute).abs().max()) < 1e-6 + float(pruned.max()), (cap, got, brute)  # fp32 forwards
+        # Only tokens above 20% are decoded and expanded; the rest of each step's vocabulary is settled from the
+        # token table (tail_fates). Left unsettled is exactly the first-token tail whose word is still open
+        # (nothing at the cap, where every response ends).
+        got, pruned = game.policy_distribution(model, tok, [ids], [eos], cap, min_mass=0.2)
+        open_tail = sum(float(first[t].exp()) for t in range(len(first)) if cap > 1 and t != eos and first[t].exp() <= 0.2
+                        and game.outcome(tok.decode([t], skip_special_tokens=True), False) == C + 1)
+        assert abs(float(pruned[0]) - open_tail) < 1e-6, (cap, pruned, open_tail)
+        assert float((got[0] - brute).abs().max()) < 1e-6 + float(pruned[0]), (cap, got, brute)
+        assert float((got[0, :C] - brute[:C]).clamp(min=0).max()) < 1e-6  # unsettled mass only adds to "none"
     assert float((brute1 - brute2).abs().max()) > 1e-4  # the cap matters for this model

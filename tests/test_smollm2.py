@@ -96,3 +96,31 @@ def test_rubric_oracle_config_errors():
         oracle.check_oracle_config({"kind": "minilm_rubrics", "rubrics": [{"name": "style", "bias": 1}]})
     with pytest.raises(oracle.OracleError, match="does not exist"):
         oracle.check_oracle_config({"kind": "minilm_rubrics", "path": "/nowhere/minilm"})
+
+
+def test_rock_paper_scissors_game_config_runs_two_iterations_with_exact_exploitability(converted, tmp_path):
+    """configs/smollm2_rps_comal.yaml (Figure 1 inside SmolLM2), shortened: 2 iterations on 2 prompts, one
+    eval prompt. Every iteration logs the exact category distribution of the eval prompt with its unsettled
+    mass under 1e-3 and the exact win rate against the previous iterate; the logged start equals
+    policy_distribution computed here on the converted model."""
+    import json
+
+    import train_ddp
+
+    cfg = config.load_config("configs/smollm2_rps_comal.yaml", [
+        f"model={converted}", f"out_dir={tmp_path / 'out'}", "iterations=2", "ref_update_every=2",
+        "prompts_per_iteration=2", "n_samples=4", "batch_size=12", "micro_batch_size=12", "eval_prompts=1"])
+    train_ddp.train(config.check_config(cfg, 1), 0, 1, torch.device("cpu"))
+    recs = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl") if "category_dist" in x]
+    assert [r["iteration"] for r in recs] == [-1, 0, 1]
+    game = oracle.CategoryGame()
+    for r in recs:
+        assert sum(r["category_dist"]) == pytest.approx(1, abs=1e-4)
+        assert 0 <= r["category_mass_pruned"] < 1e-3
+        assert r["exploitability"] == pytest.approx(float(game.exploitability(torch.tensor(r["category_dist"]))), abs=1e-4)
+    assert all(0 < r["winrate_vs_prev_exact"] < 1 for r in recs[1:])
+    model, tok = AutoModelForCausalLM.from_pretrained(converted).eval(), AutoTokenizer.from_pretrained(converted)
+    ids = config.encode_prompts(tok, config.eval_prompt_texts(cfg), cfg["max_prompt_tokens"])
+    start, _ = game.policy_distribution(model, tok, ids, [tok.eos_token_id], cfg["max_new_tokens"])
+    assert recs[0]["category_dist"] == pytest.approx(start[0].tolist(), abs=1e-5)
+    assert recs[0]["category_dist"][3] > 0.5  # the instruct model mostly does not answer with a move at first
