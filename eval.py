@@ -447,15 +447,13 @@ def sampling_check_mode(args, device):
     (temperature 1, no top-k / top-p), classified by the oracle, against policy_distribution. Each category's
     sampled frequency (mean over prompts) must lie within 4 standard errors (from the exact probabilities)
     plus the enumeration's unsettled mass; otherwise an EvalError. Writes sampling_check.md."""
-    import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run = args.sampling_check
     cfg_path = os.path.join(run, "config.yaml")
     if not os.path.isfile(cfg_path):
         raise EvalError(f"--sampling-check {run} has no config.yaml: not a train_ddp.py output directory")
-    with open(cfg_path) as f:
-        cfg = {**{k: v for k, (v, _) in config.DEFAULTS.items()}, **yaml.safe_load(f)}
+    cfg = config.load_config(cfg_path, [])  # DEFAULTS <- the run's config.yaml
     game = oracle_lib.build_oracle(oracle_lib.check_oracle_config(cfg["oracle"]))
     if not isinstance(game, oracle_lib.CategoryGame) or not cfg["eval_prompts"]:
         raise EvalError(f"--sampling-check {run}: needs a run on the category game with eval_prompts > 0")

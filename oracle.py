@@ -248,7 +248,6 @@ class CategoryGame(Oracle):
         dist = torch.zeros(len(prompt_ids), C + 1, dtype=torch.float64)
         pruned = torch.zeros(len(prompt_ids), dtype=torch.float64)
         eos = set(int(e) for e in eos_token_ids)
-        table = None
 
         def prefill(prompt):
             """(KV cache of the prompt, (V,) log-probs of the first response token): once per prompt."""
@@ -273,7 +272,7 @@ class CategoryGame(Oracle):
         for b, prompt in enumerate(prompt_ids):
             prompt = [int(t) for t in prompt]
             cache, first = prefill(prompt)
-            table = table or self.token_table(tokenizer, len(first))
+            table = self.token_table(tokenizer, len(first))  # built on the first call for this tokenizer
             eos_ids = torch.tensor(sorted(e for e in eos if e < len(first)), dtype=torch.long)
             frontier = [([], "", 0.0)]  # (response prefix, its text, log-prob); all prefixes of a step have one length
             while frontier:
