@@ -433,19 +433,21 @@ def sample_groups(model, tokenizer, prompt_ids, cfg, generator, all_done=None):
 
 
 @torch.no_grad()
-def precompute_logps(model, seqs, micro, rows=None):
+def precompute_logps(model, seqs, micro, rows=None, share_prompts=False):
     """(N, T) token and (N,) sequence log-probs of a frozen policy, `micro` rows at a time: on every row, or only
-    on `rows` (sorted unique ids) with NaN elsewhere, so that a loss reading a row no example uses fails loudly."""
+    on `rows` (sorted unique ids) with NaN elsewhere, so that a loss reading a row no example uses fails loudly.
+    share_prompts: sequence_logprobs runs each distinct prompt of a micro-batch once."""
     ids, att, resp = seqs
     rows = torch.arange(ids.shape[0], device=ids.device) if rows is None else rows
     tok = torch.full(ids.shape, float("nan"), dtype=torch.float32, device=ids.device)
     for s in range(0, len(rows), micro):
         r = rows[s:s + micro]
-        tok[r] = sequence_logprobs(model, ids[r], att[r], resp[r])[0]
+        tok[r] = sequence_logprobs(model, ids[r], att[r], resp[r], share_prompts=share_prompts)[0]
     return tok, tok.sum(-1)
 
 
-def frozen_logps(spec, models, seqs, micro, gathered=lambda model: contextlib.nullcontext(), rows=None):
+def frozen_logps(spec, models, seqs, micro, gathered=lambda model: contextlib.nullcontext(), rows=None,
+                 share_prompts=False):
     """The frozen fields of the iteration's responses (frozen_fields) from the spec's frozen policies
     (each one's forwards inside gathered(model): the trainer's rollout weights, one model at a time), on every
     row or only on `rows` (those the examples use: best_worst pairs read 2 of each group's n)."""
@@ -453,7 +455,7 @@ def frozen_logps(spec, models, seqs, micro, gathered=lambda model: contextlib.nu
     for name, model in models.items():
         if id(model) not in cache:  # offline: mu is pi_ref itself, computed once
             with gathered(model):
-                cache[id(model)] = precompute_logps(model, seqs, micro, rows)
+                cache[id(model)] = precompute_logps(model, seqs, micro, rows, share_prompts)
         tok[name], seq[name] = cache[id(model)]
     return frozen_fields(spec, seq, seqs[2].sum(-1).to(seq["mu"].dtype), tok, seqs[2])
 
@@ -519,7 +521,7 @@ def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
     with trainer.autocast():
         used = torch.unique(torch.cat([r.flatten() for r in ex["rows"].values()])) if trainer.local_forwards else None
         frozen = frozen_logps(spec, {name: m for name, m in models.items() if m is not None}, seqs, micro,
-                              trainer.gathered, used)
+                              trainer.gathered, used, trainer.share_prompts)
     if spec.opponent == "prev":  # OMWU: pi^{k-1} <- pi^k, before pi^k is updated
         trainer.copy_weights(state["opponent"], policy)
 
@@ -574,7 +576,8 @@ def minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, opponent=None, desc="",
                         idx = batch[m:m + micro]
                         rows = torch.unique(torch.cat([r[idx].flatten() for r in ex["rows"].values()]))
                         with trainer.autocast():
-                            tok_lp, seq_lp = sequence_logprobs(policy, seqs[0][rows], seqs[1][rows], seqs[2][rows])
+                            tok_lp, seq_lp = sequence_logprobs(policy, seqs[0][rows], seqs[1][rows], seqs[2][rows],
+                                                               share_prompts=trainer.share_prompts)
                         pi = tok_lp if spec.token_level else seq_lp
                         per_example = batch_loss(spec, ex, idx, pi, rows, frozen, h)  # (b,)
                         yield (ex["weight"][idx] * per_example).sum() / norm

@@ -305,16 +305,42 @@ class FusedTokenLogprob(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
-def sequence_logprobs(model, input_ids, attention_mask, response_mask, chunk_tokens=None):
+def _last_hidden(model, input_ids, attention_mask, response_mask=None):
+    """(B, T, H) last hidden states. With response_mask: rows whose columns before the first response column
+    (of any row) are equal -- a prompt's n samples -- share one forward of those columns, and the rest of each
+    row runs over a copy of that prompt's KV cache (autograd flows through the copy into the shared forward).
+    The same function of the inputs as one forward of the whole batch (test_sample, test_architectures)."""
+    base = model.base_model
+    pos = positions(attention_mask)
+    cols = response_mask.any(0).nonzero() if response_mask is not None else None
+    split = int(cols[0]) if cols is not None and len(cols) else 0
+    if split == 0:
+        return base(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).last_hidden_state
+    from transformers import DynamicCache
+
+    prefix, inverse = torch.unique(torch.cat([input_ids[:, :split], attention_mask[:, :split]], 1), dim=0,
+                                   return_inverse=True)  # (U, 2 * split): each distinct prompt once; (B,) its index
+    ids, mask = prefix[:, :split], prefix[:, split:]
+    cache = DynamicCache(config=model.config)
+    head = base(input_ids=ids, attention_mask=mask, position_ids=positions(mask), **cache_kwargs(base, cache))
+    cache.batch_select_indices(inverse)  # (U, ...) -> (B, ...): each row's prompt keys and values
+    tail = base(input_ids=input_ids[:, split:], attention_mask=attention_mask, position_ids=pos[:, split:],
+                **cache_kwargs(base, cache))
+    return torch.cat([head.last_hidden_state[inverse], tail.last_hidden_state], 1)
+
+
+def sequence_logprobs(model, input_ids, attention_mask, response_mask, chunk_tokens=None, share_prompts=False):
     """Per-token (B, T) and per-sequence (B,) log-probs of the response tokens.
 
     Token t's log-prob (under the model's prediction from positions < t) is at
     index t; positions with response_mask 0 are 0. Only response positions
     reach the output layer, in chunks of `chunk_tokens` rows (default: about
-    64M logits per chunk), log-softmax in fp32.
+    64M logits per chunk), log-softmax in fp32. share_prompts: each distinct
+    prompt (the columns before the first response token) runs once for all
+    its rows (_last_hidden); not with activation checkpointing (its recompute
+    would append to the cache again) nor sharded per-block gathers.
     """
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=positions(attention_mask), use_cache=False).last_hidden_state
+    hidden = _last_hidden(model, input_ids, attention_mask, response_mask if share_prompts else None)
     head = model.get_output_embeddings()
     B, T = input_ids.shape
     sel = response_mask[:, 1:].bool()  # token t+1 is predicted at position t

@@ -121,6 +121,13 @@ class Trainer:
         ranks may run different numbers of them (comal: frozen log-probs of only the rows the examples use)."""
         return self.units is None or self.world == 1 or self.cfg["rollout"] == "gathered"
 
+    @property
+    def share_prompts(self):
+        """Whether log-prob forwards run each distinct prompt once for its n samples (sample.sequence_logprobs):
+        unsharded and without activation checkpointing (per-block gathers and recomputation run each block once
+        per forward; a second forward over a KV cache would break both)."""
+        return self.units is None and not self.cfg["activation_checkpointing"]
+
     def all_done(self, local_done):
         """Sharded runs: every forward is a collective, so a sampler stops only when all ranks are done
         (not needed inside `gathered`, where forwards are local)."""

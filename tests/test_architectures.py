@@ -99,3 +99,32 @@ def test_a_model_with_an_unknown_output_transform_is_refused():
     model.forward = forward
     with pytest.raises(sample.UnsupportedModel, match="LlamaForCausalLM.*logit_transform"):
         sample.check_logprob_path(model)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_shared_prompt_forward_equals_the_whole_batch_in_values_and_gradients(arch):
+    """sequence_logprobs(share_prompts=True) (each distinct prompt once, its samples over a copy of its KV
+    cache) against one forward of every row: same log-probs and the same gradient of every parameter (fp32), on
+    left-padded prompts of different lengths with 3 samples each of different response lengths
+    (gemma2: sliding window 16 < prompt + response, so the cached path crosses the window)."""
+    model = build(arch)
+    s = sample.generate(model, prompts_of([7, 3, 14]), n=3, max_new_tokens=8, temperature=1.0,
+                        generator=torch.Generator().manual_seed(1))
+    ids, att, resp = s.sequences()
+    P = s.prompt_ids.shape[1]
+    for i in range(len(ids)):  # responses of 3..8 tokens, right-padded as after an EOS
+        att[i, P + 3 + i % 6:] = resp[i, P + 3 + i % 6:] = 0
+        ids[i, P + 3 + i % 6:] = PAD
+    assert ids.shape[1] > 16 and len(set(resp.sum(-1).tolist())) > 3
+    w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(3))
+    out = []
+    for share in (True, False):
+        model.zero_grad()
+        tok = sample.sequence_logprobs(model, ids, att, resp, share_prompts=share)[0]
+        (tok * w).sum().backward()
+        out.append((tok.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    (t_shared, g_shared), (t_plain, g_plain) = out
+    assert (t_plain * resp).abs().sum() > 1 and g_plain.abs().max() > 1e-3
+
+    assert (t_shared - t_plain).abs().max() < 1e-5, arch  # fp32 (float64 gives NaN in Gemma-2's own padded rows)
+    assert (g_shared - g_plain).abs().max() <= 1e-5 * g_plain.abs().max(), arch
