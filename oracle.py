@@ -19,6 +19,7 @@ validates the block (keys, types, paths, heads, templates) without loading any w
 
 Models are loaded from local directories only (no hub is assumed reachable).
 """
+import collections
 import copy
 import json
 import math
@@ -191,10 +192,24 @@ class CategoryGame(Oracle):
     def tail_fates(self, table, text, depth, idx, at_cap):
         """(len(idx),) outcome() of prefix text `text` (depth tokens, first word still open) followed by each
         token of idx, from the token table: the response is text + that token's text (checked by the caller
-        on every token it decodes). Tokens whose text is not a whole character stay "open" (unsettled)."""
-        C = len(self.categories)
+        on every token it decodes). Tokens whose text is not a whole character stay "open" (unsettled).
+        The fates of the whole vocabulary after a text are kept (the last 4096 texts): the same prefix texts
+        ("Rock", "Sc", "I") recur across prompts and iterations."""
         if depth == 0:
             return table["fate_first"][at_cap][idx]
+        memo = table.setdefault("memo", collections.OrderedDict())
+        key = (text, bool(at_cap))
+        if key not in memo:
+            memo[key] = self._vocab_fates(table, text, at_cap).to(torch.int8)  # C + 2 < 128 fates
+            if len(memo) > 4096:
+                memo.popitem(last=False)
+        memo.move_to_end(key)
+        return memo[key][idx].long()
+
+    def _vocab_fates(self, table, text, at_cap):
+        """(V,) tail_fates of every token after `text` (depth > 0)."""
+        C = len(self.categories)
+        idx = torch.arange(len(table["cont"]))
         word = text.lstrip()
         core = word.strip(string.punctuation)
         if not core:  # nothing or only punctuation so far: the category is decided by the token's own text

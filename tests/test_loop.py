@@ -265,3 +265,30 @@ def test_frozen_logps_on_the_used_rows_equal_all_rows_and_leave_nan_elsewhere(ba
     rest = torch.ones(9, dtype=torch.bool)
     rest[rows] = False
     assert torch.isnan(seq_sub[rest]).all() and not torch.isnan(seq_all).any()
+
+
+def test_training_with_shared_prompt_forwards_equals_one_forward_per_row(base, tmp_path, monkeypatch):
+    """The trainer's fast path (Trainer.share_prompts: each prompt once per micro-batch, sample.sequence_logprobs)
+    is on in an unsharded run, for the policy and the frozen copies, and two COMAL iterations (pi_ref, mu and pi
+    all read) end at the weights that one forward per row gives, to fp32 precision."""
+    import comal
+    import sample
+
+    seen = []
+
+    def spy(*a, **kw):
+        seen.append(kw.get("share_prompts", False))
+        return sample.sequence_logprobs(*a, **kw)
+
+    monkeypatch.setattr(comal, "sequence_logprobs", spy)
+    train(small_cfg(base, tmp_path / "shared", algo="comal", iterations=2))
+    assert seen and all(seen)
+    monkeypatch.setattr(train_ddp.Trainer, "share_prompts", property(lambda self: False))
+    seen.clear()
+    train(small_cfg(base, tmp_path / "plain", algo="comal", iterations=2))
+    assert seen and not any(seen)
+    a, b = policy_at(tmp_path / "shared", 1, base), policy_at(tmp_path / "plain", 1, base)
+    start = policy_at(tmp_path, -1, base)
+    moved = max(float((b[n] - start[n]).abs().max()) for n in b)
+    diff = max(float((a[n] - b[n]).abs().max()) for n in b)
+    assert moved > 1e-3 and diff < 1e-3 * moved, (moved, diff)
