@@ -209,32 +209,26 @@ class CategoryGame(Oracle):
     def _vocab_fates(self, table, text, at_cap):
         """(V,) tail_fates of every token after `text` (depth > 0)."""
         C = len(self.categories)
-        idx = torch.arange(len(table["cont"]))
         word = text.lstrip()
         core = word.strip(string.punctuation)
         if not core:  # nothing or only punctuation so far: the category is decided by the token's own text
-            fates = table["fate_cont"][at_cap][idx].clone()
+            fates = table["fate_cont"][at_cap].clone()
             if word:
-                fates[table["starts_ws"][idx]] = C  # a word of punctuation only, ended: none
+                fates[table["starts_ws"]] = C  # a word of punctuation only, ended: none
         else:
-            fates = torch.full((len(idx),), C, dtype=torch.long)
-            ended_here = self.outcome(text + " ", True)  # the open word ended by whitespace
-            fates[table["starts_ws"][idx]] = ended_here
-            fates[table["empty"][idx]] = self.outcome(text, at_cap)  # e.g. a skipped special token
+            fates = torch.full((len(table["cont"]),), C, dtype=torch.long)
+            fates[table["starts_ws"]] = self.outcome(text + " ", True)  # the open word ended by whitespace
+            fates[table["empty"]] = self.outcome(text, at_cap)  # e.g. a skipped special token
             low = word.lstrip(string.punctuation)
             low = low if self.case_sensitive else low.lower()
             nexts = {c[len(low)].lower() for c in self.index if c.startswith(low) and len(c) > len(low)}
             if any(low.startswith(c) for c in self.index):  # a category word, maybe with punctuation after it
                 nexts |= set(string.punctuation)
-            maybe = [table["by_char"][ch] for ch in nexts if ch in table["by_char"]]
-            if maybe:
-                cand = torch.cat(maybe)
-                pos = torch.full((len(table["cont"]),), -1, dtype=torch.long)
-                pos[idx] = torch.arange(len(idx))
-                for v in cand[pos[cand] >= 0].tolist():
-                    fates[pos[v]] = self.outcome(text + table["cont"][v], at_cap)
-        for i in table["bad"][idx].nonzero().squeeze(-1).tolist():  # a cut character: exact once the response ends
-            fates[i] = self.outcome(text + table["cont"][int(idx[i])], at_cap)
+            for ch in nexts:  # the tokens that may continue the word: decided one by one
+                for v in table["by_char"].get(ch, torch.zeros(0, dtype=torch.long)).tolist():
+                    fates[v] = self.outcome(text + table["cont"][v], at_cap)
+        for v in table["bad"].nonzero().squeeze(-1).tolist():  # a cut character: exact once the response ends
+            fates[v] = self.outcome(text + table["cont"][v], at_cap)
         return fates
 
     @torch.no_grad()

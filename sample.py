@@ -309,7 +309,7 @@ def _last_hidden(model, input_ids, attention_mask, response_mask=None):
     """(B, T, H) last hidden states. With response_mask: rows whose columns before the first response column
     (of any row) are equal -- a prompt's n samples -- share one forward of those columns, and the rest of each
     row runs over a copy of that prompt's KV cache (autograd flows through the copy into the shared forward).
-    The same function of the inputs as one forward of the whole batch (test_sample, test_architectures)."""
+    The same function of the inputs as one forward of the whole batch (test_architectures, test_loop)."""
     base = model.base_model
     pos = positions(attention_mask)
     cols = response_mask.any(0).nonzero() if response_mask is not None else None

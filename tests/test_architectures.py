@@ -125,6 +125,5 @@ def test_shared_prompt_forward_equals_the_whole_batch_in_values_and_gradients(ar
         out.append((tok.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     (t_shared, g_shared), (t_plain, g_plain) = out
     assert (t_plain * resp).abs().sum() > 1 and g_plain.abs().max() > 1e-3
-
     assert (t_shared - t_plain).abs().max() < 1e-5, arch  # fp32 (float64 gives NaN in Gemma-2's own padded rows)
     assert (g_shared - g_plain).abs().max() <= 1e-5 * g_plain.abs().max(), arch

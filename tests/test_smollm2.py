@@ -100,8 +100,8 @@ def test_rubric_oracle_config_errors():
 
 def test_rock_paper_scissors_game_config_runs_two_iterations_with_exact_exploitability(converted, tmp_path):
     """configs/smollm2_rps_comal.yaml (Figure 1 inside SmolLM2), shortened: 2 iterations on 2 prompts, one
-    eval prompt, responses of 2 tokens. Every iteration logs the exact category distribution of the eval prompt with its unsettled
-    mass under 1e-3 and the exact win rate against the previous iterate; the logged start equals
+    eval prompt, responses of 2 tokens. Every iteration logs the exact category distribution of the eval
+    prompt with its unsettled mass under 1e-3 and the exact win rate against the previous iterate; the logged start equals
     policy_distribution computed here on the converted model."""
     import json
 
