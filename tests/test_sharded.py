@@ -174,3 +174,31 @@ def test_the_memory_plan_matches_the_bytes_the_trainers_hold(base, tmp_path):
             predicted = sum(rows.values())  # iter_ipo: no frozen copy in the trainer's state
             print(f"plan {parallel} N={world}: predicted {predicted} measured {measured} ({predicted / measured:.3f})")
             assert abs(predicted - measured) <= 0.02 * measured, (parallel, world, predicted, measured)  # issue: 15%
+
+
+def scatter_worker(rank, world, init_file, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    size = 1000
+    flat = torch.randn(size * world, generator=torch.Generator().manual_seed(rank)) * 10 ** (rank - 1)
+    ref = torch.empty(size)
+    dist.reduce_scatter_single(ref, flat)  # gloo's own
+    torch.save({"ours": train_ddp.reduce_scatter_sum(flat, size, world), "gloo": ref, "flat": flat}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gloo_reduce_scatter_by_all_to_all_equals_reduce_scatter(tmp_path, world):
+    """The gradient shards of sharded training on CPU (all_to_all + local sum) are gloo's reduce_scatter's:
+    the sum over ranks of each rank's slice (bitwise with 2 ranks; 3 ranks may add in another order)."""
+    out = str(tmp_path / "rs")
+    mp.spawn(scatter_worker, args=(world, str(tmp_path / "init"), out), nprocs=world, join=True)
+    got = [torch.load(f"{out}.{r}") for r in range(world)]
+    total = sum(g["flat"].double() for g in got)
+    for r, g in enumerate(got):
+        exact = total[r * 1000:(r + 1) * 1000].float()
+        torch.testing.assert_close(g["ours"], exact, rtol=1e-6, atol=1e-6)
+        if world == 2:
+            assert torch.equal(g["ours"], g["gloo"])
+        else:
+            torch.testing.assert_close(g["ours"], g["gloo"], rtol=1e-6, atol=1e-6)
