@@ -565,6 +565,91 @@ def figure1_mode(args):
     return results
 
 
+def exact_steps(game, cfg, recs):
+    """Does the model take its algorithm's step? For a run on the category game (metrics.jsonl records with
+    category_dist, iteration -1 = the start), per iteration k: the exact step of the algorithm (toy_game's
+    closed form, Alg. 2 / the spec's prox_gain) from the logged distribution of iteration k - 1, with pi_ref =
+    the logged distribution at its round's start (ref "rounds") or the start (ref "base") and the round's eta,
+    tau (comal.round_params), against the model's logged distribution at k: the cosine of their centred log
+    changes and the ratio of their lengths. And the exact algorithm run from the logged start with the same
+    schedule (its exploitability per iteration): whether the schedule itself converges, with every step exact.
+    Category level: exact when pi / pi_ref is equal across a category's responses (true of exact steps from a
+    round start; the mean over eval prompts stands for one prompt)."""
+    import toy_game
+
+    spec = comal.ALGOS[cfg["algo"]]
+    if spec.prox_gain is None or spec.opponent != "none" or spec.sampler != "policy":
+        raise EvalError(f"--steps: {cfg['algo']} has no closed-form step from the policy alone (prox_gain, no "
+                        f"opponent); the comparison is defined for comal, iter_ipo, inpo and their kin")
+    if recs[0]["iteration"] != -1:
+        raise EvalError("--steps: metrics.jsonl has no start record (iteration -1)")
+    A = game.extended_payoff()
+    toy = toy_game.make_config(mode="noiseless", solver="auto")
+    game4 = toy_game.make_game(A.tolist(), [0.25] * len(A))
+    K = comal.round_length(spec, cfg)
+    log = lambda r: torch.tensor(r["category_dist"], dtype=torch.float64).clamp(min=1e-12).log()  # noqa: E731
+    logs = {r["iteration"]: log(r) for r in recs}
+
+    def step(log_pi, log_ref, k):
+        eta, tau = comal.round_params(cfg, k // K)
+        return toy_game.tabular_step(spec, game4, toy, None, log_pi, log_ref, tau if spec.tau else None, None, eta)
+
+    def centred(d):
+        return d - d.mean()
+
+    rows, sim, sim_ref = [], logs[-1], logs[-1]
+    for k in range(cfg["iterations"]):
+        if spec.ref == "rounds" and k % K == 0:
+            sim_ref = sim
+        sim = step(sim, sim_ref, k)  # the exact algorithm from the start
+        if k not in logs or k - 1 not in logs:
+            continue
+        ref = logs[-1] if spec.ref == "base" else logs.get(k - k % K - 1) if spec.ref == "rounds" else None
+        exact = step(logs[k - 1], ref, k)
+        d_m, d_x = centred(logs[k] - logs[k - 1]), centred(exact - logs[k - 1])
+        cos = float(d_m @ d_x / (d_m.norm() * d_x.norm()).clamp(min=1e-30))
+        rows.append({"iteration": k, "model": logs[k].exp().tolist(), "exact_step": exact.exp().tolist(),
+                     "cos": cos, "length_ratio": float(d_m.norm() / d_x.norm().clamp(min=1e-30)),
+                     "exploitability": float(game.exploitability(logs[k].exp())),
+                     "exact_step_exploitability": float(game.exploitability(exact.exp())),
+                     "exact_algorithm": sim.exp().tolist(),
+                     "exact_algorithm_exploitability": float(game.exploitability(sim.exp()))})
+    return rows
+
+
+def steps_mode(args):
+    """eval.py --steps RUN: exact_steps of a run, as a table (steps.md in --out, default RUN/eval)."""
+    run = args.steps
+    cfg_path, metrics = os.path.join(run, "config.yaml"), os.path.join(run, "metrics.jsonl")
+    if not (os.path.isfile(cfg_path) and os.path.isfile(metrics)):
+        raise EvalError(f"--steps {run}: no config.yaml and metrics.jsonl (not a train_ddp.py out_dir)")
+    cfg = config.load_config(cfg_path, [])
+    game = oracle_lib.build_oracle(oracle_lib.check_oracle_config(cfg["oracle"]))
+    recs = sorted((r for r in map(json.loads, open(metrics)) if "category_dist" in r), key=lambda r: r["iteration"])
+    if not isinstance(game, oracle_lib.CategoryGame) or not recs:
+        raise EvalError(f"--steps {run}: needs a run on the category game with exploitability logged (eval_prompts)")
+    rows = exact_steps(game, cfg, recs)
+    f3 = lambda v: "[" + ", ".join(f"{x:.3f}" for x in v) + "]"  # noqa: E731
+    lines = ["| iteration | model | its exact step | cos | length ratio | exploitability of the mean: model / "
+             "exact step / exact algorithm from the start |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['iteration']} | {f3(r['model'])} | {f3(r['exact_step'])} | {r['cos']:+.2f} | "
+              f"{r['length_ratio']:.2f} | {r['exploitability']:.3f} / {r['exact_step_exploitability']:.3f} / "
+              f"{r['exact_algorithm_exploitability']:.3f} |" for r in rows]
+    if rows:
+        cos = sorted(r["cos"] for r in rows)
+        ratio = sorted(r["length_ratio"] for r in rows)
+        lines += ["", f"{len(rows)} iterations: cosine mean {sum(cos) / len(cos):+.2f} (median {cos[len(cos) // 2]:+.2f}), "
+                  f"length ratio median {ratio[len(ratio) // 2]:.2f}; final exploitability of the mean distribution: model "
+                  f"{rows[-1]['exploitability']:.4f}, the exact algorithm from the same start "
+                  f"{rows[-1]['exact_algorithm_exploitability']:.4f}"]
+    out = args.out or os.path.join(run, "eval")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "steps.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", help="NAME=CHECKPOINT_DIR ...")
@@ -572,6 +657,8 @@ def main(argv=None):
     p.add_argument("--figure1", nargs="+", help="train_ddp.py out_dirs on the category game: Figure 1's layout")
     p.add_argument("--sampling-check", help="a train_ddp.py out_dir on the category game: model.generate samples "
                    "(--samples per eval prompt) of its newest checkpoint against the exact enumeration")
+    p.add_argument("--steps", help="a train_ddp.py out_dir on the category game: per iteration, the model's "
+                   "step against its algorithm's exact step, and the exact algorithm from the same start")
     p.add_argument("--prompts", help="JSONL/JSON/Parquet file or a datasets name")
     p.add_argument("--prompt-field", default=None, help="the field holding the instruction (default: the run's "
                    f"prompt_field with --run, else {config.DEFAULTS['prompt_field'][0]!r}, as in training)")
@@ -587,10 +674,13 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if sum(map(bool, (args.models, args.run, args.figure1, args.sampling_check))) != 1:
+    if sum(map(bool, (args.models, args.run, args.figure1, args.sampling_check, args.steps))) != 1:
         raise EvalError("give one of --models NAME=DIR ... (a win-rate matrix), --run RUN_DIR (training dynamics), "
-                        "--figure1 RUN_DIR ... (runs on the category game, Figure 1's layout) or --sampling-check "
-                        "RUN_DIR (generate vs the exact category distribution)")
+                        "--figure1 RUN_DIR ... (runs on the category game, Figure 1's layout), --sampling-check "
+                        "RUN_DIR (generate vs the exact category distribution) or --steps RUN_DIR (the model's "
+                        "step vs its algorithm's)")
+    if args.steps:
+        return steps_mode(args)
     if args.figure1:
         if not args.out:
             raise EvalError("--out DIR is required with --figure1")

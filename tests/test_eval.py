@@ -225,3 +225,63 @@ def test_figure1_distance_of_a_regularised_run_to_its_regularised_equilibrium():
     planted = toy_game.regularized_nash(E, start.log(), 2 * tau).exp()  # the wrong tau gives another point
     assert float((planted - torch.tensor(star)).abs().sum()) > 1e-2
     assert ev.regularized_distance(game, {"algo": "comal"}, recs) is None
+
+
+def synthetic_run(path, algo, cfg_extra, scale=1.0, iterations=8):
+    """A run directory whose logged category distributions follow Alg. 2's closed form (written out here:
+    log pi' = log pi + eta (E pi - tau (log pi - log ref)), normalised), each step scaled by `scale`."""
+    import yaml
+
+    E = oracle_lib.CategoryGame().extended_payoff()
+    cfg = dict(algo=algo, iterations=iterations, **cfg_extra)
+    rounds = cfg.get("ref_update_every", iterations) if algo == "comal" else iterations
+    start = torch.tensor([0.04, 0.10, 0.03, 0.83], dtype=torch.float64)
+    p, ref, recs = start, start, [{"iteration": -1, "category_dist": start.tolist()}]
+    for k in range(iterations):
+        t = k // rounds
+        eta = cfg["eta"][min(t, len(cfg["eta"]) - 1)] if isinstance(cfg["eta"], list) else cfg["eta"]
+        tau = cfg["eta_tau"] / eta if "eta_tau" in cfg else cfg.get("tau", 0.0)
+        if algo == "comal" and k % rounds == 0:
+            ref = p
+        d = eta * (E @ p - tau * (p.log() - ref.log()))
+        p = torch.softmax(p.log() + scale * d, 0)
+        recs.append({"iteration": k, "category_dist": p.tolist()})
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg, f)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    return recs
+
+
+@pytest.mark.parametrize("algo,extra", [("comal", dict(eta=[2.0, 1.0], eta_tau=0.5, ref_update_every=3)),
+                                        ("inpo", dict(eta=2.0, tau=0.1)), ("iter_ipo", dict(eta=1.5))])
+def test_steps_compares_each_logged_step_with_the_algorithms_exact_step(tmp_path, algo, extra, capsys):
+    """--steps: a run whose model takes Alg. 2's exact steps (per-round eta, pi_ref per round or the start)
+    gets cosine 1 and length 1 at every iteration, and the exact algorithm from its start is the run itself;
+    one taking half steps gets length 0.5 (cosine 1) and ends elsewhere than the exact algorithm."""
+    recs = synthetic_run(str(tmp_path / "exact"), algo, extra)
+    rows = ev.main(["--steps", str(tmp_path / "exact"), "--out", str(tmp_path / "o")])
+    assert [r["iteration"] for r in rows] == list(range(8))
+    for r, logged in zip(rows, recs[1:]):
+        assert r["cos"] == pytest.approx(1.0, abs=1e-9) and r["length_ratio"] == pytest.approx(1.0, abs=1e-9)
+        assert r["exact_algorithm"] == pytest.approx(logged["category_dist"], abs=1e-9)
+    synthetic_run(str(tmp_path / "half"), algo, extra, scale=0.5)
+    rows = ev.main(["--steps", str(tmp_path / "half"), "--out", str(tmp_path / "o2")])
+    assert all(r["cos"] == pytest.approx(1.0, abs=1e-9) for r in rows)
+    assert all(r["length_ratio"] == pytest.approx(0.5, abs=1e-9) for r in rows)
+    assert rows[-1]["exact_algorithm"] == pytest.approx(recs[-1]["category_dist"], abs=1e-9)  # from the same start
+    assert abs(rows[-1]["exploitability"] - rows[-1]["exact_algorithm_exploitability"]) > 1e-3
+    assert "length ratio median 0.50" in (tmp_path / "o2" / "steps.md").read_text()
+    capsys.readouterr()
+
+
+def test_steps_refuses_an_algorithm_without_a_closed_form_step(tmp_path, capsys):
+    synthetic_run(str(tmp_path / "r"), "comal", dict(eta=2.0, eta_tau=0.5, ref_update_every=3))
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    cfg["algo"] = "grpo"
+    (tmp_path / "r" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert ev.cli(["--steps", str(tmp_path / "r")]) == 2
+    assert "no closed-form step" in capsys.readouterr().err
