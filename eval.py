@@ -573,8 +573,9 @@ def exact_steps(game, cfg, recs):
     tau (comal.round_params), against the model's logged distribution at k: the cosine of their centred log
     changes and the ratio of their lengths. And the exact algorithm run from the logged start with the same
     schedule (its exploitability per iteration): whether the schedule itself converges, with every step exact.
-    Category level: exact when pi / pi_ref is equal across a category's responses (true of exact steps from a
-    round start; the mean over eval prompts stands for one prompt)."""
+    Per eval prompt when the run logged category_dist_per_prompt (averaged over prompts: the exploitabilities
+    are then the trainer's logged metric), else on the mean distribution. Category level: exact when pi / pi_ref
+    is equal across a category's responses (true of exact steps from a round start)."""
     import toy_game
 
     spec = comal.ALGOS[cfg["algo"]]
@@ -587,8 +588,11 @@ def exact_steps(game, cfg, recs):
     toy = toy_game.make_config(mode="noiseless", solver="auto")
     game4 = toy_game.make_game(A.tolist(), [0.25] * len(A))
     K = comal.round_length(spec, cfg)
-    log = lambda r: torch.tensor(r["category_dist"], dtype=torch.float64).clamp(min=1e-12).log()  # noqa: E731
-    logs = {r["iteration"]: log(r) for r in recs}
+    per_prompt = all("category_dist_per_prompt" in r for r in recs)
+    tracks = [{r["iteration"]: r["category_dist_per_prompt"][j] for r in recs}
+              for j in range(len(recs[0]["category_dist_per_prompt"]))] if per_prompt else \
+             [{r["iteration"]: r["category_dist"] for r in recs}]
+    tracks = [{k: torch.tensor(d, dtype=torch.float64).clamp(min=1e-12).log() for k, d in t.items()} for t in tracks]
 
     def step(log_pi, log_ref, k):
         eta, tau = comal.round_params(cfg, k // K)
@@ -597,24 +601,36 @@ def exact_steps(game, cfg, recs):
     def centred(d):
         return d - d.mean()
 
-    rows, sim, sim_ref = [], logs[-1], logs[-1]
-    for k in range(cfg["iterations"]):
-        if spec.ref == "rounds" and k % K == 0:
-            sim_ref = sim
-        sim = step(sim, sim_ref, k)  # the exact algorithm from the start
-        if k not in logs or k - 1 not in logs:
-            continue
-        ref = logs[-1] if spec.ref == "base" else logs.get(k - k % K - 1) if spec.ref == "rounds" else None
-        exact = step(logs[k - 1], ref, k)
-        d_m, d_x = centred(logs[k] - logs[k - 1]), centred(exact - logs[k - 1])
-        cos = float(d_m @ d_x / (d_m.norm() * d_x.norm()).clamp(min=1e-30))
-        rows.append({"iteration": k, "model": logs[k].exp().tolist(), "exact_step": exact.exp().tolist(),
-                     "cos": cos, "length_ratio": float(d_m.norm() / d_x.norm().clamp(min=1e-30)),
-                     "exploitability": float(game.exploitability(logs[k].exp())),
-                     "exact_step_exploitability": float(game.exploitability(exact.exp())),
-                     "exact_algorithm": sim.exp().tolist(),
-                     "exact_algorithm_exploitability": float(game.exploitability(sim.exp()))})
-    return rows
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    per = []  # per track: {iteration: row}
+    for logs in tracks:
+        rows, sim, sim_ref = {}, logs[-1], logs[-1]
+        for k in range(cfg["iterations"]):
+            if spec.ref == "rounds" and k % K == 0:
+                sim_ref = sim
+            sim = step(sim, sim_ref, k)  # the exact algorithm from the start
+            if k not in logs or k - 1 not in logs:
+                continue
+            ref = logs[-1] if spec.ref == "base" else logs.get(k - k % K - 1) if spec.ref == "rounds" else None
+            exact = step(logs[k - 1], ref, k)
+            d_m, d_x = centred(logs[k] - logs[k - 1]), centred(exact - logs[k - 1])
+            rows[k] = {"model": logs[k].exp(), "exact_step": exact.exp(), "exact_algorithm": sim.exp(),
+                       "cos": float(d_m @ d_x / (d_m.norm() * d_x.norm()).clamp(min=1e-30)),
+                       "length_ratio": float(d_m.norm() / d_x.norm().clamp(min=1e-30))}
+        per.append(rows)
+    out = []
+    for k in sorted(set.intersection(*(set(r) for r in per))):
+        rs = [r[k] for r in per]
+        row = {"iteration": k, "prompts": len(rs), "cos": mean([r["cos"] for r in rs]),
+               "length_ratio": mean([r["length_ratio"] for r in rs])}
+        for key in ("model", "exact_step", "exact_algorithm"):
+            row[key] = mean([r[key] for r in rs]).tolist()
+            name = "exploitability" if key == "model" else f"{key}_exploitability"
+            row[name] = mean([float(game.exploitability(r[key])) for r in rs])
+        out.append(row)
+    return out
 
 
 def steps_mode(args):
@@ -630,7 +646,8 @@ def steps_mode(args):
         raise EvalError(f"--steps {run}: needs a run on the category game with exploitability logged (eval_prompts)")
     rows = exact_steps(game, cfg, recs)
     f3 = lambda v: "[" + ", ".join(f"{x:.3f}" for x in v) + "]"  # noqa: E731
-    lines = ["| iteration | model | its exact step | cos | length ratio | exploitability of the mean: model / "
+    what = "mean over eval prompts" if rows and rows[0]["prompts"] > 1 else "of the mean distribution"
+    lines = [f"| iteration | model | its exact step | cos | length ratio | exploitability ({what}): model / "
              "exact step / exact algorithm from the start |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['iteration']} | {f3(r['model'])} | {f3(r['exact_step'])} | {r['cos']:+.2f} | "
               f"{r['length_ratio']:.2f} | {r['exploitability']:.3f} / {r['exact_step_exploitability']:.3f} / "
@@ -639,7 +656,7 @@ def steps_mode(args):
         cos = sorted(r["cos"] for r in rows)
         ratio = sorted(r["length_ratio"] for r in rows)
         lines += ["", f"{len(rows)} iterations: cosine mean {sum(cos) / len(cos):+.2f} (median {cos[len(cos) // 2]:+.2f}), "
-                  f"length ratio median {ratio[len(ratio) // 2]:.2f}; final exploitability of the mean distribution: model "
+                  f"length ratio median {ratio[len(ratio) // 2]:.2f}; final exploitability ({what}): model "
                   f"{rows[-1]['exploitability']:.4f}, the exact algorithm from the same start "
                   f"{rows[-1]['exact_algorithm_exploitability']:.4f}"]
     out = args.out or os.path.join(run, "eval")

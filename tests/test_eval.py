@@ -195,6 +195,11 @@ def test_figure1_draws_the_runs_from_their_metrics(base, tmp_path, capsys):
         p = torch.tensor(logged[-1]["category_dist"][:3], dtype=torch.float64)
         assert res[algo]["policies"][-1] == pytest.approx((p / p.sum()).tolist())
         assert f"| {algo} | 2 | {logged[0]['exploitability']:.4f} | {logged[-1]['exploitability']:.4f} |" in table
+        for r in logged:  # per eval prompt too (eval.py --steps): their mean, and the mean of their exploitabilities
+            per = torch.tensor(r["category_dist_per_prompt"], dtype=torch.float64)
+            assert per.shape == (2, 4) and per.mean(0).tolist() == pytest.approx(r["category_dist"], abs=2e-5)
+            assert r["exploitability"] == pytest.approx(float(oracle_lib.CategoryGame().exploitability(per).mean()),
+                                                        abs=1e-4)
     import yaml
 
     other = tmp_path / "comal" / "config.yaml"
@@ -227,25 +232,36 @@ def test_figure1_distance_of_a_regularised_run_to_its_regularised_equilibrium():
     assert ev.regularized_distance(game, {"algo": "comal"}, recs) is None
 
 
-def synthetic_run(path, algo, cfg_extra, scale=1.0, iterations=8):
+def synthetic_run(path, algo, cfg_extra, scale=1.0, iterations=8, starts=([0.04, 0.10, 0.03, 0.83],)):
     """A run directory whose logged category distributions follow Alg. 2's closed form (written out here:
-    log pi' = log pi + eta (E pi - tau (log pi - log ref)), normalised), each step scaled by `scale`."""
+    log pi' = log pi + eta (E pi - tau (log pi - log ref)), normalised), each step scaled by `scale`; one
+    trajectory per eval prompt's start (logged per prompt, with their mean, when there are several)."""
     import yaml
 
     E = oracle_lib.CategoryGame().extended_payoff()
     cfg = dict(algo=algo, iterations=iterations, **cfg_extra)
     rounds = cfg.get("ref_update_every", iterations) if algo == "comal" else iterations
-    start = torch.tensor([0.04, 0.10, 0.03, 0.83], dtype=torch.float64)
-    p, ref, recs = start, start, [{"iteration": -1, "category_dist": start.tolist()}]
-    for k in range(iterations):
-        t = k // rounds
-        eta = cfg["eta"][min(t, len(cfg["eta"]) - 1)] if isinstance(cfg["eta"], list) else cfg["eta"]
-        tau = cfg["eta_tau"] / eta if "eta_tau" in cfg else cfg.get("tau", 0.0)
-        if algo == "comal" and k % rounds == 0:
-            ref = p
-        d = eta * (E @ p - tau * (p.log() - ref.log()))
-        p = torch.softmax(p.log() + scale * d, 0)
-        recs.append({"iteration": k, "category_dist": p.tolist()})
+    trajectories = []
+    for start in starts:
+        p = ref = torch.tensor(start, dtype=torch.float64)
+        traj = [p]
+        for k in range(iterations):
+            t = k // rounds
+            eta = cfg["eta"][min(t, len(cfg["eta"]) - 1)] if isinstance(cfg["eta"], list) else cfg["eta"]
+            tau = cfg["eta_tau"] / eta if "eta_tau" in cfg else cfg.get("tau", 0.0)
+            if algo == "comal" and k % rounds == 0:
+                ref = p
+            d = eta * (E @ p - tau * (p.log() - ref.log()))
+            p = torch.softmax(p.log() + scale * d, 0)
+            traj.append(p)
+        trajectories.append(traj)
+    recs = []
+    for k in range(iterations + 1):
+        ps = [traj[k] for traj in trajectories]
+        rec = {"iteration": k - 1, "category_dist": (sum(ps) / len(ps)).tolist()}
+        if len(ps) > 1:
+            rec["category_dist_per_prompt"] = [p.tolist() for p in ps]
+        recs.append(rec)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.yaml"), "w") as f:
         yaml.safe_dump(cfg, f)
@@ -285,3 +301,28 @@ def test_steps_refuses_an_algorithm_without_a_closed_form_step(tmp_path, capsys)
     (tmp_path / "r" / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert ev.cli(["--steps", str(tmp_path / "r")]) == 2
     assert "no closed-form step" in capsys.readouterr().err
+
+
+def test_steps_per_prompt_when_the_run_logged_them(tmp_path):
+    """Two eval prompts, each on its own exact trajectory: compared per prompt, every step is exact (cosine 1)
+    and the exploitability is the mean over prompts, the metric the trainer logs; the mean distribution of
+    two exact trajectories is not one (compared on it, the cosine would not be 1)."""
+    game = oracle_lib.CategoryGame()
+    starts = ([0.04, 0.10, 0.03, 0.83], [0.50, 0.05, 0.05, 0.40])
+    recs = synthetic_run(str(tmp_path / "r"), "comal", dict(eta=[2.0, 1.0], eta_tau=0.5, ref_update_every=3),
+                         starts=starts)
+    rows = ev.main(["--steps", str(tmp_path / "r"), "--out", str(tmp_path / "o")])
+    assert all(r["prompts"] == 2 for r in rows)
+    assert all(r["cos"] == pytest.approx(1.0, abs=1e-9) and r["length_ratio"] == pytest.approx(1.0, abs=1e-9)
+               for r in rows)
+    for r, logged in zip(rows, recs[1:]):
+        per = [float(game.exploitability(torch.tensor(p, dtype=torch.float64))) for p in logged["category_dist_per_prompt"]]
+        assert r["exploitability"] == pytest.approx(sum(per) / 2, abs=1e-12)
+        assert r["exact_algorithm_exploitability"] == pytest.approx(sum(per) / 2, abs=1e-9)
+    assert any(abs(r["exploitability"] - float(game.exploitability(torch.tensor(r["model"])))) > 1e-3 for r in rows)
+    for rec in recs:  # the same run without the per-prompt records: compared on the mean, not exact
+        del rec["category_dist_per_prompt"]
+    with open(tmp_path / "r" / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    rows = ev.main(["--steps", str(tmp_path / "r"), "--out", str(tmp_path / "o2")])
+    assert min(r["cos"] for r in rows) < 0.999
