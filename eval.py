@@ -501,6 +501,24 @@ def sampling_check_mode(args, device):
     return {"exact": p.tolist(), "sampled": sampled.tolist(), "se": se.tolist(), "unsettled": float(unsettled.mean())}
 
 
+def category_run(run, flag):
+    """(config, game, records) of a train_ddp.py out_dir on the category game: its config.yaml over DEFAULTS,
+    its oracle, and the metrics.jsonl records with a category distribution (iteration -1 = the start), by
+    iteration. One EvalError naming `flag` and the run for anything else."""
+    cfg_path, metrics = os.path.join(run, "config.yaml"), os.path.join(run, "metrics.jsonl")
+    if not (os.path.isfile(cfg_path) and os.path.isfile(metrics)):
+        raise EvalError(f"{flag} {run}: no config.yaml and metrics.jsonl (not a train_ddp.py out_dir)")
+    cfg = config.load_config(cfg_path, [])
+    game = oracle_lib.build_oracle(oracle_lib.check_oracle_config(cfg["oracle"]))
+    if not isinstance(game, oracle_lib.CategoryGame):
+        raise EvalError(f"{flag} {run}: needs a run on the category game")
+    with open(metrics) as f:
+        recs = sorted((r for r in map(json.loads, f) if "category_dist" in r), key=lambda r: r["iteration"])
+    if not recs:
+        raise EvalError(f"{flag} {run}: no exploitability in metrics.jsonl (eval_prompts: 0?)")
+    return cfg, game, recs
+
+
 def regularized_distance(game, cfg, recs):
     """For a run regularised towards its start (an algorithm with ref "base" and a tau, e.g. INPO): the NE of
     J_tau (eq. 2) on the game with "none" (extended_payoff), pi_ref = the start's mean category distribution
@@ -522,26 +540,16 @@ def figure1_mode(args):
     """The paper's Figure 1 layout for language-model runs on the category game: each run's trajectory of
     category distributions on the simplex and all runs' exact exploitability per iteration, read from their
     metrics.jsonl (iteration -1 = the start); writes figure1.png and figure1.md."""
-    import yaml
-
     import toy_game
 
     results, rows, payoff = {}, [], None
     for run in args.figure1:
-        cfg_path, metrics = os.path.join(run, "config.yaml"), os.path.join(run, "metrics.jsonl")
-        if not (os.path.isfile(cfg_path) and os.path.isfile(metrics)):
-            raise EvalError(f"--figure1 {run}: no config.yaml and metrics.jsonl (not a train_ddp.py out_dir)")
-        with open(cfg_path) as f:
-            cfg = yaml.safe_load(f)
-        game = oracle_lib.build_oracle(cfg["oracle"])
-        if not isinstance(game, oracle_lib.CategoryGame) or len(game.categories) != 3:
+        cfg, game, recs = category_run(run, "--figure1")
+        if len(game.categories) != 3:
             raise EvalError(f"--figure1 {run}: needs the category game with 3 categories")
         if payoff is not None and not torch.equal(payoff, game.A):
             raise EvalError(f"--figure1 {run}: its payoff differs from the first run's")
         payoff = game.A
-        recs = sorted((r for r in map(json.loads, open(metrics)) if "category_dist" in r), key=lambda r: r["iteration"])
-        if not recs:
-            raise EvalError(f"--figure1 {run}: no exploitability in metrics.jsonl (eval_prompts: 0?)")
         name = cfg.get("algo", "run")
         name = name if name not in results else f"{name} ({os.path.basename(os.path.normpath(run))})"
         dists = [torch.tensor(r["category_dist"][:3], dtype=torch.float64) for r in recs]
@@ -636,14 +644,7 @@ def exact_steps(game, cfg, recs):
 def steps_mode(args):
     """eval.py --steps RUN: exact_steps of a run, as a table (steps.md in --out, default RUN/eval)."""
     run = args.steps
-    cfg_path, metrics = os.path.join(run, "config.yaml"), os.path.join(run, "metrics.jsonl")
-    if not (os.path.isfile(cfg_path) and os.path.isfile(metrics)):
-        raise EvalError(f"--steps {run}: no config.yaml and metrics.jsonl (not a train_ddp.py out_dir)")
-    cfg = config.load_config(cfg_path, [])
-    game = oracle_lib.build_oracle(oracle_lib.check_oracle_config(cfg["oracle"]))
-    recs = sorted((r for r in map(json.loads, open(metrics)) if "category_dist" in r), key=lambda r: r["iteration"])
-    if not isinstance(game, oracle_lib.CategoryGame) or not recs:
-        raise EvalError(f"--steps {run}: needs a run on the category game with exploitability logged (eval_prompts)")
+    cfg, game, recs = category_run(run, "--steps")
     rows = exact_steps(game, cfg, recs)
     f3 = lambda v: "[" + ", ".join(f"{x:.3f}" for x in v) + "]"  # noqa: E731
     what = "mean over eval prompts" if rows and rows[0]["prompts"] > 1 else "of the mean distribution"
