@@ -108,15 +108,19 @@ class Trainer:
         if not units:
             yield
             return
-        for u in units:
-            u.gather()
-            u.pinned = True
+        roots = [u for u in units if u is u.root]  # embeddings first: the forward starts there
+        for u in roots + [u for u in units if u is not u.root]:
+            u.gather(async_op=True)  # all issued at once; each block's pre-hook waits for its own, so the
+            u.pinned = True          # transfers of later blocks overlap the first forward's earlier blocks
+        for u in roots:
+            u.wait()  # the root has no hook of its own (its output layer is read outside a module call)
         self.lockstep = not local
         try:
             yield
         finally:
             self.lockstep = True
             for u in units:
+                u.wait()  # never free a buffer a transfer still writes into
                 u.pinned = False
                 if not u.keep_gathered:
                     u.free()
@@ -377,20 +381,33 @@ class FlatUnit:
         self.root = None  # shard_model: the root unit points to itself
         self.pinned = False  # gathered for a whole rollout (trainer.gathered): the hooks neither gather nor free
         self.gathered = True
+        self.in_flight = None  # (work, source) of an async gather not yet waited for
         self.free()
 
-    def gather(self):
+    def gather(self, async_op=False):
+        """Allocate the full buffer and all-gather the shards into it. async_op: return at once; the values are
+        there after wait(), which every later gather() call (the forward pre-hook) does first."""
         if self.gathered:
+            if not async_op:
+                self.wait()
             return
         self.full.untyped_storage().resize_(self.full.numel() * self.full.element_size())
         if self.world > 1:
-            dist.all_gather_single(self.full, self.shard.detach().to(self.full.dtype))
+            src = self.shard.detach().to(self.full.dtype)  # kept alive until the transfer is done
+            work = dist.all_gather_single(self.full, src, async_op=async_op)
+            self.in_flight = (work, src) if async_op else None
         else:
             self.full.copy_(self.shard.detach())
         self.gathered = True
 
+    def wait(self):
+        if self.in_flight is not None:
+            self.in_flight[0].wait()
+            self.in_flight = None
+
     def free(self):
         if self.gathered and not self.pinned:
+            self.wait()
             self.full.untyped_storage().resize_(0)
             self.gathered = False
 

@@ -57,7 +57,7 @@ else
   part "the tiny default, one process (cpu)" 600 python train_ddp.py configs/tiny.yaml out_dir="$OUT/tiny" \
     iterations=3 resume=never
   if [ -d runs/cache/smollm2-135m-instruct ]; then
-    part "whole-process peak, rollout and training, ddp vs fsdp (SmolLM2-135M)" 1200 python bench/sharded_rss.py --nproc 2
+    part "whole-process peak, rollout and training, ddp vs fsdp (SmolLM2-135M)" 1200 python bench/sharded_rss.py --nproc 2 --repeats 1
   else
     echo "== sharded_rss skipped: run 'python smollm2.py convert' first (needs requirements-demo.txt)"
   fi
