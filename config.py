@@ -40,6 +40,9 @@ DEFAULTS = {
     "micro_batch_size": (8, "examples per forward/backward on one rank"),
     "epochs": (1, "passes over each iteration's examples (paper: 1)"),
     "grad_clip": (1.0, "max global gradient norm (0 = off)"),
+    "optimizer_reset": ("never", "AdamW moments: never reset (kept across iterations) or zeroed at the start of "
+                                "every iteration (iteration: each iteration's loss minimised from scratch, as the "
+                                "paper fine-tunes anew each iteration; momentum of iteration k-1 never enters step k)"),
     "oracle": ({"kind": "category"}, "the preference oracle block (oracle.py)"),
     "eval_prompts": (16, "held-out prompts for exact category-game exploitability each iteration (0 = off)"),
     "eval_prompt_file": (None, "held-out prompts for eval_prompts (a prompts-like file, field prompt_field; the "
@@ -204,6 +207,8 @@ def check_config(cfg, world):
         raise ConfigError(f"rollout must be gathered or sharded, got {cfg['rollout']!r}")
     if cfg["rollout"] == "sharded" and cfg["parallel"] != "fsdp":
         raise ConfigError("rollout: sharded needs parallel: fsdp (DDP always samples from its whole weights)")
+    if cfg["optimizer_reset"] not in ("never", "iteration"):
+        raise ConfigError(f"optimizer_reset must be never or iteration, got {cfg['optimizer_reset']!r}")
     if cfg["dtype"] not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg['dtype']!r}")
     if cfg["batch_size"] % (world * cfg["micro_batch_size"]):

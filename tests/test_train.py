@@ -283,6 +283,30 @@ def config_error(base, tmp_path, world=1, **kw):
     return str(e.value)
 
 
+def test_optimizer_reset_iteration_starts_every_minimisation_without_moments(base, tmp_path, monkeypatch):
+    """optimizer_reset: iteration -- AdamW holds no state at the first step of every iteration (each iteration's
+    loss minimised from scratch); never -- iteration 1 starts from iteration 0's moments."""
+    seen = []
+    step = train_ddp.Trainer.step
+
+    def spy(self, micro_losses, k, i, steps):
+        if i == 0:
+            seen.append((k, len(self.optimizer.state)))
+        return step(self, micro_losses, k, i, steps)
+
+    monkeypatch.setattr(train_ddp.Trainer, "step", spy)
+    runs = {}
+    for reset in ("iteration", "never"):
+        seen.clear()
+        train_ddp.train(small_cfg(base, tmp_path / reset, algo="comal", optimizer_reset=reset), 0, 1, torch.device("cpu"))
+        runs[reset] = list(seen)
+    n_params = len([p for p in AutoModelForCausalLM.from_pretrained(base).parameters()])
+    assert runs["iteration"] == [(0, 0), (1, 0)]
+    assert runs["never"] == [(0, 0), (1, n_params)]
+    a, b = final_weights(tmp_path / "iteration", 1), final_weights(tmp_path / "never", 1)
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # the moments of iteration 0 change iteration 1's step
+
+
 def test_invalid_config_values_name_the_key(base, tmp_path):
     assert "lr must be > 0" in config_error(base, tmp_path, lr=0.0)
     assert "lr must be > 0" in config_error(base, tmp_path, lr=-1e-6)
@@ -298,6 +322,7 @@ def test_invalid_config_values_name_the_key(base, tmp_path):
     assert "algo: unknown algorithm 'ppo'" in config_error(base, tmp_path, algo="ppo")
     assert "n_samples must be >= 2" in config_error(base, tmp_path, n_samples=1)
     assert "temperature" in config_error(base, tmp_path, temperature=0.0)
+    assert "optimizer_reset must be never or iteration" in config_error(base, tmp_path, optimizer_reset="epoch")
     assert "top_p" in config_error(base, tmp_path, top_p=1.5)
     assert "pair_selection" in config_error(base, tmp_path, pair_selection="random")
     assert "parallel must be ddp or fsdp" in config_error(base, tmp_path, parallel="zero2")
