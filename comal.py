@@ -563,8 +563,6 @@ def minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, opponent=None, desc="",
     steps = cfg["epochs"] * math.ceil(E / per_step)
     group_of = next(iter(ex["rows"].values())).reshape(E, -1)[:, 0].cpu() // cfg["n_samples"]  # (E,) prompt of each
     step_losses = []
-    if cfg["optimizer_reset"] == "iteration":  # Alg. 2's minimisation of iteration k starts with no momentum
-        trainer.optimizer.state.clear()  # (every rank the same: its own moments, or its shard's)
     policy.train()
     with tqdm(total=steps, desc=desc, leave=False, disable=trainer.rank != 0, file=sys.stderr) as bar:  # closed on a stop too
         bar.set_postfix(**(postfix or {}))

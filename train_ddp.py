@@ -258,9 +258,11 @@ class Trainer:
         if status[1] > 0:
             raise Preempted(f"iteration {k} step {step}: the iteration is abandoned (nothing of it is saved); rerun "
                             f"the same command to redo it from {self.last_checkpoint or 'the start'}")
-        lr = self.lr_at(step, steps)
+        lr = self.lr_at(step, steps)  # each iteration's schedule starts anew ...
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if step == 0 and self.cfg["optimizer_reset"] == "iteration":  # ... and, if asked, its AdamW moments: Alg. 2's
+            self.optimizer.state.clear()  # minimisation of iteration k without k-1's momentum (each rank its own)
         if self.units is None:
             self.sync_grads()
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])

@@ -285,24 +285,30 @@ def config_error(base, tmp_path, world=1, **kw):
 
 def test_optimizer_reset_iteration_starts_every_minimisation_without_moments(base, tmp_path, monkeypatch):
     """optimizer_reset: iteration -- AdamW holds no state at the first step of every iteration (each iteration's
-    loss minimised from scratch); never -- iteration 1 starts from iteration 0's moments."""
-    seen = []
-    step = train_ddp.Trainer.step
+    loss minimised from scratch), and keeps it within the iteration; never -- iteration 1 starts from iteration
+    0's moments."""
+    seen, now = [], {}
+    step, adam_step = train_ddp.Trainer.step, torch.optim.AdamW.step
 
     def spy(self, micro_losses, k, i, steps):
-        if i == 0:
-            seen.append((k, len(self.optimizer.state)))
+        now.update(k=k, i=i)
         return step(self, micro_losses, k, i, steps)
 
+    def adam_spy(self, *a, **kw):  # the state the first two updates of each iteration start from
+        if now["i"] < 2:
+            seen.append((now["k"], now["i"], len(self.state)))
+        return adam_step(self, *a, **kw)
+
     monkeypatch.setattr(train_ddp.Trainer, "step", spy)
+    monkeypatch.setattr(torch.optim.AdamW, "step", adam_spy)
     runs = {}
     for reset in ("iteration", "never"):
         seen.clear()
         train_ddp.train(small_cfg(base, tmp_path / reset, algo="comal", optimizer_reset=reset), 0, 1, torch.device("cpu"))
         runs[reset] = list(seen)
     n_params = len([p for p in AutoModelForCausalLM.from_pretrained(base).parameters()])
-    assert runs["iteration"] == [(0, 0), (1, 0)]
-    assert runs["never"] == [(0, 0), (1, n_params)]
+    assert runs["iteration"] == [(0, 0, 0), (0, 1, n_params), (1, 0, 0), (1, 1, n_params)]  # only at the start
+    assert runs["never"] == [(0, 0, 0), (0, 1, n_params), (1, 0, n_params), (1, 1, n_params)]
     a, b = final_weights(tmp_path / "iteration", 1), final_weights(tmp_path / "never", 1)
     assert not all(torch.equal(a[k], b[k]) for k in a)  # the moments of iteration 0 change iteration 1's step
 
