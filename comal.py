@@ -436,13 +436,14 @@ def sample_groups(model, tokenizer, prompt_ids, cfg, generator, all_done=None):
 def precompute_logps(model, seqs, micro, rows=None, share_prompts=False):
     """(N, T) token and (N,) sequence log-probs of a frozen policy, `micro` rows at a time: on every row, or only
     on `rows` (sorted unique ids) with NaN elsewhere, so that a loss reading a row no example uses fails loudly.
-    share_prompts: sequence_logprobs runs each distinct prompt of a micro-batch once."""
+    share_prompts: sequence_logprobs runs each distinct prompt of a micro-batch once; identical rows (repeated
+    answers) run once."""
     ids, att, resp = seqs
     rows = torch.arange(ids.shape[0], device=ids.device) if rows is None else rows
     tok = torch.full(ids.shape, float("nan"), dtype=torch.float32, device=ids.device)
     for s in range(0, len(rows), micro):
         r = rows[s:s + micro]
-        tok[r] = sequence_logprobs(model, ids[r], att[r], resp[r], share_prompts=share_prompts)[0]
+        tok[r] = sequence_logprobs(model, ids[r], att[r], resp[r], share_prompts=share_prompts, unique_rows=True)[0]
     return tok, tok.sum(-1)
 
 
@@ -577,7 +578,7 @@ def minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, opponent=None, desc="",
                         rows = torch.unique(torch.cat([r[idx].flatten() for r in ex["rows"].values()]))
                         with trainer.autocast():
                             tok_lp, seq_lp = sequence_logprobs(policy, seqs[0][rows], seqs[1][rows], seqs[2][rows],
-                                                               share_prompts=trainer.share_prompts)
+                                                               share_prompts=trainer.share_prompts, unique_rows=True)
                         pi = tok_lp if spec.token_level else seq_lp
                         per_example = batch_loss(spec, ex, idx, pi, rows, frozen, h)  # (b,)
                         yield (ex["weight"][idx] * per_example).sum() / norm

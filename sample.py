@@ -329,7 +329,8 @@ def _last_hidden(model, input_ids, attention_mask, response_mask=None):
     return torch.cat([head.last_hidden_state[inverse], tail.last_hidden_state], 1)
 
 
-def sequence_logprobs(model, input_ids, attention_mask, response_mask, chunk_tokens=None, share_prompts=False):
+def sequence_logprobs(model, input_ids, attention_mask, response_mask, chunk_tokens=None, share_prompts=False,
+                      unique_rows=False):
     """Per-token (B, T) and per-sequence (B,) log-probs of the response tokens.
 
     Token t's log-prob (under the model's prediction from positions < t) is at
@@ -339,7 +340,18 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask, chunk_tok
     prompt (the columns before the first response token) runs once for all
     its rows (_last_hidden); not with activation checkpointing (its recompute
     would append to the cache again) nor sharded per-block gathers.
+    unique_rows: identical rows (a prompt's n samples repeat short answers
+    often) run once and their log-probs are copied (autograd sums the copies'
+    gradients into the one forward): the same function of the inputs, unless
+    the model draws dropout (then every row runs, each with its own mask).
     """
+    if unique_rows and not (model.training and has_dropout(model)):
+        first, inverse = distinct_rows(input_ids, attention_mask, response_mask)
+        if len(first) < input_ids.shape[0]:
+            tok, _ = sequence_logprobs(model, input_ids[first], attention_mask[first], response_mask[first],
+                                       chunk_tokens, share_prompts)  # (U, T)
+            tok = tok[inverse]  # (B, T)
+            return tok, tok.sum(-1)
     hidden = _last_hidden(model, input_ids, attention_mask, response_mask if share_prompts else None)
     head = model.get_output_embeddings()
     B, T = input_ids.shape
@@ -352,6 +364,28 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask, chunk_tok
     token_logps = torch.zeros(B, T, dtype=logp.dtype, device=input_ids.device)
     token_logps[:, 1:] = token_logps[:, 1:].masked_scatter(sel, logp)
     return token_logps, token_logps.sum(-1)
+
+
+def distinct_rows(*columns):
+    """(first, inverse): the first index (U,) of each distinct row of the (B, T) tensors taken together, in
+    order of appearance, and the (B,) position of every row's distinct row in `first`."""
+    key = torch.cat([c.to(torch.int64) for c in columns], 1)  # (B, sum T)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)  # (B,) index of the row's distinct value
+    B = key.shape[0]
+    first = torch.full((int(inverse.max()) + 1 if B else 0,), B, dtype=torch.int64, device=key.device)
+    first.scatter_reduce_(0, inverse, torch.arange(B, device=key.device), "amin")  # (U,) first row of each
+    order = torch.argsort(first)  # distinct rows in order of appearance
+    return first[order], torch.argsort(order)[inverse]
+
+
+def has_dropout(model):
+    """Whether a forward in training mode draws random masks: a Dropout module with p > 0, or a config
+    *dropout* probability > 0 (attention dropout inside scaled_dot_product_attention is not a module)."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    cfg = getattr(model, "config", None)
+    values = cfg.to_dict().items() if hasattr(cfg, "to_dict") else ()
+    return any("dropout" in k and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for k, v in values)
 
 
 class UnsupportedModel(ValueError):

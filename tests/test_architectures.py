@@ -127,3 +127,52 @@ def test_shared_prompt_forward_equals_the_whole_batch_in_values_and_gradients(ar
     assert (t_plain * resp).abs().sum() > 1 and g_plain.abs().max() > 1e-3
     assert (t_shared - t_plain).abs().max() < 1e-5, arch  # fp32 (float64 gives NaN in Gemma-2's own padded rows)
     assert (g_shared - g_plain).abs().max() <= 1e-5 * g_plain.abs().max(), arch
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_repeated_rows_run_once_and_equal_every_row_run(arch):
+    """sequence_logprobs(unique_rows=True) (identical rows forwarded once, their log-probs copied) against every
+    row run: the same log-probs and gradients in fp32, with and without share_prompts, on a batch where rows repeat
+    within a prompt's samples and where two rows share their tokens but not their response mask (not identical);
+    the forward really is smaller (a spy counts rows); a model that draws dropout in training runs every row."""
+    model = build(arch)
+    s = sample.generate(model, prompts_of([7, 3]), n=3, max_new_tokens=4, temperature=1.0,
+                        generator=torch.Generator().manual_seed(1))
+    ids, att, resp = (torch.cat([x, x[[0, 0, 4, 1]]]) for x in s.sequences())  # rows 6, 7 = row 0; 8 = 4; 9 = 1
+    resp[9, -1] = 0  # same tokens as row 1, one response token fewer: a different row
+    first, inverse = sample.distinct_rows(ids, att, resp)
+    assert first.tolist() == sorted(set(first.tolist())) and torch.equal(inverse[first], torch.arange(len(first)))
+    assert len(first) <= 7 and inverse[6] == inverse[7] == inverse[0] and inverse[8] == inverse[4] != inverse[9]
+    for i in range(len(ids)):
+        j = int(first[inverse[i]])
+        assert torch.equal(ids[i], ids[j]) and torch.equal(resp[i], resp[j]) and torch.equal(att[i], att[j])
+    w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(3))
+    seen = []
+    real = model.base_model.forward
+
+    def spy(*a, **kw):
+        seen.append(kw["input_ids"].shape[0])
+        return real(*a, **kw)
+
+    model.base_model.forward = spy
+    for share in (False, True):
+        out = []
+        for unique in (True, False):
+            model.zero_grad()
+            seen.clear()
+            tok, seq = sample.sequence_logprobs(model, ids, att, resp, share_prompts=share, unique_rows=unique)
+            (tok * w).sum().backward()
+            out.append((tok.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]), max(seen)))
+            assert torch.equal(seq, tok.sum(-1))
+        (t_u, g_u, rows_u), (t_all, g_all, rows_all) = out
+        assert rows_u == len(first) < rows_all == len(ids)
+        assert (t_u - t_all).abs().max() < 1e-5 and (t_all * resp).abs().sum() > 1
+        assert (g_u - g_all).abs().max() <= 1e-5 * g_all.abs().max()
+    model.base_model.forward = real
+    model.config.attention_dropout = 0.1
+    model.train()
+    assert sample.has_dropout(model)
+    seen.clear()
+    model.base_model.forward = spy
+    sample.sequence_logprobs(model, ids, att, resp, unique_rows=True)
+    assert max(seen) == len(ids)  # dropout: each row its own mask
