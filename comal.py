@@ -528,15 +528,60 @@ def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
 
     # 5. minimise the loss
     peak("rollout_peak_gib")
+    h = hyper(spec, cfg, eta, tau)
+    fit, before = {}, None
+    if cfg["fit_gap"]:  # the policy's log-probs before training: mu itself when the policy sampled
+        with trainer.autocast(), trainer.gathered(policy):
+            before = frozen["mu"] if spec.sampler == "policy" else \
+                precompute_logps(policy, seqs, micro, used, trainer.share_prompts)[1]
     t0 = time.time()
-    step_losses = minimise(spec, ex, frozen, seqs, hyper(spec, cfg, eta, tau), trainer, cfg, k, state.get("opponent"),
+    step_losses = minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, state.get("opponent"),
                            desc=f"iteration {k} train", postfix=dict(sample=f"{sample_s:.1f}s", judge=f"{judge_s:.1f}s"))
     train_s = time.time() - t0
     peak("train_peak_gib")
+    if cfg["fit_gap"]:
+        policy.eval()
+        with trainer.autocast(), trainer.gathered(policy):
+            after = precompute_logps(policy, seqs, micro, used, trainer.share_prompts)[1]
+        fit = fit_gap(spec, ex, frozen, h, before, after, trainer.all_reduce_sum)
     lengths = samples.response_mask.sum(-1).float()
     return {"iteration": k, "loss": sum(step_losses) / len(step_losses), "response_length": float(lengths.mean()),
             "tokens_per_s": int(samples.response_mask.sum()) / max(sample_s, 1e-9), "sample_s": sample_s,
-            "judge_s": judge_s, "train_s": train_s, **peaks, "responses": [g[0] for g in groups]}
+            "judge_s": judge_s, "train_s": train_s, **peaks, **fit, "responses": [g[0] for g in groups]}
+
+
+def fit_gap(spec, ex, frozen, h, before, after, all_reduce_sum=float):
+    """Did the optimizer minimise the iteration's loss? Alg. 2's step is the *minimiser* of the iteration's loss
+    (eq. 14's minimiser is the prox step only when it is reached). The loss L(z) = sum w loss(z) / sum w of the
+    examples as a function of the responses' sequence log-probs z (N,): before (the policy before training),
+    after (after training) and its minimum over free z (L-BFGS in float64; the responses of a group are then
+    only tied by the loss, which is the tabular policy of the samples). fit_realised = (before - after) /
+    (before - minimum): 1 when training reached the minimiser on these samples, 0 when it did not move the loss.
+    Each rank's examples are its own groups, so the sums are all-reduced."""
+    rows = torch.unique(torch.cat([r.flatten() for r in ex["rows"].values()]))  # (U,) the responses used
+    idx = torch.arange(len(ex["weight"]), device=rows.device)
+
+    def total(z):  # z (U,) -> sum_e w_e loss_e
+        return (ex["weight"] * batch_loss(spec, ex, idx, z, rows, frozen, h)).sum()
+
+    z = before[rows].detach().double().clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([z], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = total(z)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        sums = [float(total(before[rows].double())), float(total(after[rows].double())), float(total(z)),
+                float(ex["weight"].sum())]
+    b, a, m, w = (all_reduce_sum(v) for v in sums)
+    b, a, m = b / w, a / w, min(m / w, b)
+    return {"fit_loss_before": b, "fit_loss_after": a, "fit_loss_min": m,
+            "fit_realised": (b - a) / (b - m) if b - m > 1e-12 else None}
 
 
 def grouped_order(group_of, generator):

@@ -43,6 +43,9 @@ DEFAULTS = {
     "optimizer_reset": ("never", "AdamW moments: never reset (kept across iterations) or zeroed at the start of "
                                 "every iteration (iteration: each iteration's loss minimised from scratch, as the "
                                 "paper fine-tunes anew each iteration; momentum of iteration k-1 never enters step k)"),
+    "fit_gap": (False, "log how much of the achievable decrease of each iteration's own loss the optimizer realised: "
+                       "the loss before and after training and its minimum over free per-response log-probs "
+                       "(comal.fit_gap; one more forward of the responses); not for surrogate or token-level losses"),
     "oracle": ({"kind": "category"}, "the preference oracle block (oracle.py)"),
     "eval_prompts": (16, "held-out prompts for exact category-game exploitability each iteration (0 = off)"),
     "eval_prompt_file": (None, "held-out prompts for eval_prompts (a prompts-like file, field prompt_field; the "
@@ -209,6 +212,10 @@ def check_config(cfg, world):
         raise ConfigError("rollout: sharded needs parallel: fsdp (DDP always samples from its whole weights)")
     if cfg["optimizer_reset"] not in ("never", "iteration"):
         raise ConfigError(f"optimizer_reset must be never or iteration, got {cfg['optimizer_reset']!r}")
+    if cfg["fit_gap"] and (spec.surrogate or spec.token_level):
+        raise ConfigError(f"fit_gap: algo {cfg['algo']}'s loss is a policy-gradient surrogate or token-level; its "
+                          "minimum over free sequence log-probs is not its step, so there is no gap to measure; "
+                          "set fit_gap false")
     if cfg["dtype"] not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg['dtype']!r}")
     if cfg["batch_size"] % (world * cfg["micro_batch_size"]):

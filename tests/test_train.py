@@ -313,6 +313,47 @@ def test_optimizer_reset_iteration_starts_every_minimisation_without_moments(bas
     assert not all(torch.equal(a[k], b[k]) for k in a)  # the moments of iteration 0 change iteration 1's step
 
 
+def test_fit_gap_is_the_weighted_least_squares_minimum_and_the_trainers_own_loss(base, tmp_path):
+    """comal.fit_gap on COMAL's loss (INPO's eq. 14, all pairs): its minimum over free log-probs equals the
+    weighted least-squares solution of the pairs' normal equations (an independent solve); a policy at that
+    solution has fit_realised 1, the policy before training 0. In a run (one optimizer step over all examples),
+    fit_loss_before is the loss the trainer logged at that step, and the minimum is below the trained loss."""
+    spec, cfg = comal.ALGOS["comal"], {"pair_selection": "all"}
+    g = torch.Generator().manual_seed(0)
+    P, n = 3, 5
+    M = torch.rand(P, n, n, generator=g)
+    M = torch.where(torch.eye(n, dtype=torch.bool), 0.5, torch.triu(M, 1) + torch.tril(1 - M.transpose(1, 2), -1))
+    ex = comal.make_examples(spec, M, cfg)
+    mu, ref = -3 * torch.rand(P * n, generator=g, dtype=torch.float64), -3 * torch.rand(P * n, generator=g, dtype=torch.float64)
+    frozen = {"mu": mu, "ref": ref, "center": mu, "len": torch.ones(P * n)}
+    h = comal.hyper(spec, {"max_new_tokens": 8, **{k: v[0] for k, v in comal.KEYS.items()}}, 2.0, 0.2)
+    w, lo = ex["rows"]["w"], ex["rows"]["l"]
+    target = 0.4 * (ref[w] - ref[lo]) + 0.6 * (mu[w] - mu[lo]) + 1.0  # eq. 14: eta tau, 1 - eta tau, eta / 2
+    D = torch.zeros(len(w), P * n, dtype=torch.float64)
+    D[torch.arange(len(w)), w] += 1
+    D[torch.arange(len(w)), lo] -= 1
+    sw = ex["weight"].sqrt()[:, None]
+    z = torch.linalg.pinv(sw * D) @ (sw[:, 0] * target)  # (P n,) the normal equations' (minimum-norm) solution
+    lsq = float((ex["weight"] * (D @ z - target) ** 2).sum() / ex["weight"].sum())
+    at_min = comal.fit_gap(spec, ex, frozen, h, mu, z)
+    assert abs(at_min["fit_loss_min"] - lsq) < 1e-9 and abs(at_min["fit_loss_after"] - lsq) < 1e-9
+    assert abs(at_min["fit_realised"] - 1) < 1e-6
+    assert at_min["fit_loss_before"] > lsq + 0.05  # the samples' minimum is not where mu already is
+    assert abs(comal.fit_gap(spec, ex, frozen, h, mu, mu)["fit_realised"]) < 1e-12
+    half = comal.fit_gap(spec, ex, frozen, h, mu, (mu + z) / 2)["fit_realised"]  # a quadratic: 3/4 of the decrease
+    assert abs(half - 0.75) < 1e-6
+    # in a run: one step over all 2 x 4 x 3 = 24 pairs of the iteration
+    out = tmp_path / "fit"
+    train_ddp.train(small_cfg(base, out, algo="comal", fit_gap=True, prompts_per_iteration=2, batch_size=24,
+                              micro_batch_size=12, iterations=1, eval_prompts=0), 0, 1, torch.device("cpu"))
+    recs = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    step0 = next(r for r in recs if r.get("step") == 0)
+    it = next(r for r in recs if "fit_loss_before" in r)
+    assert abs(step0["loss"] - it["fit_loss_before"]) < 1e-5 * abs(step0["loss"])
+    assert it["fit_loss_min"] < it["fit_loss_after"] and it["fit_loss_min"] < it["fit_loss_before"]
+    assert it["fit_realised"] == (it["fit_loss_before"] - it["fit_loss_after"]) / (it["fit_loss_before"] - it["fit_loss_min"])
+
+
 def test_invalid_config_values_name_the_key(base, tmp_path):
     assert "lr must be > 0" in config_error(base, tmp_path, lr=0.0)
     assert "lr must be > 0" in config_error(base, tmp_path, lr=-1e-6)
@@ -329,6 +370,8 @@ def test_invalid_config_values_name_the_key(base, tmp_path):
     assert "n_samples must be >= 2" in config_error(base, tmp_path, n_samples=1)
     assert "temperature" in config_error(base, tmp_path, temperature=0.0)
     assert "optimizer_reset must be never or iteration" in config_error(base, tmp_path, optimizer_reset="epoch")
+    assert "fit_gap: algo grpo's loss is a policy-gradient surrogate" in config_error(
+        base, tmp_path, algo="grpo", fit_gap=True, batch_size=160, micro_batch_size=8)
     assert "top_p" in config_error(base, tmp_path, top_p=1.5)
     assert "pair_selection" in config_error(base, tmp_path, pair_selection="random")
     assert "parallel must be ddp or fsdp" in config_error(base, tmp_path, parallel="zero2")
