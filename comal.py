@@ -529,11 +529,10 @@ def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
     # 5. minimise the loss
     peak("rollout_peak_gib")
     h = hyper(spec, cfg, eta, tau)
-    fit, before = {}, None
-    if cfg["fit_gap"]:  # the policy's log-probs before training: mu itself when the policy sampled
+    fit, before = {}, frozen["mu"]  # fit_gap: the policy's log-probs before training, mu itself when it sampled
+    if cfg["fit_gap"] and spec.sampler != "policy":
         with trainer.autocast(), trainer.gathered(policy):
-            before = frozen["mu"] if spec.sampler == "policy" else \
-                precompute_logps(policy, seqs, micro, used, trainer.share_prompts)[1]
+            before = precompute_logps(policy, seqs, micro, used, trainer.share_prompts)[1]
     t0 = time.time()
     step_losses = minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, state.get("opponent"),
                            desc=f"iteration {k} train", postfix=dict(sample=f"{sample_s:.1f}s", judge=f"{judge_s:.1f}s"))

@@ -352,6 +352,15 @@ def test_fit_gap_is_the_weighted_least_squares_minimum_and_the_trainers_own_loss
     assert abs(step0["loss"] - it["fit_loss_before"]) < 1e-5 * abs(step0["loss"])
     assert it["fit_loss_min"] < it["fit_loss_after"] and it["fit_loss_min"] < it["fit_loss_before"]
     assert it["fit_realised"] == (it["fit_loss_before"] - it["fit_loss_after"]) / (it["fit_loss_before"] - it["fit_loss_min"])
+    # offline (samples from pi_ref): from iteration 1 on the policy is not the sampler; its loss before training
+    # comes from its own forward and is again the trainer's first logged loss of the iteration
+    out = tmp_path / "fit_offline"
+    train_ddp.train(small_cfg(base, out, algo="ipo", fit_gap=True, prompts_per_iteration=2, batch_size=24,
+                              micro_batch_size=12, iterations=2, eval_prompts=0), 0, 1, torch.device("cpu"))
+    recs = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    step0 = next(r for r in recs if r.get("step") == 0 and r["iteration"] == 1)
+    it = next(r for r in recs if "fit_loss_before" in r and r["iteration"] == 1)
+    assert abs(step0["loss"] - it["fit_loss_before"]) < 1e-5 * abs(step0["loss"])
 
 
 def test_invalid_config_values_name_the_key(base, tmp_path):
