@@ -332,7 +332,7 @@ def play(spec, game, cfg, gen):
             log_ref = log_pi  # pi_ref <- pi^t
         for _ in range(K):
             log_mu = log_ref if spec.sampler == "ref" else log_pi
-            new = tabular_step(spec, game, cfg, gen, log_mu, log_ref, None, log_opp)
+            new = realised(log_pi, tabular_step(spec, game, cfg, gen, log_mu, log_ref, None, log_opp), cfg)
             if spec.opponent == "prev":
                 log_opp = log_pi
             elif spec.opponent == "ema":
@@ -346,6 +346,14 @@ def play(spec, game, cfg, gen):
     return traj
 
 
+def realised(log_pi, log_step, cfg):
+    """The iterate a learner reaches that realises the fraction cfg.step_scale of its step from pi^k in log space
+    (renormalised): 1 is the algorithm; a language model that fits its step only in part is < 1 (about 0.3-0.6 on
+    SmolLM2's held-out prompts, docs/figure1_smollm2.md), one that overshoots > 1."""
+    s = cfg.step_scale
+    return log_step if s == 1 else torch.log_softmax(log_pi + s * (log_step - log_pi), -1)
+
+
 def md_rounds(game, cfg, gen, rounds, steps, tau):
     """Exact mirror descent in COMAL's rounds (Alg. 1 with Alg. 2 steps): rounds=1, tau=0 is MWU."""
     log_pi = game.log_init
@@ -353,7 +361,7 @@ def md_rounds(game, cfg, gen, rounds, steps, tau):
     for _ in range(rounds):
         log_ref = log_pi  # pi_ref <- pi^t
         for _ in range(steps):
-            log_pi = prox_step("closed", game, cfg, gen, log_pi, log_ref, tau)
+            log_pi = realised(log_pi, prox_step("closed", game, cfg, gen, log_pi, log_ref, tau), cfg)
             traj.append(log_pi)
     return traj
 
@@ -371,7 +379,7 @@ ALGORITHMS = {**REFERENCES, **{name: (lambda game, cfg, gen, spec=spec: play(spe
 # ---------------------------------------------------------------------------
 
 DEFAULTS = dict(mode="noiseless", eta=0.3, tau=0.1, outer=200, inner=25, iters=5000, samples=1000, group=8,
-                seed=0, solver="auto", kappa=0.1, lr=1.0, grad_steps=10, clip_eps=0.2)
+                seed=0, solver="auto", kappa=0.1, lr=1.0, grad_steps=10, clip_eps=0.2, step_scale=1.0)
 
 
 def make_config(**overrides):
@@ -384,9 +392,9 @@ def make_config(**overrides):
         raise BadInput(f"--mode must be noiseless or sampled, got {cfg.mode!r}")
     if cfg.solver not in ("auto", "loss"):
         raise BadInput(f"--solver must be auto or loss, got {cfg.solver!r}")
-    for name in ("eta", "tau", "lr"):
+    for name in ("eta", "tau", "lr", "step_scale"):
         if not getattr(cfg, name) > 0:
-            raise BadInput(f"--{name} must be > 0, got {getattr(cfg, name)}")
+            raise BadInput(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     if not 0 < cfg.kappa <= 1:
         raise BadInput(f"--kappa must be in (0, 1], got {cfg.kappa}")
     if not cfg.clip_eps > 0:
@@ -548,6 +556,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="gradient step of GRPO / NashMP on the logits")
     p.add_argument("--grad-steps", type=int, default=DEFAULTS["grad_steps"], help="gradient steps per GRPO / NashMP iteration")
     p.add_argument("--clip-eps", type=float, default=DEFAULTS["clip_eps"], help="GRPO ratio clip")
+    p.add_argument("--step-scale", type=float, default=DEFAULTS["step_scale"],
+                   help="fraction of each step the learner realises (1: exact; < 1: a model's partial fit)")
     p.add_argument("--plot", help="write a PNG: simplex trajectories and exploitability")
     p.add_argument("--figures", help="reproduce Figures 1/3/4 (+ relatives) into this folder instead")
     args = p.parse_args(argv)

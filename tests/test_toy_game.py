@@ -237,6 +237,29 @@ def test_sampled_mode_tracks_the_noiseless_trajectory(algo):
     assert 0 < dev < 0.02, dev
 
 
+@pytest.mark.parametrize("algo", ["comal", "comal_md"])
+def test_step_scale_realises_that_fraction_of_every_step(algo):
+    """--step-scale s: each iterate is pi^k moved the fraction s of Alg. 2's step in log space, renormalised
+    (the exact iteration written out here: the round's pi_ref, the regularised win rates, the prox step)."""
+    payoff = [[0.5, 0.1, 0.8, 1], [0.9, 0.5, 0.1, 1], [0.2, 0.9, 0.5, 1], [0, 0, 0, 0.5]]  # + a dominated action
+    game = tg.make_game(payoff, [0.038, 0.102, 0.025, 0.835])
+    eta, tau, s = 5.0, 0.18, 0.4
+    cfg = tg.make_config(eta=eta, tau=tau, outer=3, inner=4, step_scale=s)
+    got = [torch.tensor(p, dtype=D).log() for p in tg.run([algo], game, cfg)[algo]["policies"]]
+    lp, want = game.log_init, [game.log_init]
+    for _ in range(3):
+        ref = lp
+        for _ in range(4):
+            step = torch.log_softmax(lp + eta * (game.A @ lp.exp() - tau * (lp - ref)), -1)
+            lp = torch.log_softmax(lp + s * (step - lp), -1)
+            want.append(lp)
+    assert len(got) == len(want) == 13
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-10)
+    full = tg.run([algo], game, tg.make_config(eta=eta, tau=tau, outer=3, inner=4))[algo]["policies"]
+    assert tv(torch.tensor(full[-1], dtype=D).log(), got[-1]) > 0.05  # the scale changes the trajectory
+
+
 def test_same_seed_same_json_different_seed_different_json(tmp_path):
     args = ["--algos", "comal,iter_dpo,sppo,nashmp,comal_dr_grpo,dro,rebel,mwu,omwu,mirror_prox", "--mode", "sampled",
             "--outer", "3", "--inner", "4", "--iters", "12", "--samples", "300"]
@@ -306,6 +329,7 @@ BAD = [
     (["--eta", "0"], "--eta must be > 0"),
     (["--eta", "-1"], "--eta must be > 0"),
     (["--tau", "0"], "--tau must be > 0"),
+    (["--step-scale", "0"], "--step-scale must be > 0"),
     (["--mode", "noisy"], "--mode"),
     (["--eta", "abc"], "invalid float"),
 ]
