@@ -348,7 +348,7 @@ def play(spec, game, cfg, gen):
 
 def realised(log_pi, log_step, cfg):
     """The iterate a learner reaches that realises the fraction cfg.step_scale of its step from pi^k in log space
-    (renormalised): 1 is the algorithm; a language model that fits its step only in part is < 1 (about 0.3-0.6 on
+    (renormalised): 1 is the algorithm; a language model that fits its step only in part is < 1 (0.29-0.45 on
     SmolLM2's held-out prompts, docs/figure1_smollm2.md), one that overshoots > 1."""
     s = cfg.step_scale
     return log_step if s == 1 else torch.log_softmax(log_pi + s * (log_step - log_pi), -1)
