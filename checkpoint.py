@@ -5,6 +5,8 @@
         ref/, opponent/                        the frozen copies that are state of the run (HF directories)
         optimizer.safetensors                  AdamW moments and step counts, by parameter name (ddp)
         optimizer/unit-UUUUU.safetensors       the same per sharded unit, unpadded (fsdp; any world size reads it)
+                                               (neither with optimizer_reset: iteration, which zeroes the moments
+                                               before the next iteration's first step: they are never read)
         trainer_state.json                     iteration, world size, parallel mode, the config that produced it
         manifest.json                          written last: every file's size and sha256, the config hash
 
@@ -98,6 +100,7 @@ def save_checkpoint(out_dir, k, state, trainer, cfg, copies):
     from safetensors.torch import save_file
 
     models = [state["policy"]] + [state[key] for key in copies]
+    moments = cfg["optimizer_reset"] == "never"  # otherwise Trainer.step zeroes them before they are used again
     if not trainer.weights_finite(models):  # collective: every rank agrees
         raise CheckpointError(f"iteration {k}: the weights are not finite; nothing was saved "
                               f"(last good checkpoint: {trainer.last_checkpoint or 'none'})")
@@ -109,20 +112,22 @@ def save_checkpoint(out_dir, k, state, trainer, cfg, copies):
         state["tokenizer"].save_pretrained(tmp)
     sharded = trainer.units is not None
     if sharded:
-        save_sharded(state["policy"], tmp, trainer.rank, trainer.optimizer)
+        save_sharded(state["policy"], tmp, trainer.rank, trainer.optimizer if moments else None)
         for key in copies:
             save_sharded(state[key], os.path.join(tmp, key), trainer.rank)
     elif master:
         state["policy"].save_pretrained(tmp)
         for key in copies:
             state[key].save_pretrained(os.path.join(tmp, key))
-        names = {id(p): n for n, p in state["policy"].named_parameters()}
-        tensors = {f"{names[id(p)]}.{field}": v.detach().cpu().clone().contiguous()
-                   for p, st in trainer.optimizer.state.items() for field, v in st.items()}
-        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+        if moments:
+            names = {id(p): n for n, p in state["policy"].named_parameters()}
+            tensors = {f"{names[id(p)]}.{field}": v.detach().cpu().clone().contiguous()
+                       for p, st in trainer.optimizer.state.items() for field, v in st.items()}
+            save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
     if master:
         write_json(os.path.join(tmp, "trainer_state.json"), {
             "format": FORMAT, "iteration": k, "world": trainer.world, "parallel": cfg["parallel"], "copies": copies,
+            "optimizer_moments": moments,
             "rng": "none: every generator is seeded by comal.seed_for(seed, purpose, iteration, rank)",
             "config": cfg, "config_sha256": config_sha256(cfg)})
         write_manifest(tmp, k, cfg)

@@ -311,6 +311,18 @@ def test_optimizer_reset_iteration_starts_every_minimisation_without_moments(bas
     assert runs["never"] == [(0, 0, 0), (0, 1, n_params), (1, 0, n_params), (1, 1, n_params)]
     a, b = final_weights(tmp_path / "iteration", 1), final_weights(tmp_path / "never", 1)
     assert not all(torch.equal(a[k], b[k]) for k in a)  # the moments of iteration 0 change iteration 1's step
+    # moments that the next iteration zeroes are not saved; a run resumed without them is bitwise the same
+    has = lambda d, k: os.path.isfile(os.path.join(checkpoint.checkpoint_dir(str(d), k), "optimizer.safetensors"))  # noqa: E731
+    assert has(tmp_path / "never", 0) and has(tmp_path / "never", 1)
+    assert not has(tmp_path / "iteration", 0) and not has(tmp_path / "iteration", 1)
+    part = lambda **kw: small_cfg(base, tmp_path / "part", algo="comal", optimizer_reset="iteration", **kw)  # noqa: E731
+    train_ddp.train(part(iterations=1), 0, 1, torch.device("cpu"))
+    with pytest.raises(config.ConfigError, match="holds no AdamW moments to continue with optimizer_reset=never"):
+        train_ddp.train(dict(part(), optimizer_reset="never", resume_changes=["optimizer_reset"]), 0, 1,
+                        torch.device("cpu"))
+    train_ddp.train(part(), 0, 1, torch.device("cpu"))
+    c = final_weights(tmp_path / "part", 1)
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_fit_gap_is_the_weighted_least_squares_minimum_and_the_trainers_own_loss(base, tmp_path):
