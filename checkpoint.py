@@ -127,7 +127,6 @@ def save_checkpoint(out_dir, k, state, trainer, cfg, copies):
     if master:
         write_json(os.path.join(tmp, "trainer_state.json"), {
             "format": FORMAT, "iteration": k, "world": trainer.world, "parallel": cfg["parallel"], "copies": copies,
-            "optimizer_moments": moments,
             "rng": "none: every generator is seeded by comal.seed_for(seed, purpose, iteration, rank)",
             "config": cfg, "config_sha256": config_sha256(cfg)})
         write_manifest(tmp, k, cfg)

@@ -42,8 +42,8 @@ DEFAULTS = {
     "grad_clip": (1.0, "max global gradient norm (0 = off)"),
     "optimizer_reset": ("never", "AdamW moments: never reset (kept across iterations) or zeroed at the start of "
                                 "every iteration (iteration: each iteration's loss minimised from scratch, as the "
-                                "paper fine-tunes anew each iteration; momentum of iteration k-1 never enters step k; checkpoints "
-                                "then hold no moments)"),
+                                "paper fine-tunes anew each iteration; momentum of iteration k-1 never enters "
+                                "step k; checkpoints then hold no moments)"),
     "fit_gap": (False, "log how much of the achievable decrease of each iteration's own loss the optimizer realised: "
                        "the loss before and after training and its minimum over free per-response log-probs "
                        "(comal.fit_gap; one more forward of the responses); not for surrogate or token-level losses"),

@@ -736,7 +736,7 @@ def train_locked(cfg, rank, world, device, say):
             diff = ", ".join(f"{key} ({saved['config'].get(key)!r} -> {cfg.get(key)!r})" for key in changed)
             raise ConfigError(f"resume: the config differs from {resume}'s in {diff}; set resume_changes="
                               f"[{', '.join(changed)}] to continue with the change, or start a new out_dir")
-        if cfg["optimizer_reset"] == "never" and not saved.get("optimizer_moments", True):
+        if cfg["optimizer_reset"] == "never" and saved["config"].get("optimizer_reset", "never") != "never":
             raise ConfigError(f"resume: {resume} was written with optimizer_reset=iteration and holds no AdamW "
                               f"moments to continue with optimizer_reset=never; resume with optimizer_reset=iteration")
         if saved["parallel"] != cfg["parallel"]:
