@@ -25,6 +25,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import os
 import sys
 
@@ -626,19 +627,36 @@ def exact_steps(game, cfg, recs):
             d_m, d_x = centred(logs[k] - logs[k - 1]), centred(exact - logs[k - 1])
             rows[k] = {"model": logs[k].exp(), "exact_step": exact.exp(), "exact_algorithm": sim.exp(),
                        "cos": float(d_m @ d_x / (d_m.norm() * d_x.norm()).clamp(min=1e-30)),
-                       "length_ratio": float(d_m.norm() / d_x.norm().clamp(min=1e-30))}
+                       "length_ratio": float(d_m.norm() / d_x.norm().clamp(min=1e-30)), "d_model": d_m, "d_exact": d_x}
         per.append(rows)
     out = []
     for k in sorted(set.intersection(*(set(r) for r in per))):
         rs = [r[k] for r in per]
         row = {"iteration": k, "prompts": len(rs), "cos": mean([r["cos"] for r in rs]),
-               "length_ratio": mean([r["length_ratio"] for r in rs])}
+               "length_ratio": mean([r["length_ratio"] for r in rs]),
+               "d_model": [r["d_model"] for r in rs], "d_exact": [r["d_exact"] for r in rs]}
         for key in ("model", "exact_step", "exact_algorithm"):
             row[key] = mean([r[key] for r in rs]).tolist()
             name = "exploitability" if key == "model" else f"{key}_exploitability"
             row[name] = mean([float(game.exploitability(r[key])) for r in rs])
         out.append(row)
     return out
+
+
+def step_fit(rows):
+    """Pooled over the iterations and prompts of exact_steps' rows (centred log changes d_m of the model, d_x
+    of the exact step): the realised fraction along the exact step b = sum d_m.d_x / sum |d_x|^2 (least
+    squares), the share of the model's change that this explains, r2 = 1 - sum |d_m - b d_x|^2 / sum |d_m|^2,
+    and, with two or more eval prompts, how alike the prompts' changes are (the pooled cosine of prompt 0's
+    and prompt 1's changes at the same iteration: 1 when the model moves them together, whatever the step)."""
+    dm = [d for r in rows for d in r["d_model"]]
+    dx = [d for r in rows for d in r["d_exact"]]
+    b = sum(float(m @ x) for m, x in zip(dm, dx)) / max(sum(float(x @ x) for x in dx), 1e-30)
+    r2 = 1 - sum(float((m - b * x) @ (m - b * x)) for m, x in zip(dm, dx)) / max(sum(float(m @ m) for m in dm), 1e-30)
+    pairs = [(r["d_model"][0], r["d_model"][1]) for r in rows if len(r["d_model"]) > 1]
+    together = sum(float(u @ v) for u, v in pairs) / max(
+        math.sqrt(sum(float(u @ u) for u, _ in pairs) * sum(float(v @ v) for _, v in pairs)), 1e-30) if pairs else None
+    return {"fraction": b, "r2": r2, "prompts_together": together}
 
 
 def steps_mode(args):
@@ -660,6 +678,11 @@ def steps_mode(args):
                   f"length ratio median {ratio[len(ratio) // 2]:.2f}; final exploitability ({what}): model "
                   f"{rows[-1]['exploitability']:.4f}, the exact algorithm from the same start "
                   f"{rows[-1]['exact_algorithm_exploitability']:.4f}"]
+        fit = step_fit(rows)
+        lines += [f"pooled over iterations and prompts: the model's change = {fit['fraction']:.2f} x the exact step "
+                  f"+ a rest; the exact step explains {fit['r2']:.2f} of its squared length" +
+                  ("" if fit["prompts_together"] is None else
+                   f"; cosine of eval prompt 0's and 1's changes {fit['prompts_together']:+.2f}")]
     out = args.out or os.path.join(run, "eval")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "steps.md"), "w") as f:

@@ -289,7 +289,28 @@ def test_steps_compares_each_logged_step_with_the_algorithms_exact_step(tmp_path
     assert rows[-1]["exact_algorithm"] == pytest.approx(recs[-1]["category_dist"], abs=1e-9)  # from the same start
     assert abs(rows[-1]["exploitability"] - rows[-1]["exact_algorithm_exploitability"]) > 1e-3
     assert "length ratio median 0.50" in (tmp_path / "o2" / "steps.md").read_text()
+    fit = ev.step_fit(rows)
+    assert fit["fraction"] == pytest.approx(0.5, abs=1e-9) and fit["r2"] == pytest.approx(1.0, abs=1e-9)
     capsys.readouterr()
+
+
+def test_step_fit_splits_a_change_into_the_exact_step_and_a_rest():
+    """step_fit: d_m = 0.5 d_x + y with y orthogonal to d_x gives fraction 0.5 and r2 = |0.5 d_x|^2 / |d_m|^2;
+    two prompts moved alike have cosine 1, moved oppositely -1."""
+    x1, y1 = torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 0.0, 1.0, -1.0], dtype=torch.float64)
+    x2, y2 = torch.tensor([2.0, 0.0, -1.0, -1.0], dtype=torch.float64), torch.tensor([0.0, 1.0, 1.0, -1.0], dtype=torch.float64)
+    assert float(x2 @ y2) == 0
+    rows = [{"d_model": [0.5 * x1 + y1, 0.5 * x1 + y1], "d_exact": [x1, x1]},
+            {"d_model": [0.5 * x2 + y2, 0.5 * x2 + y2], "d_exact": [x2, x2]}]
+    fit = ev.step_fit(rows)
+    explained = 2 * float((0.5 * x1) @ (0.5 * x1) + (0.5 * x2) @ (0.5 * x2))
+    total = 2 * float((0.5 * x1 + y1) @ (0.5 * x1 + y1) + (0.5 * x2 + y2) @ (0.5 * x2 + y2))
+    assert fit["fraction"] == pytest.approx(0.5, abs=1e-12)
+    assert fit["r2"] == pytest.approx(explained / total, abs=1e-12) and fit["r2"] < 0.9
+    assert fit["prompts_together"] == pytest.approx(1.0, abs=1e-12)
+    rows[0]["d_model"][1], rows[1]["d_model"][1] = -rows[0]["d_model"][0], -rows[1]["d_model"][0]
+    assert ev.step_fit(rows)["prompts_together"] == pytest.approx(-1.0, abs=1e-12)
+    assert ev.step_fit([{"d_model": [x1], "d_exact": [x1]}])["prompts_together"] is None
 
 
 def test_steps_refuses_an_algorithm_without_a_closed_form_step(tmp_path, capsys):
