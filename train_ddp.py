@@ -804,7 +804,8 @@ def train_locked(cfg, rank, world, device, say):
     def after_iteration(k, m):
         nonlocal prev
         t0, x, x_ids = current.pop(k)
-        responses = m.pop("responses")
+        groups = m.pop("groups")
+        responses = [g[0] for g in groups]
         if cfg["eval_winrate"]:  # P(pi^{k+1} > mu) on this iteration's prompts, one fresh sample each
             gen = torch.Generator(device=device).manual_seed(comal.seed_for(cfg["seed"], "eval_winrate", k, rank))
             policy.eval()
@@ -819,6 +820,11 @@ def train_locked(cfg, rank, world, device, say):
             with trainer.gathered(policy):
                 cm, prev = category_metrics(game, state, eval_ids, prev, cfg["max_new_tokens"])
             m.update(cm)
+            # the categories of this iteration's samples (mu on the training prompts, all ranks): what the step
+            # was computed from, next to the eval prompts' exact distribution of the same policy (iteration k-1)
+            cats = game.category([y for g in groups for y in g])
+            m["sample_category_counts"] = [int(trainer.all_reduce_sum(float((cats == c).sum())))
+                                           for c in [*range(len(game.categories)), -1]]
         m["checkpoint"] = checkpoint.save_checkpoint(out_dir, k, state, trainer, cfg, copies)
         log(m)
         if game:

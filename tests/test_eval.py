@@ -347,3 +347,33 @@ def test_steps_per_prompt_when_the_run_logged_them(tmp_path):
         f.writelines(json.dumps(r) + "\n" for r in recs)
     rows = ev.main(["--steps", str(tmp_path / "r"), "--out", str(tmp_path / "o2")])
     assert min(r["cos"] for r in rows) < 0.999
+
+
+def test_sample_category_counts_are_the_samplers_distribution_on_the_training_prompts(base, tmp_path):
+    """Each iteration logs the categories of the responses it trained on (sample_category_counts, all samples
+    of all prompts; "none" last). At iteration 0 they are samples of the start model on the iteration's prompts,
+    so they must agree, within 4 binomial standard errors, with the exact distribution of the start model
+    on those prompts (policy_distribution, computed here independently); counting only each prompt's first
+    sample, or the wrong category as "none", would not."""
+    cfg = config.load_config(None, [])
+    cfg.update(model=base, out_dir=str(tmp_path / "run"), algo="comal", eta=2.0, tau=0.1, ref_update_every=2,
+               iterations=1, prompts_per_iteration=8, n_samples=48, max_new_tokens=6, lr=1e-3, batch_size=96,
+               micro_batch_size=96, eval_prompts=1, num_subsets=3, eval_winrate=False)
+    cfg = config.check_config(cfg, 1)
+    train_ddp.train(cfg, 0, 1, torch.device("cpu"))
+    rec = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl") if '"sample_category_counts"' in x]
+    assert [r["iteration"] for r in rec] == [0]
+    counts = rec[0]["sample_category_counts"]
+    assert len(counts) == 4 and sum(counts) == 8 * 48  # every sample of every prompt, once
+    freq = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    model, tok = AutoModelForCausalLM.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
+    prompts = config.iteration_prompts(config.load_prompts(cfg), cfg, 0, 0, 1)
+    ids = config.encode_prompts(tok, prompts, cfg["max_prompt_tokens"])
+    game = oracle_lib.CategoryGame()
+    with torch.no_grad():
+        exact, _ = game.policy_distribution(model, tok, ids, [tok.eos_token_id], cfg["max_new_tokens"])
+    p = exact.mean(0)
+    n = 8 * 48
+    se = (p * (1 - p) / n).sqrt().clamp(min=1 / n)
+    assert ((freq - p).abs() / se).max() < 4, (freq.tolist(), p.tolist())
+    assert (p > 0.05).sum() >= 2  # a spread distribution: the comparison can tell categories apart
