@@ -39,7 +39,8 @@ FORMAT = "comal-checkpoint-2"
 # over devices, what is evaluated, where files go, how long it runs). Any other change must be named in
 # resume_changes.
 RESUMABLE = {"out_dir", "resume", "resume_changes", "iterations", "eval_prompts", "eval_prompt_file", "eval_winrate",
-             "keep_checkpoints", "cache_dir", "bucket_mb", "micro_batch_size", "parallel", "activation_checkpointing"}
+             "keep_checkpoints", "checkpoint_every", "cache_dir", "bucket_mb", "micro_batch_size", "parallel",
+             "activation_checkpointing"}
 
 
 class CheckpointError(RuntimeError):

@@ -62,6 +62,8 @@ DEFAULTS = {
                             "too large to gather whole)"),
     "activation_checkpointing": (False, "recompute each transformer block in backward instead of storing its activations"),
     "keep_checkpoints": (0, "keep only the newest N checkpoints (0 = all)"),
+    "checkpoint_every": (1, "write a checkpoint after every N-th iteration, the last one and any stopped by a signal; "
+                            "a resume redoes the iterations after the newest checkpoint (bitwise as if never stopped)"),
     "cache_dir": ("runs/cache", "where the tiny embedded base is built once"),
 }
 
@@ -187,7 +189,7 @@ def check_config(cfg, world):
             raise ConfigError(f"{key} must be {type(default).__name__}, got {v!r}")
     spec = check_algorithm_keys(cfg)
     positive = ("iterations", "max_new_tokens", "max_prompt_tokens", "num_subsets", "batch_size",
-                "micro_batch_size", "epochs", "bucket_mb")
+                "micro_batch_size", "epochs", "bucket_mb", "checkpoint_every")
     for key in positive:
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")

@@ -13,13 +13,14 @@ gloo on CPU, nccl on CUDA. The algorithm itself is comal.run (Algorithm 3).
 Every key of the config is in config.DEFAULTS, with its meaning; the resolved config
 is written to <out_dir>/config.yaml (config-resumed-at-KKKKK.yaml for each
 resumed segment), metrics to <out_dir>/metrics.jsonl, and a checkpoint after
-every iteration to <out_dir>/checkpoints/iter-KKKKK (checkpoint.py: an HF
-directory, safetensors and JSON, a manifest written last). One run holds
-<out_dir>/run.lock. SIGTERM or SIGUSR1 stops the run at the next optimizer step
-or iteration end on every rank together: the unfinished iteration is
-abandoned (its weights are not saved), the run exits 0, and rerunning the
-same command redoes that iteration from the last checkpoint, bitwise as if
-never stopped.
+every iteration (checkpoint_every: N, after every N-th and the last) to
+<out_dir>/checkpoints/iter-KKKKK (checkpoint.py: an HF directory, safetensors
+and JSON, a manifest written last). One run holds <out_dir>/run.lock. SIGTERM
+or SIGUSR1 stops the run at the next optimizer step or iteration end on every
+rank together: the unfinished iteration is abandoned (its weights are not
+saved), an iteration end writes its checkpoint even when not due, the run
+exits 0, and rerunning the same command redoes the iterations after the last
+checkpoint, bitwise as if never stopped.
 """
 import contextlib
 import datetime
@@ -707,7 +708,7 @@ def on_rank0(fn, world, device):
 
 def train(cfg, rank, world, device):
     """Lock out_dir, choose the checkpoint to resume, load the policy and the spec's frozen copies, and run
-    comal.run (Algorithm 3) with this trainer, checkpointing after every iteration."""
+    comal.run (Algorithm 3) with this trainer, checkpointing after every checkpoint_every-th iteration."""
     from tqdm import tqdm
 
     master = rank == 0
@@ -825,7 +826,9 @@ def train_locked(cfg, rank, world, device, say):
             cats = game.category([y for g in groups for y in g])
             m["sample_category_counts"] = [int(trainer.all_reduce_sum(float((cats == c).sum())))
                                            for c in [*range(len(game.categories)), -1]]
-        m["checkpoint"] = checkpoint.save_checkpoint(out_dir, k, state, trainer, cfg, copies)
+        stop = k + 1 < cfg["iterations"] and trainer.all_reduce_sum(float(STOP["signal"] is not None)) > 0
+        due = (k + 1) % cfg["checkpoint_every"] == 0 or k + 1 == cfg["iterations"] or stop
+        m["checkpoint"] = checkpoint.save_checkpoint(out_dir, k, state, trainer, cfg, copies) if due else None
         log(m)
         if game:
             say(f"iteration {k:3d}  exploitability {m['exploitability']:.4f}  "
@@ -834,7 +837,7 @@ def train_locked(cfg, rank, world, device, say):
             say(f"iteration {k:3d}  loss {m['loss']:.4f}  win rate vs mu {m.get('winrate_vs_mu', float('nan')):.3f}  "
                 f"length {m['response_length']:.1f}  {m['seconds']:.1f}s")
         bar.update(1)
-        if k + 1 < cfg["iterations"] and trainer.all_reduce_sum(float(STOP["signal"] is not None)) > 0:
+        if stop:
             raise Preempted(f"the end of iteration {k}; rerun the same command to continue from {m['checkpoint']}")
 
     try:

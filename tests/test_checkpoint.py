@@ -303,6 +303,56 @@ def test_resume_never_refuses_a_run_and_an_explicit_checkpoint_continues_bitwise
         cfg3(base, tmp_path, resume=str(tmp_path))
 
 
+def iteration_lines(out):
+    return [json.loads(x) for x in open(out / "metrics.jsonl") if "step" not in json.loads(x)]
+
+
+def test_checkpoint_every_skips_iterations_and_a_resume_redoes_them_bitwise(base, run3, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    train(cfg3(base, out, checkpoint_every=2))  # saves after iteration 1 (the 2nd) and 2 (the last), not 0
+    names = lambda d: [os.path.basename(p) for p in checkpoint.list_checkpoints(str(d))]
+    assert names(out) == ["iter-00001", "iter-00002"]
+    assert [m["checkpoint"] for m in iteration_lines(out) if m["iteration"] >= 0] == \
+        [None, checkpoint.checkpoint_dir(str(out), 1), checkpoint.checkpoint_dir(str(out), 2)]
+    assert_same_weights(checkpoint.checkpoint_dir(str(out), 2), checkpoint.checkpoint_dir(str(run3), 2))
+    assert log_lines(out) == log_lines(run3)
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    upto = lambda k: "".join(x for x in lines if json.loads(x)["iteration"] < k or
+                             json.loads(x)["iteration"] == k and "step" in json.loads(x))  # killed in iteration k
+    for kill, keep in ((2, 1), (1, None)):  # killed in iteration 2: resume at 2; in 1: iteration 0 was never saved
+        run = tmp_path / f"kill{kill}"
+        shutil.copytree(out, run)
+        for k in range(3):
+            if keep is None or k > keep:
+                shutil.rmtree(checkpoint.checkpoint_dir(str(run), k), ignore_errors=True)
+        (run / "metrics.jsonl").write_text(upto(kill))
+        train(cfg3(base, run, checkpoint_every=2))
+        assert_same_weights(checkpoint.checkpoint_dir(str(run), 2), checkpoint.checkpoint_dir(str(run3), 2))
+        assert log_lines(run) == log_lines(run3)  # the redone iterations' lines once, as in one run
+    # a stop signal at the end of iteration 0 saves it although it is not due, and the rerun continues from it
+    step = train_ddp.Trainer.step
+
+    def step_then_signal(self, micro_losses, k, i, steps):
+        loss = step(self, micro_losses, k, i, steps)
+        if k == 0 and i == steps - 1:
+            train_ddp.STOP["signal"] = "SIGTERM"
+        return loss
+
+    stopped = tmp_path / "stopped"
+    monkeypatch.setattr(train_ddp.Trainer, "step", step_then_signal)
+    try:
+        with pytest.raises(train_ddp.Preempted, match="the end of iteration 0; .* continue from .*iter-00000"):
+            train(cfg3(base, stopped, checkpoint_every=2))
+    finally:
+        train_ddp.STOP["signal"] = None
+    assert names(stopped) == ["iter-00000"]
+    monkeypatch.setattr(train_ddp.Trainer, "step", step)
+    train(cfg3(base, stopped, checkpoint_every=2))
+    assert names(stopped) == ["iter-00000", "iter-00001", "iter-00002"]
+    assert_same_weights(checkpoint.checkpoint_dir(str(stopped), 2), checkpoint.checkpoint_dir(str(run3), 2))
+    assert log_lines(stopped) == log_lines(run3)
+
+
 def test_a_changed_config_is_refused_on_resume_unless_named(base, run3, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(run3, out)
