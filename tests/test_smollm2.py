@@ -110,7 +110,8 @@ def test_rock_paper_scissors_game_config_runs_two_iterations_with_exact_exploita
     cfg = config.load_config("configs/smollm2_rps_comal.yaml", [
         f"model={converted}", f"out_dir={tmp_path / 'out'}", "iterations=2", "ref_update_every=2",
         "prompts_per_iteration=2", "n_samples=4", "batch_size=12", "micro_batch_size=12", "eval_prompts=1",
-        "max_new_tokens=2", "checkpoint_every=2"])  # "Sc" + "issors" still fits; the enumeration of 3 tokens is what makes the test slow
+        "max_new_tokens=2", "checkpoint_every=2"])  # "Sc" + "issors" still fits; the enumeration of 3 tokens is
+    # what makes the test slow; checkpoint_every=2: one 2.7 GB checkpoint (the last), not two
     train_ddp.train(config.check_config(cfg, 1), 0, 1, torch.device("cpu"))
     recs = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl") if "category_dist" in x]
     assert [r["iteration"] for r in recs] == [-1, 0, 1]
