@@ -304,7 +304,7 @@ def test_resume_never_refuses_a_run_and_an_explicit_checkpoint_continues_bitwise
 
 
 def iteration_lines(out):
-    return [json.loads(x) for x in open(out / "metrics.jsonl") if "step" not in json.loads(x)]
+    return [m for m in map(json.loads, open(out / "metrics.jsonl")) if "step" not in m]
 
 
 def test_checkpoint_every_skips_iterations_and_a_resume_redoes_them_bitwise(base, run3, tmp_path, monkeypatch):
@@ -316,9 +316,9 @@ def test_checkpoint_every_skips_iterations_and_a_resume_redoes_them_bitwise(base
         [None, checkpoint.checkpoint_dir(str(out), 1), checkpoint.checkpoint_dir(str(out), 2)]
     assert_same_weights(checkpoint.checkpoint_dir(str(out), 2), checkpoint.checkpoint_dir(str(run3), 2))
     assert log_lines(out) == log_lines(run3)
-    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
-    upto = lambda k: "".join(x for x in lines if json.loads(x)["iteration"] < k or
-                             json.loads(x)["iteration"] == k and "step" in json.loads(x))  # killed in iteration k
+    lines = [(x, json.loads(x)) for x in (out / "metrics.jsonl").read_text().splitlines(keepends=True)]
+    upto = lambda k: "".join(x for x, m in lines if m["iteration"] < k or
+                             m["iteration"] == k and "step" in m)  # what a kill in iteration k leaves
     for kill, keep in ((2, 1), (1, None)):  # killed in iteration 2: resume at 2; in 1: iteration 0 was never saved
         run = tmp_path / f"kill{kill}"
         shutil.copytree(out, run)
