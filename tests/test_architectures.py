@@ -1,6 +1,8 @@
 """sample.py on every architecture family the trainer accepts: greedy sampling equals model.generate and
 sequence_logprobs equals the model's own log-softmax, including output transforms (Gemma-2's final-logit
 softcapping, Cohere's logit scale, Granite's logits scaling); a model with an unknown transform is refused."""
+import functools
+
 import pytest
 import torch
 import transformers as tf
@@ -150,6 +152,7 @@ def test_repeated_rows_run_once_and_equal_every_row_run(arch):
     seen = []
     real = model.base_model.forward
 
+    @functools.wraps(real)  # inspect.signature sees the real forward's: sample.cache_kwargs picks its keyword
     def spy(*a, **kw):
         seen.append(kw["input_ids"].shape[0])
         return real(*a, **kw)
