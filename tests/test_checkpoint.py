@@ -303,20 +303,16 @@ def test_resume_never_refuses_a_run_and_an_explicit_checkpoint_continues_bitwise
         cfg3(base, tmp_path, resume=str(tmp_path))
 
 
-def iteration_lines(out):
-    return [m for m in map(json.loads, open(out / "metrics.jsonl")) if "step" not in m]
-
-
 def test_checkpoint_every_skips_iterations_and_a_resume_redoes_them_bitwise(base, run3, tmp_path, monkeypatch):
     out = tmp_path / "out"
     train(cfg3(base, out, checkpoint_every=2))  # saves after iteration 1 (the 2nd) and 2 (the last), not 0
     names = lambda d: [os.path.basename(p) for p in checkpoint.list_checkpoints(str(d))]
     assert names(out) == ["iter-00001", "iter-00002"]
-    assert [m["checkpoint"] for m in iteration_lines(out) if m["iteration"] >= 0] == \
+    lines = [(x, json.loads(x)) for x in (out / "metrics.jsonl").read_text().splitlines(keepends=True)]
+    assert [m["checkpoint"] for _, m in lines if "step" not in m and m["iteration"] >= 0] == \
         [None, checkpoint.checkpoint_dir(str(out), 1), checkpoint.checkpoint_dir(str(out), 2)]
     assert_same_weights(checkpoint.checkpoint_dir(str(out), 2), checkpoint.checkpoint_dir(str(run3), 2))
     assert log_lines(out) == log_lines(run3)
-    lines = [(x, json.loads(x)) for x in (out / "metrics.jsonl").read_text().splitlines(keepends=True)]
     upto = lambda k: "".join(x for x, m in lines if m["iteration"] < k or
                              m["iteration"] == k and "step" in m)  # what a kill in iteration k leaves
     for kill, keep in ((2, 1), (1, None)):  # killed in iteration 2: resume at 2; in 1: iteration 0 was never saved
