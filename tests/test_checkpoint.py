@@ -163,6 +163,7 @@ def nan_worker(rank, world, init_file, parallel, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_non_finite_gradient_with_finite_loss_stops_every_rank_before_the_update(tmp_path, parallel):
     out = str(tmp_path / "r")
@@ -380,6 +381,7 @@ def cli(*args, timeout=300):
                           text=True, timeout=timeout, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_locked_out_dir_gets_one_line(base, tmp_path):
     out = tmp_path / "out"
     held = checkpoint.lock_out_dir(str(out))  # this process is "the other run"
@@ -467,6 +469,7 @@ def stopped_where(line, out):
     return ["iter-00000", "iter-00001"]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_at_the_next_step_and_the_rerun_is_bitwise(base, run3, tmp_path):
     out = tmp_path / "out"
     cfg_file = write_cfg(cfg3(base, out), tmp_path / "c.yaml")
@@ -486,17 +489,15 @@ def test_sigterm_stops_at_the_next_step_and_the_rerun_is_bitwise(base, run3, tmp
     assert log_lines(out) == log_lines(run3)
 
 
-def test_sigterm_under_torchrun_stops_both_ranks_and_resumes_bitwise(base, tmp_path):
-    def torchrun(out, **kw):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(ROOT, "train_ddp.py"), os.path.join(ROOT, "configs", "tiny.yaml"), f"model={base}",
-               f"out_dir={out}", "iterations=3", "prompts_per_iteration=8", "n_samples=4", "batch_size=16",
-               "micro_batch_size=4", "eval_prompts=2", "eval_winrate=false"]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw)
+@pytest.mark.slow
+def test_sigterm_under_torchrun_stops_both_ranks_and_resumes_bitwise(base, torchrun_run, tmp_path):
+    from conftest import torchrun_cmd
 
-    full, part = tmp_path / "full", tmp_path / "part"
-    p = torchrun(full)
-    assert p.wait(timeout=300) == 0, p.communicate()
+    def torchrun(out):
+        return subprocess.Popen(torchrun_cmd(base, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=ROOT)
+
+    full, part = torchrun_run[0], tmp_path / "part"  # full: the shared uninterrupted run of the same command
     p = torchrun(part)
     wait_for_step(part, 1, p)
     workers = subprocess.run(["pgrep", "-f", f"train_ddp.py .*out_dir={part}"], capture_output=True, text=True)
@@ -516,6 +517,7 @@ def test_sigterm_under_torchrun_stops_both_ranks_and_resumes_bitwise(base, tmp_p
     assert log_lines(part) == log_lines(full)
 
 
+@pytest.mark.slow
 def test_config_errors_under_torchrun_print_one_line_from_rank_0(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "train_ddp.py"), os.path.join(ROOT, "configs", "tiny.yaml"), "lr=-1",

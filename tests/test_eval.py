@@ -21,7 +21,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
     for name, probs in SKEWS.items():
         tiny.build_base(str(d / name), probs=probs, sft_steps=150, seed=len(name), log=lambda m: None)
-    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": x}) + "\n" for x in tiny.synthetic_prompts(40, 5)))
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": x}) + "\n" for x in tiny.synthetic_prompts(20, 5)))
     (d / "oracle.yaml").write_text("oracle: {kind: category}\n")
     return d
 
@@ -53,7 +53,7 @@ def test_matrix_matches_exact_distributions_and_outputs_parse_back(setup):
     K = len(r["names"])
     off = ~torch.eye(K, dtype=torch.bool)
     assert torch.allclose((M + M.T)[off], torch.full((K * K - K,), 100.0, dtype=torch.float64), atol=1e-9, rtol=0)
-    # Sampling error: 8 samples x 40 prompts per model; SE is the standard error of the per-prompt win rates.
+    # Sampling error: 8 samples x 20 prompts per model; SE is the standard error of the per-prompt win rates.
     # The estimate must lie within 4 SE (+0.5 points for the pruned/none mass) of the exact value.
     exact = exact_matrix(d, r["names"], ev.load_prompt_file(str(d / "prompts.jsonl"), "prompt")).double()
     assert ((M - exact).abs()[off] <= 4 * SE[off] + 0.5).all(), (M, exact, SE)
@@ -93,7 +93,7 @@ def test_cached_generations_and_judgments_are_reused(setup, monkeypatch):
     ev.GENERATED.clear()
     r = ev.main(args(d, ["a", "b", "c"], "cache"))
     assert ev.GENERATED == ["c"]  # a and b come from the cache
-    assert sum(calls) == 2 * 40 * 8 * 8  # only the new pairs (a, c) and (b, c) are judged
+    assert sum(calls) == 2 * 20 * 8 * 8  # only the new pairs (a, c) and (b, c) are judged
     first = ev.read_winrate_csv(str(d / "cache" / "winrate.csv"))[1]
     assert first[0][1] == pytest.approx(float(r["M"][0, 1]), abs=1e-4)
     # a changed checkpoint is generated again
@@ -153,6 +153,7 @@ def test_run_mode_follows_the_checkpoints(setup, tmp_path, monkeypatch):
     assert float(back[1]["winrate_vs_base"]) == pytest.approx(rows[1]["winrate_vs_base"])
 
 
+@pytest.mark.slow
 def test_torchrun_splits_prompts_and_gives_the_single_process_matrix(setup):
     """Greedy generations do not depend on how prompts are split, so 2 ranks must reproduce 1 process exactly."""
     import subprocess
@@ -171,7 +172,7 @@ def test_torchrun_splits_prompts_and_gives_the_single_process_matrix(setup):
     assert torch.allclose(torch.tensor(rows, dtype=torch.float64), single["M"], atol=1e-4)
     g1 = json.load(open(d / "greedy1" / "generations" / "a.json"))["responses"]
     g2 = json.load(open(d / "greedy2" / "generations" / "a.json"))["responses"]
-    assert g1 == g2 and len(g1) == 40
+    assert g1 == g2 and len(g1) == 20
     assert r.stdout.count("row beats column") == 1  # rank 0 prints
 
 

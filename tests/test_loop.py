@@ -204,6 +204,7 @@ def grad_worker(rank, world, init_file, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_rank_gradient_before_the_optimizer_equals_one_process_autograd(tmp_path):
     out = str(tmp_path / "out.pt")
     mp.spawn(grad_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)

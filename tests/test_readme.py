@@ -102,6 +102,7 @@ def run_ok(argv, cwd):
     return r
 
 
+@pytest.mark.slow
 def test_readme_quick_start_runs(tmp_path):
     (block,) = section_blocks("## Quick start")
     train, evaluate = [x for x in block.strip().splitlines()]
@@ -115,6 +116,7 @@ def test_readme_quick_start_runs(tmp_path):
     assert "exploitability" in r.stdout and (tmp_path / "tiny" / "eval" / "dynamics.csv").is_file()
 
 
+@pytest.mark.slow
 def test_readme_own_model_and_prompts_run_as_written(tmp_path):
     (block,) = section_blocks("### Your own model, prompts and oracle")
     train, evaluate = block.strip().splitlines()
@@ -140,6 +142,7 @@ def test_readme_own_model_and_prompts_run_as_written(tmp_path):
     assert "| mine |" in table and "| base |" in table and "row beats column" in r.stdout
 
 
+@pytest.mark.slow
 def test_ultrafeedback_prompts_script_feeds_the_recipes(tmp_path):
     import subprocess
     import sys

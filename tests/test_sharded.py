@@ -16,6 +16,8 @@ import comal
 import config
 import train_ddp
 
+pytestmark = pytest.mark.slow  # every test here launches processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -90,33 +92,30 @@ def test_streamed_loading_reads_each_ranks_slices_and_rollouts_agree(base, tmp_p
         assert got["sharded_lockstep"] and not got["gathered_lockstep"]
 
 
-def test_two_nodes_equal_one_node(base, tmp_path):
+def test_two_nodes_equal_one_node(base, torchrun_run, tmp_path):
     """torchrun --nnodes 2 (one process each, c10d rendezvous on localhost) gives the numbers of
-    --nproc_per_node 2."""
+    --nproc_per_node 2 (the shared 3-iteration run; 2 iterations here, which must equal its first 2)."""
     import socket
 
-    common = [os.path.join(ROOT, "train_ddp.py"), os.path.join(ROOT, "configs", "tiny.yaml"), f"model={base}",
-              "iterations=2", "prompts_per_iteration=8", "n_samples=4", "batch_size=16", "micro_batch_size=8",
-              "eval_prompts=2", "eval_winrate=false"]
-    run = lambda args, out: subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args, *common,  # noqa: E731
-                                              f"out_dir={out}"], cwd=ROOT, stdout=subprocess.PIPE,
-                                             stderr=subprocess.PIPE, text=True)
-    one = run(["--standalone", "--nproc_per_node", "2"], tmp_path / "one")
-    assert one.wait(timeout=300) == 0, one.communicate()[1][-2000:]
+    from conftest import torchrun_cmd
+
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    nodes = [run(["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(r), "--rdzv_backend", "c10d",
-                  "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "two-nodes"], tmp_path / "two") for r in (0, 1)]
+    nodes = [subprocess.Popen(torchrun_cmd(base, tmp_path / "two", ("--nnodes", "2", "--nproc_per_node", "1",
+                                                                    "--node_rank", str(r), "--rdzv_backend", "c10d",
+                                                                    "--rdzv_endpoint", f"localhost:{port}",
+                                                                    "--rdzv_id", "two-nodes"), ["iterations=2"]),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     for p in nodes:
         assert p.wait(timeout=300) == 0, p.communicate()[1][-2000:]
 
-    def numbers(out):
-        return [(r["iteration"], r["exploitability"], r["category_dist"]) for r in map(json.loads, open(out / "metrics.jsonl"))
-                if "exploitability" in r]
+    def numbers(records):
+        return [(r["iteration"], r["exploitability"], r["category_dist"]) for r in records if "exploitability" in r]
 
-    one, two = numbers(tmp_path / "one"), numbers(tmp_path / "two")
-    assert len(one) == 3 and [r[0] for r in one] == [r[0] for r in two]
+    one = numbers(torchrun_run[2])[:3]  # the start and iterations 0, 1
+    two = numbers(map(json.loads, open(tmp_path / "two" / "metrics.jsonl")))
+    assert len(one) == 3 and [r[0] for r in one] == [r[0] for r in two] == [-1, 0, 1]
     # each "node" runs its one rank on 2 threads, --nproc_per_node 2 its ranks on 1 each: float sums may round apart
     for (_, e1, d1), (_, e2, d2) in zip(one, two):
         assert e1 == pytest.approx(e2, abs=1e-7) and d1 == pytest.approx(d2, abs=1e-5)
@@ -131,13 +130,12 @@ def bench_module(name):
     return mod
 
 
-def held_worker(rank, world, init_file, base, parallel, out):
+def held_bytes(rank, world, base, parallel):
+    """The bytes a trainer holds before its second step (gradients and Adam moments all exist)."""
     from transformers import AutoModelForCausalLM
 
     from sample import sequence_logprobs
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     if parallel == "fsdp":
         model = train_ddp.load_sharded(base, rank, world, torch.device("cpu"), torch.float32)
     else:
@@ -145,7 +143,7 @@ def held_worker(rank, world, init_file, base, parallel, out):
     trainer = train_ddp.Trainer(model, dict(config.load_config(None, []), parallel=parallel), rank, world)
     held, real = {}, trainer.optimizer.step
 
-    def step(*a, **kw):  # before the second step: gradients and Adam moments all exist
+    def step(*a, **kw):
         if trainer.optimizer.state:
             held["bytes"] = bench_module("memory").held_bytes(model, trainer)
         return real(*a, **kw)
@@ -155,7 +153,13 @@ def held_worker(rank, world, init_file, base, parallel, out):
     mask = torch.ones_like(ids)
     for s in range(2):
         trainer.step(iter([-sequence_logprobs(model, ids, mask, mask)[1].mean()]), 0, s, 2)
-    torch.save(held["bytes"], f"{out}.{rank}")
+    return held["bytes"]
+
+
+def held_worker(rank, world, init_file, base, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.save({parallel: held_bytes(rank, world, base, parallel) for parallel in ("ddp", "fsdp")}, f"{out}.{rank}")
     dist.barrier()  # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
@@ -165,11 +169,10 @@ def test_the_memory_plan_matches_the_bytes_the_trainers_hold(base, tmp_path):
     hf, blocks, root = plan.architecture(base)
     cfg = config.load_config(None, [])
     for world in (1, 2):
+        out = str(tmp_path / f"held{world}")
+        mp.spawn(held_worker, args=(world, str(tmp_path / f"init{world}"), base, out), nprocs=world, join=True)
         for parallel in ("ddp", "fsdp"):
-            out = str(tmp_path / f"{parallel}{world}")
-            mp.spawn(held_worker, args=(world, str(tmp_path / f"init{parallel}{world}"), base, parallel, out),
-                     nprocs=world, join=True)
-            measured = max(torch.load(f"{out}.{r}") for r in range(world))
+            measured = max(torch.load(f"{out}.{r}")[parallel] for r in range(world))
             rows, _ = plan.plan(dict(cfg, algo="iter_ipo", parallel=parallel), hf, blocks, root, world, "cpu")
             predicted = sum(rows.values())  # iter_ipo: no frozen copy in the trainer's state
             print(f"plan {parallel} N={world}: predicted {predicted} measured {measured} ({predicted / measured:.3f})")

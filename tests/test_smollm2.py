@@ -14,6 +14,8 @@ import sample
 import config
 import smollm2
 
+pytestmark = pytest.mark.slow  # converts and loads SmolLM2, loads MiniLM
+
 PROMPTS = ["What is the capital of France?", "Give two tips for sleeping better.", "Write a haiku about rain."]
 
 

@@ -55,7 +55,10 @@ def game_with_condorcet_winner(n, gen):
 def paper_runs():
     game = tg.make_game()
     cfg = tg.make_config()  # eta 0.3, tau 0.1, T 200, K 25, 5000 iterations
-    return game, cfg, tg.run(["comal", "comal_md", "mwu", "iter_ipo", "sppo", "inpo"], game, cfg)
+    res = tg.run(["comal", "comal_md", "mwu", "iter_ipo", "inpo"], game, cfg)
+    # SPPO fits its loss by Newton at every step (2 ms each): its cycle shows within 1500 iterations
+    res.update(tg.run(["sppo"], game, tg.make_config(iters=1500)))
+    return game, cfg, res
 
 
 def test_comal_converges_to_the_nash_equilibrium_in_the_paper_setting(paper_runs):
@@ -224,17 +227,18 @@ def test_nashmp_noiseless_objective_minimiser():
 
 @pytest.mark.parametrize("algo", ["comal", "iter_ipo", "sppo"])
 def test_sampled_mode_tracks_the_noiseless_trajectory(algo):
-    """With n = 200k samples per iteration the win rates are estimated to ~1e-3
-    (std <= 0.5/sqrt(n)), so each logit step is off by ~eta*1e-3; over 100
-    iterations of dynamics that are at best neutrally stable (MD cycles) these
-    errors add like a random walk to ~3e-3. The tolerance 0.02 is ~6 of those."""
+    """With n = 50k samples per iteration the win rates are estimated to ~2e-3
+    (std <= 0.5/sqrt(n)), so each logit step is off by ~eta*2e-3; over 50
+    iterations (one reference update for COMAL) of dynamics that are at best
+    neutrally stable (MD cycles) the deviation stays near 1e-3-2e-3 (seeds 0-2).
+    The tolerance 0.01 is ~5 of those."""
     game = tg.make_game()
-    kw = dict(outer=4, inner=25, iters=100, samples=200_000)
+    kw = dict(outer=2, inner=25, iters=50, samples=50_000)
     exact = tg.ALGORITHMS[algo](game, tg.make_config(**kw), None)
     sampled = tg.ALGORITHMS[algo](game, tg.make_config(mode="sampled", **kw), torch.Generator().manual_seed(0))
-    assert len(exact) == len(sampled) == 101
+    assert len(exact) == len(sampled) == 51
     dev = max(float((a.exp() - b.exp()).abs().max()) for a, b in zip(exact, sampled))
-    assert 0 < dev < 0.02, dev
+    assert 0 < dev < 0.01, dev
 
 
 @pytest.mark.parametrize("algo", ["comal", "comal_md"])
@@ -343,6 +347,7 @@ def test_bad_input_is_one_line_and_status_2(argv, needle, capsys, tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow
 def test_bad_input_exit_status_from_the_shell():
     p = subprocess.run([sys.executable, "toy_game.py", "--payoff", "[[0.5, 0.9], [0.9, 0.5]]"],
                        capture_output=True, text=True)

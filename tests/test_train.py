@@ -114,6 +114,7 @@ def ddp_worker(rank, world, init_file, out_file):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_hand_written_ddp_equals_one_process_and_torch_ddp(tmp_path):
     out = tmp_path / "params.pt"
     mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
@@ -170,21 +171,31 @@ def test_resume_is_bitwise_and_checkpoints_load(base, tmp_path):
     assert os.path.isfile(tmp_path / "full" / "config.yaml")
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_two_ranks_end_to_end(base, tmp_path, parallel):
-    out = tmp_path / parallel
+def check_torchrun_output(out, stderr, iterations):
+    its = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [x["iteration"] for x in its if "exploitability" in x and x["iteration"] >= 0] == list(range(iterations))
+    last = f"iteration {iterations - 1:3d}  exploitability"
+    assert stderr.count(last) == 1, stderr[-2000:]  # rank 0 prints; rank 1 does not duplicate
+    AutoModelForCausalLM.from_pretrained(checkpoint.checkpoint_dir(str(out), iterations - 1))
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_end_to_end_ddp(torchrun_run):
+    out, stderr, _ = torchrun_run  # the shared run: conftest.TORCHRUN_ARGS, parallel ddp
+    check_torchrun_output(out, stderr, 3)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_end_to_end_fsdp_with_winrates(base, tmp_path):
+    out = tmp_path / "fsdp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(ROOT, "train_ddp.py"),
            os.path.join(ROOT, "configs", "tiny.yaml"), f"model={base}", f"out_dir={out}", "iterations=2",
            "prompts_per_iteration=8", "n_samples=4", "batch_size=16", "micro_batch_size=8", "eval_prompts=2",
-           f"parallel={parallel}", f"activation_checkpointing={parallel == 'fsdp'}"]
+           "parallel=fsdp", "activation_checkpointing=true"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
-    records = [json.loads(x) for x in open(out / "metrics.jsonl")]
-    its = [x for x in records if "exploitability" in x and x["iteration"] >= 0]
-    assert [x["iteration"] for x in its] == [0, 1]
-    assert "iteration   1  exploitability" in r.stderr  # rank 0 prints; rank 1 does not duplicate
-    assert r.stderr.count("iteration   1  exploitability") == 1
-    AutoModelForCausalLM.from_pretrained(checkpoint.checkpoint_dir(str(out), 1))
+    check_torchrun_output(out, r.stderr, 2)
+    assert all(0 <= x["winrate_vs_mu"] <= 1 for x in map(json.loads, open(out / "metrics.jsonl")) if "train_s" in x)
 
 
 # ---------------------------------------------------------------------------
@@ -227,6 +238,12 @@ def test_each_algorithm_runs_and_lowers_its_loss(base, algo, tmp_path):
     assert all(map(lambda x: x == x, losses))
     if not spec.on_policy:  # the same fixed batch each time: the loss goes down
         assert losses[-1] < losses[0] - 1e-4, losses
+    else:  # fresh samples each iteration, so no fixed loss: the trained policy beats the one it played against
+        game = oracle_lib.CategoryGame()
+        new, _ = game.policy_distribution(policy.eval(), tok, ids, [tok.eos_token_id], cfg["max_new_tokens"])
+        old, _ = game.policy_distribution(state["ref"], tok, ids, [tok.eos_token_id], cfg["max_new_tokens"])
+        win = float(((new @ game.extended_payoff()) * old).sum(-1).mean())  # exact P(pi > pi^0), mean over prompts
+        assert win > 0.52, win
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
     assert m["response_length"] > 0
 
@@ -430,6 +447,7 @@ def test_invalid_config_values_name_the_key(base, tmp_path):
     assert config.load_config(None, ["lr=1e-6", "eta=[500, 10]"])["lr"] == 1e-6  # YAML reads 1e-6 as a string
 
 
+@pytest.mark.slow
 def test_prompt_files_load_and_cli_prints_one_line(base, tmp_path):
     rows = tmp_path / "p.jsonl"
     rows.write_text("".join(json.dumps({"instruction": f"question {i}"}) + "\n" for i in range(12)))
@@ -540,6 +558,7 @@ def fsdp_worker(rank, world, init_file, ckpt):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sharded_equals_one_process_samples_alike_and_resumes_on_other_world(tmp_path):
     from sample import generate
 
