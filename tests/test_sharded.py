@@ -94,7 +94,7 @@ def test_streamed_loading_reads_each_ranks_slices_and_rollouts_agree(base, tmp_p
 
 def test_two_nodes_equal_one_node(base, torchrun_run, tmp_path):
     """torchrun --nnodes 2 (one process each, c10d rendezvous on localhost) gives the numbers of
-    --nproc_per_node 2 (the shared 3-iteration run; 2 iterations here, which must equal its first 2)."""
+    --nproc_per_node 2 (the shared 3-iteration run, the same command)."""
     import socket
 
     from conftest import torchrun_cmd
@@ -105,7 +105,7 @@ def test_two_nodes_equal_one_node(base, torchrun_run, tmp_path):
     nodes = [subprocess.Popen(torchrun_cmd(base, tmp_path / "two", ("--nnodes", "2", "--nproc_per_node", "1",
                                                                     "--node_rank", str(r), "--rdzv_backend", "c10d",
                                                                     "--rdzv_endpoint", f"localhost:{port}",
-                                                                    "--rdzv_id", "two-nodes"), ["iterations=2"]),
+                                                                    "--rdzv_id", "two-nodes")),
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     for p in nodes:
         assert p.wait(timeout=300) == 0, p.communicate()[1][-2000:]
@@ -113,12 +113,12 @@ def test_two_nodes_equal_one_node(base, torchrun_run, tmp_path):
     def numbers(records):
         return [(r["iteration"], r["exploitability"], r["category_dist"]) for r in records if "exploitability" in r]
 
-    one = numbers(torchrun_run[2])[:3]  # the start and iterations 0, 1
+    one = numbers(torchrun_run[2])
     two = numbers(map(json.loads, open(tmp_path / "two" / "metrics.jsonl")))
-    assert len(one) == 3 and [r[0] for r in one] == [r[0] for r in two] == [-1, 0, 1]
+    assert [r[0] for r in one] == [r[0] for r in two] == [-1, 0, 1, 2]
     # each "node" runs its one rank on 2 threads, --nproc_per_node 2 its ranks on 1 each: float sums may round apart
     for (_, e1, d1), (_, e2, d2) in zip(one, two):
-        assert e1 == pytest.approx(e2, abs=1e-7) and d1 == pytest.approx(d2, abs=1e-5)
+        assert e1 == pytest.approx(e2, abs=1e-6) and d1 == pytest.approx(d2, abs=1e-5)
 
 
 def bench_module(name):
