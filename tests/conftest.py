@@ -1,11 +1,22 @@
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 
 import pytest
+import torch.multiprocessing as mp
 
 import tiny
+
+# Multi-process tests fork their ranks from one server process that imported torch, transformers and the trainer
+# once, instead of spawning fresh interpreters that import them again (about 2 s per launch).
+multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "transformers", "train_ddp"])
+
+
+def spawn(fn, args, nprocs):
+    """torch.multiprocessing.spawn(fn, args, nprocs) with its ranks forked from the preloaded server."""
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,20 +29,24 @@ def base(tmp_path_factory):
     return path
 
 
-# The one uninterrupted 2-rank torchrun run several tests compare against (end to end, two nodes, SIGTERM).
+# The README's quick-start command; the one uninterrupted 2-rank run of it, shortened, is shared by several tests
+# (the quick start itself, end to end, two nodes, SIGTERM).
+QUICK_START = ["torchrun", "--nproc_per_node", "2", "train_ddp.py", "configs/tiny.yaml"]
 TORCHRUN_ARGS = ["iterations=3", "prompts_per_iteration=8", "n_samples=4", "batch_size=16", "micro_batch_size=4",
                  "eval_prompts=2", "eval_winrate=false"]
 
 
-def torchrun_cmd(base, out, launcher=("--standalone", "--nproc_per_node", "2"), extra=()):
+def torchrun_cmd(cache, out, launcher=("--standalone", "--nproc_per_node", "2"), extra=()):
+    """QUICK_START shortened by TORCHRUN_ARGS, its tiny base built in (or found in) cache."""
     return [sys.executable, "-m", "torch.distributed.run", *launcher, os.path.join(ROOT, "train_ddp.py"),
-            os.path.join(ROOT, "configs", "tiny.yaml"), f"model={base}", f"out_dir={out}", *TORCHRUN_ARGS, *extra]
+            os.path.join(ROOT, "configs", "tiny.yaml"), f"cache_dir={cache}", f"out_dir={out}", *TORCHRUN_ARGS, *extra]
 
 
 @pytest.fixture(scope="session")
-def torchrun_run(base, tmp_path_factory):
-    """torchrun --nproc_per_node 2 on the tiny base, 3 COMAL iterations: (out_dir, stderr, metrics records)."""
-    out = tmp_path_factory.mktemp("torchrun") / "out"
-    r = subprocess.run(torchrun_cmd(base, out), capture_output=True, text=True, timeout=300, cwd=ROOT)
+def torchrun_run(tmp_path_factory):
+    """The quick start under torchrun, 3 COMAL iterations, building its base as on a fresh clone:
+    (out_dir, stderr, metrics records, cache_dir)."""
+    cache, out = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("torchrun") / "out"
+    r = subprocess.run(torchrun_cmd(cache, out), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
-    return out, r.stderr, [json.loads(x) for x in open(out / "metrics.jsonl")]
+    return out, r.stderr, [json.loads(x) for x in open(out / "metrics.jsonl")], cache

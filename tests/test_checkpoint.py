@@ -12,7 +12,6 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -21,6 +20,7 @@ import config
 import checkpoint
 import comal
 import train_ddp
+from conftest import spawn
 from test_train import TRAIN_CFG, ddp_model, global_batches, micro_losses, small_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,7 +167,7 @@ def nan_worker(rank, world, init_file, parallel, out):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_non_finite_gradient_with_finite_loss_stops_every_rank_before_the_update(tmp_path, parallel):
     out = str(tmp_path / "r")
-    mp.spawn(nan_worker, args=(2, str(tmp_path / "init"), parallel, out), nprocs=2, join=True)
+    spawn(nan_worker, args=(2, str(tmp_path / "init"), parallel, out), nprocs=2)
     for rank in range(2):
         r = torch.load(f"{out}.{rank}")
         assert r["nan"] == ("non-finite gradient (finite loss) at iteration 3 step 1 on rank(s) [1]; the weights were "
@@ -304,6 +304,7 @@ def test_resume_never_refuses_a_run_and_an_explicit_checkpoint_continues_bitwise
         cfg3(base, tmp_path, resume=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_checkpoint_every_skips_iterations_and_a_resume_redoes_them_bitwise(base, run3, tmp_path, monkeypatch):
     out = tmp_path / "out"
     train(cfg3(base, out, checkpoint_every=2))  # saves after iteration 1 (the 2nd) and 2 (the last), not 0
@@ -490,12 +491,12 @@ def test_sigterm_stops_at_the_next_step_and_the_rerun_is_bitwise(base, run3, tmp
 
 
 @pytest.mark.slow
-def test_sigterm_under_torchrun_stops_both_ranks_and_resumes_bitwise(base, torchrun_run, tmp_path):
+def test_sigterm_under_torchrun_stops_both_ranks_and_resumes_bitwise(torchrun_run, tmp_path):
     from conftest import torchrun_cmd
 
     def torchrun(out):
-        return subprocess.Popen(torchrun_cmd(base, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=ROOT)
+        return subprocess.Popen(torchrun_cmd(torchrun_run[3], out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=ROOT)
 
     full, part = torchrun_run[0], tmp_path / "part"  # full: the shared uninterrupted run of the same command
     p = torchrun(part)

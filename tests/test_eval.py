@@ -45,6 +45,7 @@ def exact_matrix(d, names, prompts):
     return torch.tensor([[100 * float(((dists[i] @ E) * dists[j]).sum(-1).mean()) for j in names] for i in names])
 
 
+@pytest.mark.slow
 def test_matrix_matches_exact_distributions_and_outputs_parse_back(setup):
     d = setup
     ev.GENERATED.clear()
@@ -82,6 +83,7 @@ def test_matrix_matches_exact_distributions_and_outputs_parse_back(setup):
     assert Image.open(d / "out" / "heatmap.png").size[0] > 100
 
 
+@pytest.mark.slow
 def test_cached_generations_and_judgments_are_reused(setup, monkeypatch):
     d = setup
     ev.GENERATED.clear()
@@ -104,8 +106,13 @@ def test_cached_generations_and_judgments_are_reused(setup, monkeypatch):
     assert ev.GENERATED == ["a"]
 
 
-def test_bad_input_fails_before_any_generation(setup, tmp_path, capsys):
-    d = setup
+def test_bad_input_fails_before_any_generation(base, tmp_path, capsys):
+    d = tmp_path / "models"  # two good models, the prompts and the oracle around the bad argument
+    d.mkdir()
+    for name in ("a", "b"):
+        (d / name).symlink_to(base)
+    (d / "prompts.jsonl").write_text(json.dumps({"prompt": "Pick one."}) + "\n")
+    (d / "oracle.yaml").write_text("oracle: {kind: category}\n")
     ev.GENERATED.clear()
     (tmp_path / "notackpt").mkdir()
     (tmp_path / "nofield.jsonl").write_text('{"instruction": "hi"}\n')
@@ -128,6 +135,7 @@ def test_bad_input_fails_before_any_generation(setup, tmp_path, capsys):
     assert ev.cli(["--run", str(tmp_path)]) == 2 and "no config.yaml" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_run_mode_follows_the_checkpoints(setup, tmp_path, monkeypatch):
     d = setup
     cfg = config.load_config(None, [])
@@ -350,6 +358,7 @@ def test_steps_per_prompt_when_the_run_logged_them(tmp_path):
     assert min(r["cos"] for r in rows) < 0.999
 
 
+@pytest.mark.slow
 def test_sample_category_counts_are_the_samplers_distribution_on_the_training_prompts(base, tmp_path):
     """Each iteration logs the categories of the responses it trained on (sample_category_counts, all samples
     of all prompts; "none" last). At iteration 0 they are samples of the start model on the iteration's prompts,

@@ -13,12 +13,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import checkpoint
 import config
 import train_ddp
+from conftest import spawn
 from test_checkpoint import train
 from test_train import ddp_model, global_batches, micro_losses, small_cfg
 
@@ -207,7 +207,7 @@ def grad_worker(rank, world, init_file, out):
 @pytest.mark.slow
 def test_two_rank_gradient_before_the_optimizer_equals_one_process_autograd(tmp_path):
     out = str(tmp_path / "out.pt")
-    mp.spawn(grad_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    spawn(grad_worker, args=(2, str(tmp_path / "init"), out), nprocs=2)
     results = torch.load(out)
     for (parallel, clip), got in results.items():
         dtype = torch.float64 if parallel == "ddp" else torch.float32

@@ -309,15 +309,13 @@ def test_bad_templates_and_answers(models):
         oracle.build_oracle(dict(j, answer_a="Output", answer_b="Output (b)"), device="cpu")
 
 
-def test_policy_distribution_honours_max_new_tokens_against_brute_force(tmp_path):
+def test_policy_distribution_honours_max_new_tokens_against_brute_force(base):
     """The exact category distribution of a response capped at max_new_tokens, against every 1- and 2-token
     response enumerated by brute force: a first word still open at the cap is what the oracle sees (e.g.
     "roc" is none, "rock" cut before "s" is rock)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = str(tmp_path / "base")
-    tiny.build_base(path, sft_steps=150, log=lambda m: None)
-    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    model, tok = AutoModelForCausalLM.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
     game = oracle.CategoryGame()
     prompt = tok.apply_chat_template([{"role": "user", "content": tiny.synthetic_prompts(1, 5)[0]}],
                                      add_generation_prompt=True, tokenize=False)

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,6 @@ import torch.nn.functional as F
 
 import config
 import comal
-import tiny
 import toy_game as tg
 import train_ddp
 
@@ -37,11 +37,9 @@ def simpo(monkeypatch):
     return entry["simpo"], shlex.split(cmd.strip())
 
 
-def test_readme_example_trains_the_tiny_base(simpo, tmp_path):
+def test_readme_example_trains_the_tiny_base(simpo, base, tmp_path):
     spec, cmd = simpo
     assert cmd[:2] == ["python", "train_ddp.py"]
-    base = str(tmp_path / "base")
-    tiny.build_base(base, sft_steps=150, log=lambda m: None)
     argv = [os.path.join(ROOT, cmd[2])] + cmd[3:] + [  # as written, then small and fast for CI
         f"out_dir={tmp_path / 'run'}", f"model={base}", "iterations=2", "prompts_per_iteration=8", "n_samples=4",
         "batch_size=16", "micro_batch_size=8", "eval_prompts=2", "lr=1e-3"]
@@ -103,28 +101,32 @@ def run_ok(argv, cwd):
 
 
 @pytest.mark.slow
-def test_readme_quick_start_runs(tmp_path):
+def test_readme_quick_start_runs(torchrun_run, tmp_path):
+    from conftest import QUICK_START
+
     (block,) = section_blocks("## Quick start")
-    train, evaluate = [x for x in block.strip().splitlines()]
-    fast = [f"out_dir={tmp_path / 'tiny'}", "iterations=2", "eval_prompts=2", f"cache_dir={tmp_path / 'cache'}"]
-    run_ok(runnable(train, ROOT) + fast, ROOT)
-    records = [json.loads(x) for x in open(tmp_path / "tiny" / "metrics.jsonl")]
-    assert [r["iteration"] for r in records if "exploitability" in r] == [-1, 0, 1]
+    train, evaluate = block.strip().splitlines()
+    first = section_blocks("# comal")[0]  # the first command at the top: install, then the quick start
+    assert shlex.split(train) == QUICK_START and first.strip().endswith(train)
+    out, stderr, records, cache = torchrun_run  # conftest: this command, 3 iterations, on a fresh cache_dir
+    assert "building the tiny embedded base policy" in stderr and (cache / "tiny-base-v1").is_dir()
+    assert [r["iteration"] for r in records if "exploitability" in r] == [-1, 0, 1, 2]
     assert "runs/tiny" in evaluate
+    shutil.copytree(out, tmp_path / "tiny")  # eval.py writes into the run; the shared one stays as it was
     r = run_ok([a.replace("runs/tiny", str(tmp_path / "tiny")) for a in runnable(evaluate, ROOT)] + ["--num-prompts", "4"],
                ROOT)
     assert "exploitability" in r.stdout and (tmp_path / "tiny" / "eval" / "dynamics.csv").is_file()
 
 
 @pytest.mark.slow
-def test_readme_own_model_and_prompts_run_as_written(tmp_path):
+def test_readme_own_model_and_prompts_run_as_written(base, tmp_path):
     (block,) = section_blocks("### Your own model, prompts and oracle")
     train, evaluate = block.strip().splitlines()
     (oracle_yaml,) = section_blocks("### Your own model, prompts and oracle", "yaml")
     (tmp_path / "my_oracle.yaml").write_text(oracle_yaml)
     (tmp_path / "my_prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Pick a move for round {i}."}) + "\n"
                                                        for i in range(10)))
-    tiny.build_base(str(tmp_path / "my_model"), sft_steps=150, log=lambda m: None)  # stands in for your model
+    shutil.copytree(base, tmp_path / "my_model")  # stands in for your model
     fast = ["n_samples=4", "max_new_tokens=6", "batch_size=16", "micro_batch_size=8", "eval_prompts=2"]
     # the README's subset bullet: the tiny config's subsets are too small for 10 prompts, with this message
     import subprocess

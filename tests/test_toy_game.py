@@ -225,7 +225,8 @@ def test_nashmp_noiseless_objective_minimiser():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("algo", ["comal", "iter_ipo", "sppo"])
+@pytest.mark.parametrize("algo", ["comal", pytest.param("iter_ipo", marks=pytest.mark.slow),
+                                  pytest.param("sppo", marks=pytest.mark.slow)])
 def test_sampled_mode_tracks_the_noiseless_trajectory(algo):
     """With n = 50k samples per iteration the win rates are estimated to ~2e-3
     (std <= 0.5/sqrt(n)), so each logit step is off by ~eta*2e-3; over 50
@@ -286,7 +287,7 @@ def test_same_seed_same_json_different_seed_different_json(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [3, 4, 5, 6, 8])
+@pytest.mark.parametrize("n", [3, 5] + [pytest.param(n, marks=pytest.mark.slow) for n in (4, 6, 8)])
 def test_random_games_comal_converges_mwu_does_not_on_mixed(n):
     gen = torch.Generator().manual_seed(100 + n)
     cfg = tg.make_config(eta=2.0, tau=0.1, inner=10, outer=3000, iters=10_000)

@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import config
@@ -17,6 +16,7 @@ import comal
 import oracle as oracle_lib
 import tiny
 import train_ddp
+from conftest import spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,7 +117,7 @@ def ddp_worker(rank, world, init_file, out_file):
 @pytest.mark.slow
 def test_hand_written_ddp_equals_one_process_and_torch_ddp(tmp_path):
     out = tmp_path / "params.pt"
-    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2)
     got = torch.load(out)
     single = run_trainer(0, 1, global_batches())
     start = ddp_model().state_dict()
@@ -181,7 +181,7 @@ def check_torchrun_output(out, stderr, iterations):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_end_to_end_ddp(torchrun_run):
-    out, stderr, _ = torchrun_run  # the shared run: conftest.TORCHRUN_ARGS, parallel ddp
+    out, stderr, _, _ = torchrun_run  # the shared run: conftest.TORCHRUN_ARGS, parallel ddp
     check_torchrun_output(out, stderr, 3)
 
 
@@ -563,7 +563,7 @@ def test_sharded_equals_one_process_samples_alike_and_resumes_on_other_world(tmp
     from sample import generate
 
     ckpt = str(tmp_path / "ckpt")
-    mp.spawn(fsdp_worker, args=(2, str(tmp_path / "init"), ckpt), nprocs=2, join=True)
+    spawn(fsdp_worker, args=(2, str(tmp_path / "init"), ckpt), nprocs=2)
     batches = global_batches()
     # 1. after 2 steps the sharded run's full parameters (an ordinary HF checkpoint) equal one process
     ref = plain_run(batches[:2])
