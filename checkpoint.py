@@ -111,8 +111,7 @@ def save_checkpoint(out_dir, k, state, trainer, cfg, copies):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         state["tokenizer"].save_pretrained(tmp)
-    sharded = trainer.units is not None
-    if sharded:
+    if hasattr(state["policy"], "flat_units"):  # parallel: fsdp (fsdp.shard_model)
         save_sharded(state["policy"], tmp, trainer.rank, trainer.optimizer if moments else None)
         for key in copies:
             save_sharded(state[key], os.path.join(tmp, key), trainer.rank)
@@ -269,6 +268,44 @@ def choose_resume(out_dir, resume, say):
 def config_changes(saved, cfg):
     """Keys outside RESUMABLE whose value differs between the checkpoint's config and this one."""
     return sorted(k for k in set(saved) | set(cfg) if k not in RESUMABLE and saved.get(k) != cfg.get(k))
+
+
+def resume_refusal(resume, saved, cfg):
+    """Why the run `cfg` may not continue from checkpoint `resume` (its trainer_state `saved`), or None: what
+    produced the earlier iterations must still be what runs now (the caller raises ConfigError with it)."""
+    changed = [key for key in config_changes(saved["config"], cfg) if key not in cfg["resume_changes"]]
+    if changed:
+        diff = ", ".join(f"{key} ({saved['config'].get(key)!r} -> {cfg.get(key)!r})" for key in changed)
+        return (f"resume: the config differs from {resume}'s in {diff}; set resume_changes=[{', '.join(changed)}] "
+                f"to continue with the change, or start a new out_dir")
+    if cfg["optimizer_reset"] == "never" and saved["config"].get("optimizer_reset", "never") != "never":
+        return (f"resume: {resume} was written with optimizer_reset=iteration and holds no AdamW moments to "
+                f"continue with optimizer_reset=never; resume with optimizer_reset=iteration")
+    if saved["parallel"] != cfg["parallel"]:
+        return (f"resume: {resume} was written with parallel={saved['parallel']}; its optimizer state is not read "
+                f"by parallel={cfg['parallel']}: resume with parallel={saved['parallel']}")
+    return None
+
+
+def start_segment(out_dir, cfg, resume, start):
+    """Rank 0, before iteration `start`: metrics.jsonl keeps only the iterations before it (a run that never
+    finished an iteration starts it over); config.yaml is the first segment's config, and each resumed
+    segment gets its own config-resumed-at-KKKKK.yaml."""
+    import yaml
+
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    if resume is not None and os.path.isfile(metrics):  # drop what the interrupted iteration logged
+        with open(metrics) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("iteration", -1) < start]
+        with open(metrics, "w") as f:
+            f.writelines(kept)
+    elif os.path.isfile(metrics):
+        os.remove(metrics)
+    names = ["config.yaml"] if resume is None or not os.path.isfile(os.path.join(out_dir, "config.yaml")) else []
+    names += [f"config-resumed-at-{start:05d}.yaml"] if resume is not None else []
+    for name in names:
+        with open(os.path.join(out_dir, name), "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
 
 
 def load_optimizer(optimizer, path, params=None, units=None):

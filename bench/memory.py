@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import config  # noqa: E402
+import fsdp  # noqa: E402
 import train_ddp  # noqa: E402
 from sample import sequence_logprobs  # noqa: E402
 
@@ -63,8 +64,8 @@ def worker(rank, world, mode, args, init_file, out):
                       max_position_embeddings=256, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg).to(device)
     if mode == "fsdp":
-        train_ddp.shard_model(model, rank, world)
-    trainer = train_ddp.Trainer(model, dict(config.load_config(None, []), lr=1e-4), rank, world, device)
+        fsdp.shard_model(model, rank, world)
+    trainer = train_ddp.trainer_for(model, dict(config.load_config(None, []), lr=1e-4), rank, world, device)
     measured = {}
     step = trainer.optimizer.step
 

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import comal  # noqa: E402
 import config  # noqa: E402
+import fsdp  # noqa: E402
 
 # the public config.json numbers of the recipes' models (configs/llama3_8b_*.yaml, configs/qwen25_7b_*.yaml)
 ARCHS = {
@@ -53,10 +54,9 @@ def architecture(arch):
         hf = AutoConfig.from_pretrained(arch, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf)
-    import train_ddp
 
     seen, blocks = set(), []
-    for block in train_ddp.transformer_blocks(model):
+    for block in fsdp.transformer_blocks(model):
         ps = [p for p in block.parameters() if id(p) not in seen]
         seen.update(id(p) for p in ps)
         blocks.append(sum(p.numel() for p in ps))

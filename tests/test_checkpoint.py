@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import config
 import checkpoint
 import comal
+import fsdp
 import train_ddp
 from conftest import spawn
 from test_train import TRAIN_CFG, ddp_model, global_batches, micro_losses, small_cfg
@@ -133,8 +134,8 @@ def nan_worker(rank, world, init_file, parallel, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model = ddp_model(torch.float32)
     if parallel == "fsdp":
-        train_ddp.shard_model(model, rank, world)
-    trainer = train_ddp.Trainer(model, dict(config.load_config(None, []), **TRAIN_CFG), rank, world)
+        fsdp.shard_model(model, rank, world)
+    trainer = train_ddp.trainer_for(model, dict(config.load_config(None, []), **TRAIN_CFG), rank, world)
     trainer.last_checkpoint = "runs/x/checkpoints/iter-00002"
     ids = global_batches(1)[0].chunk(world)[rank]
     first = next(model.parameters())

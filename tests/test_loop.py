@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import checkpoint
 import config
+import fsdp
 import train_ddp
 from conftest import spawn
 from test_checkpoint import train
@@ -170,17 +171,17 @@ def grad_case(rank, world, parallel, clip):
     dtype = torch.float64 if parallel == "ddp" else torch.float32  # sharded units hold fp32 masters
     model = ddp_model(dtype)
     if parallel == "fsdp":
-        train_ddp.shard_model(model, rank, world, dtype)
+        fsdp.shard_model(model, rank, world, dtype)
     cfg = dict(config.load_config(None, []), grad_clip=clip, lr=0.1, warmup_ratio=0.0, bucket_mb=1)
     logged = []
-    trainer = train_ddp.Trainer(model, cfg, rank, world, log=logged.append)
+    trainer = train_ddp.trainer_for(model, cfg, rank, world, log=logged.append)
     trainer.optimizer = torch.optim.SGD(trainer.params, lr=0.1)
     trainer.lr_at = lambda step, steps: 0.1  # a constant learning rate, as the reference
     seen = []
     real = trainer.optimizer.step
 
     def full(tensor_of):  # {name: full tensor}, gathered unit by unit when sharded
-        if trainer.units is None:
+        if not isinstance(trainer, train_ddp.ShardedTrainer):
             return {n: tensor_of(p).detach().clone() for n, p in model.named_parameters()}
         return {name: t for u in trainer.units for name, t in u.split(u.gathered_fp32(tensor_of(u.shard))).items()}
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import checkpoint
 import comal
 import config
+import fsdp
 import train_ddp
 from conftest import spawn
 
@@ -32,9 +33,9 @@ def load_worker(rank, world, init_file, base, out):
         return real(self, *exc)
 
     checkpoint.SafetensorsReader.__exit__ = record
-    policy = train_ddp.load_sharded(base, rank, world, torch.device("cpu"), torch.float32)
+    policy = fsdp.load_sharded(base, rank, world, torch.device("cpu"), torch.float32)
     policy_read = read["bytes"]
-    ref = train_ddp.load_sharded(base, rank, world, torch.device("cpu"), torch.bfloat16, torch.bfloat16, frozen=True)
+    ref = fsdp.load_sharded(base, rank, world, torch.device("cpu"), torch.bfloat16, torch.bfloat16, frozen=True)
     got = {"policy": {}, "ref": {}, "read": policy_read, "shard_dtypes": {str(u.shard.dtype) for u in ref.flat_units},
            "ref_requires_grad": any(p.requires_grad for p in ref.parameters())}
     for key, m in (("policy", policy), ("ref", ref)):
@@ -46,7 +47,7 @@ def load_worker(rank, world, init_file, base, out):
     calls, real_gather = [], dist.all_gather_single
     dist.all_gather_single = lambda *a, **kw: (calls.append(1), real_gather(*a, **kw))[1]
     for rollout in ("gathered", "sharded"):
-        trainer = train_ddp.Trainer(policy, dict(cfg, parallel="fsdp", rollout=rollout, n_samples=3, max_new_tokens=10),
+        trainer = train_ddp.ShardedTrainer(policy, dict(cfg, parallel="fsdp", rollout=rollout, n_samples=3, max_new_tokens=10),
                                     rank, world)
         calls.clear()
         gen = torch.Generator().manual_seed(rank)
@@ -137,10 +138,10 @@ def held_bytes(rank, world, base, parallel):
     from sample import sequence_logprobs
 
     if parallel == "fsdp":
-        model = train_ddp.load_sharded(base, rank, world, torch.device("cpu"), torch.float32)
+        model = fsdp.load_sharded(base, rank, world, torch.device("cpu"), torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    trainer = train_ddp.Trainer(model, dict(config.load_config(None, []), parallel=parallel), rank, world)
+    trainer = train_ddp.trainer_for(model, dict(config.load_config(None, []), parallel=parallel), rank, world)
     held, real = {}, trainer.optimizer.step
 
     def step(*a, **kw):
@@ -186,7 +187,7 @@ def scatter_worker(rank, world, init_file, out):
     flat = torch.randn(size * world, generator=torch.Generator().manual_seed(rank)) * 10 ** (rank - 1)
     ref = torch.empty(size)
     dist.reduce_scatter_single(ref, flat)  # gloo's own
-    torch.save({"ours": train_ddp.reduce_scatter_sum(flat, size, world), "gloo": ref, "flat": flat}, f"{out}.{rank}")
+    torch.save({"ours": fsdp.reduce_scatter_sum(flat, size, world), "gloo": ref, "flat": flat}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 

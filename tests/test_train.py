@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 import config
 import checkpoint
 import comal
+import fsdp
 import oracle as oracle_lib
 import tiny
 import train_ddp
@@ -544,9 +545,9 @@ def fsdp_worker(rank, world, init_file, ckpt):
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(3.0)  # shard_model must broadcast rank 0's weights first
-    train_ddp.shard_model(model, rank, world)
+    fsdp.shard_model(model, rank, world)
     assert all(p.untyped_storage().size() == 0 for p in model.model.layers[0].parameters())  # blocks stay freed
-    trainer = train_ddp.Trainer(model, dict(config.load_config(None, []), **FSDP_CFG), rank, world)
+    trainer = train_ddp.ShardedTrainer(model, dict(config.load_config(None, []), **FSDP_CFG), rank, world)
     batches = global_batches()
     for step, ids in enumerate(batches[:2]):
         trainer.step(micro_losses(model, ids.chunk(world)[rank]), 0, step, len(batches))
@@ -579,8 +580,8 @@ def test_sharded_equals_one_process_samples_alike_and_resumes_on_other_world(tmp
     assert torch.equal(torch.load(os.path.join(ckpt, "sampled.pt")), plain.response_ids)
     # 3. resume the 2-rank checkpoint on 1 rank (streamed sharded loading, world 1): step 3 equals an
     # uninterrupted run
-    model = train_ddp.load_sharded(ckpt, 0, 1, torch.device("cpu"), torch.float32)
-    trainer = train_ddp.Trainer(model, dict(config.load_config(None, []), **FSDP_CFG))
+    model = fsdp.load_sharded(ckpt, 0, 1, torch.device("cpu"), torch.float32)
+    trainer = train_ddp.ShardedTrainer(model, dict(config.load_config(None, []), **FSDP_CFG))
     checkpoint.load_optimizer(trainer.optimizer, ckpt, units=trainer.units)
     trainer.step(micro_losses(model, batches[2]), 0, 2, 3)
     full = plain_run(batches).state_dict()
@@ -598,9 +599,9 @@ def test_activation_checkpointing_gives_equal_gradients(sharded):
     for ckpt in (False, True):
         model = ddp_model(torch.float64)
         if sharded:
-            train_ddp.shard_model(model, 0, 1, torch.float64, activation_checkpointing=ckpt)
+            fsdp.shard_model(model, 0, 1, torch.float64, activation_checkpointing=ckpt)
         elif ckpt:
-            train_ddp.checkpoint_blocks(model)
+            fsdp.checkpoint_blocks(model)
         model.train()
         calls = []
         model.model.layers[1].mlp.register_forward_pre_hook(lambda *a: calls.append(1))  # pre: recompute stops early
