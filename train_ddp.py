@@ -268,7 +268,7 @@ def category_metrics(game, state, eval_ids, prev, max_new_tokens):
     out = {"exploitability": float(game.exploitability(dist_).mean()),
            "exploitability_of_mean": float(game.exploitability(mean)),
            "category_dist": [round(float(x), 5) for x in mean], "category_mass_pruned": float(pruned.max()),
-           "category_dist_per_prompt": [[round(float(x), 5) for x in row] for row in dist_]}  # eval.py --steps
+           "category_dist_per_prompt": [[round(float(x), 5) for x in row] for row in dist_]}  # diagnostics.py --steps
     if prev is not None:  # P(pi^{k+1} > pi^k), exact on the category game
         out["winrate_vs_prev_exact"] = float(mean @ game.extended_payoff() @ prev)
     return out, mean

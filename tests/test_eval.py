@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import config
+import diagnostics
 import eval as ev
 import oracle as oracle_lib
 import tiny
@@ -204,7 +205,7 @@ def test_figure1_draws_the_runs_from_their_metrics(base, tmp_path, capsys):
         p = torch.tensor(logged[-1]["category_dist"][:3], dtype=torch.float64)
         assert res[algo]["policies"][-1] == pytest.approx((p / p.sum()).tolist())
         assert f"| {algo} | 2 | {logged[0]['exploitability']:.4f} | {logged[-1]['exploitability']:.4f} |" in table
-        for r in logged:  # per eval prompt too (eval.py --steps): their mean, and the mean of their exploitabilities
+        for r in logged:  # per eval prompt too (diagnostics.py --steps): their mean, and the mean of their exploitabilities
             per = torch.tensor(r["category_dist_per_prompt"], dtype=torch.float64)
             assert per.shape == (2, 4) and per.mean(0).tolist() == pytest.approx(r["category_dist"], abs=2e-5)
             assert r["exploitability"] == pytest.approx(float(oracle_lib.CategoryGame().exploitability(per).mean()),
@@ -286,19 +287,19 @@ def test_steps_compares_each_logged_step_with_the_algorithms_exact_step(tmp_path
     gets cosine 1 and length 1 at every iteration, and the exact algorithm from its start is the run itself;
     one taking half steps gets length 0.5 (cosine 1) and ends elsewhere than the exact algorithm."""
     recs = synthetic_run(str(tmp_path / "exact"), algo, extra)
-    rows = ev.main(["--steps", str(tmp_path / "exact"), "--out", str(tmp_path / "o")])
+    rows = diagnostics.main(["--steps", str(tmp_path / "exact"), "--out", str(tmp_path / "o")])
     assert [r["iteration"] for r in rows] == list(range(8))
     for r, logged in zip(rows, recs[1:]):
         assert r["cos"] == pytest.approx(1.0, abs=1e-9) and r["length_ratio"] == pytest.approx(1.0, abs=1e-9)
         assert r["exact_algorithm"] == pytest.approx(logged["category_dist"], abs=1e-9)
     synthetic_run(str(tmp_path / "half"), algo, extra, scale=0.5)
-    rows = ev.main(["--steps", str(tmp_path / "half"), "--out", str(tmp_path / "o2")])
+    rows = diagnostics.main(["--steps", str(tmp_path / "half"), "--out", str(tmp_path / "o2")])
     assert all(r["cos"] == pytest.approx(1.0, abs=1e-9) for r in rows)
     assert all(r["length_ratio"] == pytest.approx(0.5, abs=1e-9) for r in rows)
     assert rows[-1]["exact_algorithm"] == pytest.approx(recs[-1]["category_dist"], abs=1e-9)  # from the same start
     assert abs(rows[-1]["exploitability"] - rows[-1]["exact_algorithm_exploitability"]) > 1e-3
     assert "length ratio median 0.50" in (tmp_path / "o2" / "steps.md").read_text()
-    fit = ev.step_fit(rows)
+    fit = diagnostics.step_fit(rows)
     assert fit["fraction"] == pytest.approx(0.5, abs=1e-9) and fit["r2"] == pytest.approx(1.0, abs=1e-9)
     capsys.readouterr()
 
@@ -311,15 +312,15 @@ def test_step_fit_splits_a_change_into_the_exact_step_and_a_rest():
     assert float(x2 @ y2) == 0
     rows = [{"d_model": [0.5 * x1 + y1, 0.5 * x1 + y1], "d_exact": [x1, x1]},
             {"d_model": [0.5 * x2 + y2, 0.5 * x2 + y2], "d_exact": [x2, x2]}]
-    fit = ev.step_fit(rows)
+    fit = diagnostics.step_fit(rows)
     explained = 2 * float((0.5 * x1) @ (0.5 * x1) + (0.5 * x2) @ (0.5 * x2))
     total = 2 * float((0.5 * x1 + y1) @ (0.5 * x1 + y1) + (0.5 * x2 + y2) @ (0.5 * x2 + y2))
     assert fit["fraction"] == pytest.approx(0.5, abs=1e-12)
     assert fit["r2"] == pytest.approx(explained / total, abs=1e-12) and fit["r2"] < 0.9
     assert fit["prompts_together"] == pytest.approx(1.0, abs=1e-12)
     rows[0]["d_model"][1], rows[1]["d_model"][1] = -rows[0]["d_model"][0], -rows[1]["d_model"][0]
-    assert ev.step_fit(rows)["prompts_together"] == pytest.approx(-1.0, abs=1e-12)
-    assert ev.step_fit([{"d_model": [x1], "d_exact": [x1]}])["prompts_together"] is None
+    assert diagnostics.step_fit(rows)["prompts_together"] == pytest.approx(-1.0, abs=1e-12)
+    assert diagnostics.step_fit([{"d_model": [x1], "d_exact": [x1]}])["prompts_together"] is None
 
 
 def test_steps_refuses_an_algorithm_without_a_closed_form_step(tmp_path, capsys):
@@ -329,7 +330,7 @@ def test_steps_refuses_an_algorithm_without_a_closed_form_step(tmp_path, capsys)
     cfg = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     cfg["algo"] = "grpo"
     (tmp_path / "r" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    assert ev.cli(["--steps", str(tmp_path / "r")]) == 2
+    assert diagnostics.cli(["--steps", str(tmp_path / "r")]) == 2
     assert "no closed-form step" in capsys.readouterr().err
 
 
@@ -341,7 +342,7 @@ def test_steps_per_prompt_when_the_run_logged_them(tmp_path):
     starts = ([0.04, 0.10, 0.03, 0.83], [0.50, 0.05, 0.05, 0.40])
     recs = synthetic_run(str(tmp_path / "r"), "comal", dict(eta=[2.0, 1.0], eta_tau=0.5, ref_update_every=3),
                          starts=starts)
-    rows = ev.main(["--steps", str(tmp_path / "r"), "--out", str(tmp_path / "o")])
+    rows = diagnostics.main(["--steps", str(tmp_path / "r"), "--out", str(tmp_path / "o")])
     assert all(r["prompts"] == 2 for r in rows)
     assert all(r["cos"] == pytest.approx(1.0, abs=1e-9) and r["length_ratio"] == pytest.approx(1.0, abs=1e-9)
                for r in rows)
@@ -354,7 +355,7 @@ def test_steps_per_prompt_when_the_run_logged_them(tmp_path):
         del rec["category_dist_per_prompt"]
     with open(tmp_path / "r" / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in recs)
-    rows = ev.main(["--steps", str(tmp_path / "r"), "--out", str(tmp_path / "o2")])
+    rows = diagnostics.main(["--steps", str(tmp_path / "r"), "--out", str(tmp_path / "o2")])
     assert min(r["cos"] for r in rows) < 0.999
 
 
@@ -387,3 +388,28 @@ def test_sample_category_counts_are_the_samplers_distribution_on_the_training_pr
     se = (p * (1 - p) / n).sqrt().clamp(min=1 / n)
     assert ((freq - p).abs() / se).max() < 4, (freq.tolist(), p.tolist())
     assert (p > 0.05).sum() >= 2  # a spread distribution: the comparison can tell categories apart
+
+
+def test_sampling_check_agrees_with_the_enumeration_and_catches_a_wrong_one(base, tmp_path, monkeypatch):
+    """diagnostics.py --sampling-check: model.generate samples of the newest checkpoint against the exact
+    category distribution; a distribution with two categories swapped is refused."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(base, run / "checkpoints" / "iter-00000")
+    (run / "checkpoints" / "iter-00000" / "manifest.json").write_text("{}")
+    cfg = dict(config.load_config(None, []), model=base, eval_prompts=2)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    got = diagnostics.main(["--sampling-check", str(run), "--samples", "400", "--out", str(tmp_path / "o")])
+    assert (tmp_path / "o" / "sampling_check.md").is_file() and got["sampled"][1] > 0.3  # the base's paper skew
+    real = oracle_lib.CategoryGame.policy_distribution
+
+    def swapped(self, *a, **kw):  # rock and paper exchanged
+        dist, unsettled = real(self, *a, **kw)
+        return dist[:, [1, 0, 2, 3]], unsettled
+
+    monkeypatch.setattr(oracle_lib.CategoryGame, "policy_distribution", swapped)
+    with pytest.raises(ev.EvalError, match="outside 4 standard errors"):
+        diagnostics.main(["--sampling-check", str(run), "--samples", "400", "--out", str(tmp_path / "o")])
