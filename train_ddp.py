@@ -377,8 +377,9 @@ def train_locked(cfg, rank, world, device, say):
     master, out_dir = rank == 0, cfg["out_dir"]
     resume = on_rank0(lambda: checkpoint.choose_resume(out_dir, cfg["resume"], say), world, device)
     saved = checkpoint.read_state(resume) if resume else None
-    if saved and checkpoint.resume_refusal(resume, saved, cfg):
-        raise ConfigError(checkpoint.resume_refusal(resume, saved, cfg))
+    refusal = checkpoint.resume_refusal(resume, saved, cfg) if saved else None
+    if refusal:
+        raise ConfigError(refusal)
     spec = comal.ALGOS[cfg["algo"]]
     base_path = base_policy_path(cfg, master, world, say)
     state, trainer = load_models(cfg, spec, base_path, resume, rank, world, device)
