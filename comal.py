@@ -20,12 +20,14 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 import losses
+from keys import Key, integer, number, one_of, optional, positive, schedule
 from sample import cat_samples, generate, sequence_logprobs
 
 
@@ -34,44 +36,23 @@ class SpecError(ValueError):
 
 
 # ---------------------------------------------------------------------------
-# Config keys an algorithm may read. Each spec lists the ones it reads; a key set in a config for an
-# algorithm that does not read it is an error (train_ddp.check_config), never silently ignored.
-# key: (default, meaning, check(value) -> error message or None)
+# Config keys an algorithm may read (keys.Key: default, meaning, check). Each spec lists the ones it reads; a
+# key set in a config for an algorithm that does not read it is an error (config.check_algorithm_keys).
 # ---------------------------------------------------------------------------
 
-
-def _positive(v):
-    return None if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 else "must be > 0"
-
-
-def _schedule(lo_ok):
-    def check(v):
-        vs = v if isinstance(v, list) else [v]
-        ok = vs and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in vs)
-        if not ok or any(x < 0 or (x == 0 and not lo_ok) for x in vs):
-            return f"must be {'>= 0' if lo_ok else '> 0'} (a number, or a non-empty per-round list of numbers)"
-        return None
-    return check
-
-
-def _one_of(*choices):
-    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
-
-
 KEYS = {
-    "eta": (2.0, "mirror-descent step size eta (paper: eta^-1 = 0.002 -> 500); a list is a per-round schedule",
-            _schedule(False)),
-    "tau": (0.1, "KL strength tau of J_tau (eq. 2) towards pi_ref; a list is a per-round schedule", _schedule(True)),
-    "eta_tau": (None, "if set, tau = eta_tau / eta in every round (paper: 1/3); replaces tau",
-                lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1
-                else "must be in (0, 1): Alg. 2's step mixes mu^(1 - eta tau) pi_ref^(eta tau)"),
-    "ref_update_every": (10, "iterations per round: pi_ref <- pi^k at the start of each round (Alg. 3)",
-                         lambda v: None if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else "must be an int >= 1"),
-    "pair_selection": ("all", "best_worst (the paper's pair per group) or all (every pair with soft labels: "
-                       "unbiased for eq. 13/14, minimiser = the prox step)", _one_of("all", "best_worst")),
-    "clip_eps": (0.2, "GRPO's ratio clipping (eq. 15)", _positive),
-    "kappa": (0.1, "NashMP: EMA rate of the target after each optimizer step",
-              lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 else "must be in (0, 1]"),
+    "eta": Key(2.0, "mirror-descent step size eta (paper: eta^-1 = 0.002 -> 500); a list is a per-round schedule",
+               schedule(lo_ok=False)),
+    "tau": Key(0.1, "KL strength tau of J_tau (eq. 2) towards pi_ref; a list is a per-round schedule",
+               schedule(lo_ok=True)),
+    "eta_tau": Key(None, "if set, tau = eta_tau / eta in every round (paper: 1/3); replaces tau",
+                   optional(number(0, 1, lo_open=True, hi_open=True,
+                                   why=": Alg. 2's step mixes mu^(1 - eta tau) pi_ref^(eta tau)"))),
+    "ref_update_every": Key(10, "iterations per round: pi_ref <- pi^k at the start of each round (Alg. 3)", integer(1)),
+    "pair_selection": Key("all", "best_worst (the paper's pair per group) or all (every pair with soft labels: "
+                          "unbiased for eq. 13/14, minimiser = the prox step)", one_of("all", "best_worst")),
+    "clip_eps": Key(0.2, "GRPO's ratio clipping (eq. 15)", positive),
+    "kappa": Key(0.1, "NashMP: EMA rate of the target after each optimizer step", number(0, 1, lo_open=True)),
 }
 
 
@@ -84,12 +65,9 @@ KEYS = {
 class Algorithm:
     """Everything that makes an algorithm itself. The loop, the trainer and toy_game.py read only this.
 
-    loss      (e, h) -> (b,) per-example loss to minimise. e: the micro-batch's fields, named
-              QUANTITY_FIELD: QUANTITY is pi (trained policy, gradients flow), mu (the sampler),
-              ref (pi_ref), opp (the opponent), center (mu or ref, see below), len (the response's
-              length in tokens), a per-response value
-              of the example kind (g, adv, ...), or with token_level pi_tok / mu_tok / ref_tok / mask;
-              FIELD is one of the kind's row fields (w, l, y, a, b). h: eta, tau and the spec's keys.
+    loss      (x, h) -> (b,) per-example loss to minimise, a named function of the section above: x is the
+              micro-batch (Batch: example rows, per-response log-probs and values), h the round's eta, tau
+              and the spec's keys (Hyper).
     examples  the example kind (EXAMPLES): pairs, responses, response_pairs or groups.
     ref       pi_ref: "none"; "base" (pi_0, fixed: INPO, GRPO, NashMP, offline DPO/IPO);
               "rounds" (pi_ref <- pi^k at the start of each round: Alg. 3).
@@ -129,8 +107,81 @@ class Algorithm:
         return "tau" in self.keys
 
     def key_defs(self):
-        """{key: (default, meaning, check)} of every key this algorithm reads."""
+        """{key: Key} of every key this algorithm reads."""
         return {k: self.own_keys[k] if k in self.own_keys else KEYS[k] for k in self.keys}
+
+
+# ---------------------------------------------------------------------------
+# What each loss reads. x: the micro-batch (Batch), h: the round's eta, tau and the spec's keys (Hyper).
+# Returns (b,) per-example losses. One function per loss form; the table names the one each algorithm uses.
+# ---------------------------------------------------------------------------
+
+
+def dpo(x, h):  # DPO (App. F): pairs w > l, from the step's centre
+    w, l = x.rows["w"], x.rows["l"]
+    return losses.dpo_loss(x.pi[w], x.pi[l], x.center[w], x.center[l], h.eta)
+
+
+def ipo(x, h):  # IPO (eq. 13): pairs w > l, from the step's centre
+    w, l = x.rows["w"], x.rows["l"]
+    return losses.ipo_loss(x.pi[w], x.pi[l], x.center[w], x.center[l], h.eta)
+
+
+def inpo(x, h):  # INPO (eq. 14): pairs w > l sampled from mu, KL towards pi_ref
+    w, l = x.rows["w"], x.rows["l"]
+    return losses.inpo_loss(x.pi[w], x.pi[l], x.ref[w], x.ref[l], x.mu[w], x.mu[l], h.eta, h.tau)
+
+
+def sppo(x, h):  # SPPO (App. F): each response y regressed on its win rate
+    y = x.rows["y"]
+    return losses.sppo_loss(x.pi[y], x.mu[y], x.values["g"][y], h.eta)
+
+
+def reg_sppo(x, h):  # Reg-SPPO (Alg. 6/7): SPPO with tau's KL towards pi_ref
+    y = x.rows["y"]
+    return losses.sppo_loss(x.pi[y], x.mu[y], x.values["g"][y], h.eta, x.ref[y], h.tau)
+
+
+def dro(x, h):  # DRO (App. F): a prompt's group y (b, n)
+    y = x.rows["y"]
+    return losses.dro_group_loss(x.pi[y], x.mu[y], x.values["g"][y], x.values["gw"][y], h.eta)
+
+
+def reg_dro(x, h):  # Reg-DRO (Alg. 8/9)
+    y = x.rows["y"]
+    return losses.dro_group_loss(x.pi[y], x.mu[y], x.values["g"][y], x.values["gw"][y], h.eta, x.ref[y], h.tau)
+
+
+def rebel(x, h):  # REBEL (App. F): pairs (a, b) of a group
+    a, b, g = x.rows["a"], x.rows["b"], x.values["g"]
+    return losses.rebel_loss(x.pi[a], x.pi[b], x.mu[a], x.mu[b], g[a], g[b], h.eta)
+
+
+def reg_rebel(x, h):  # Reg-REBEL (Alg. 10/11)
+    a, b, g = x.rows["a"], x.rows["b"], x.values["g"]
+    return losses.rebel_loss(x.pi[a], x.pi[b], x.mu[a], x.mu[b], g[a], g[b], h.eta, x.ref[a], x.ref[b], h.tau)
+
+
+def optimistic_rebel(x, h):  # OMWU (App. H): REBEL with the optimistic gain 2 g_{pi^k} - g_{pi^{k-1}}
+    a, b, g, gopp = x.rows["a"], x.rows["b"], x.values["g"], x.values["gopp"]
+    return losses.rebel_loss(x.pi[a], x.pi[b], x.mu[a], x.mu[b], 2 * g[a] - gopp[a], 2 * g[b] - gopp[b], h.eta)
+
+
+def grpo(x, h):  # GRPO (eq. 15) with Alg. 5's win-rate rewards, advantages normalised by the group's std
+    y = x.rows["y"]
+    adv = x.values["adv"][y] / (x.values["adv_std"][y] + 1e-6)
+    return losses.grpo_loss(x.pi_tok[y], x.mu_tok[y], x.ref_tok[y], adv, x.mask[y], h.tau, h.clip_eps)
+
+
+def dr_grpo(x, h):  # Dr.GRPO: no std normalisation, tokens summed over a constant max length
+    y = x.rows["y"]
+    return losses.grpo_loss(x.pi_tok[y], x.mu_tok[y], x.ref_tok[y], x.values["adv"][y], x.mask[y], h.tau,
+                            h.clip_eps, dr_grpo=True, max_len=h.max_new_tokens)
+
+
+def nashmp(x, h):  # -P(pi > target) + tau KL(pi || pi_ref) + (tau / eta) KL(pi || target), on-policy
+    y, v = x.rows["y"], x.values
+    return losses.nashmp_loss(x.pi[y], v["gopp"][y], v["gopp_base"][y], x.ref[y], x.opp[y], h.tau, h.eta)
 
 
 G = lambda q, h: q.g  # noqa: E731  Prox(center, eta g_mu)
@@ -141,76 +192,41 @@ ROUNDS = ("ref_update_every",)
 
 ALGOS = {
     # --- pairwise preference losses (eq. 12-14) ---
-    "dpo": Algorithm(  # offline: pairs from pi_ref = pi_0, labels from the oracle, one fixed target
-        lambda e, h: losses.dpo_loss(e.pi_w, e.pi_l, e.center_w, e.center_l, h.eta),
-        "pairs", PAIRS, ref="base", sampler="ref", center="ref", doc="DPO (App. F), offline"),
-    "ipo": Algorithm(
-        lambda e, h: losses.ipo_loss(e.pi_w, e.pi_l, e.center_w, e.center_l, h.eta),
-        "pairs", PAIRS, ref="base", sampler="ref", center="ref", prox_gain=G, doc="IPO (eq. 13), offline"),
-    "iter_dpo": Algorithm(
-        lambda e, h: losses.dpo_loss(e.pi_w, e.pi_l, e.center_w, e.center_l, h.eta),
-        "pairs", PAIRS, doc="iterative DPO: DPO from mu = pi^k each iteration"),
-    "iter_ipo": Algorithm(
-        lambda e, h: losses.ipo_loss(e.pi_w, e.pi_l, e.center_w, e.center_l, h.eta),
-        "pairs", PAIRS, prox_gain=G, doc="iterative IPO = mirror descent (App. F); cycles"),
-    "inpo": Algorithm(
-        lambda e, h: losses.inpo_loss(e.pi_w, e.pi_l, e.ref_w, e.ref_l, e.mu_w, e.mu_l, h.eta, h.tau),
-        "pairs", PAIRS + TAU, ref="base", prox_gain=G_TAU, doc="INPO (Alg. 4, eq. 14), pi_ref = pi_0"),
-    "comal": Algorithm(
-        lambda e, h: losses.inpo_loss(e.pi_w, e.pi_l, e.ref_w, e.ref_l, e.mu_w, e.mu_l, h.eta, h.tau),
-        "pairs", PAIRS + TAU + ROUNDS, ref="rounds", prox_gain=G_TAU, doc="COMAL (Alg. 3) with INPO steps"),
-    "mirror_prox": Algorithm(  # round = 2 iterations: pi^{k+1/2} = Prox(pi^k, eta g(pi^k)), pi^{k+1} = Prox(pi^k, eta g(pi^{k+1/2}))
-        lambda e, h: losses.ipo_loss(e.pi_w, e.pi_l, e.center_w, e.center_l, h.eta),
-        "pairs", PAIRS, ref="rounds", center="ref", round_len=2, prox_gain=G, doc="Mirror-Prox (App. H) by IPO"),
+    "dpo": Algorithm(dpo, "pairs", PAIRS, ref="base", sampler="ref", center="ref",
+                     doc="DPO (App. F), offline: pairs from pi_ref = pi_0, one fixed target"),
+    "ipo": Algorithm(ipo, "pairs", PAIRS, ref="base", sampler="ref", center="ref", prox_gain=G,
+                     doc="IPO (eq. 13), offline"),
+    "iter_dpo": Algorithm(dpo, "pairs", PAIRS, doc="iterative DPO: DPO from mu = pi^k each iteration"),
+    "iter_ipo": Algorithm(ipo, "pairs", PAIRS, prox_gain=G, doc="iterative IPO = mirror descent (App. F); cycles"),
+    "inpo": Algorithm(inpo, "pairs", PAIRS + TAU, ref="base", prox_gain=G_TAU, doc="INPO (Alg. 4, eq. 14), pi_ref = pi_0"),
+    "comal": Algorithm(inpo, "pairs", PAIRS + TAU + ROUNDS, ref="rounds", prox_gain=G_TAU,
+                       doc="COMAL (Alg. 3) with INPO steps"),
+    # a round = 2 iterations: pi^{k+1/2} = Prox(pi^k, eta g(pi^k)), pi^{k+1} = Prox(pi^k, eta g(pi^{k+1/2}))
+    "mirror_prox": Algorithm(ipo, "pairs", PAIRS, ref="rounds", center="ref", round_len=2, prox_gain=G,
+                             doc="Mirror-Prox (App. H) by IPO"),
     # --- regression on responses with estimated win rates (App. F, G) ---
-    "sppo": Algorithm(
-        lambda e, h: losses.sppo_loss(e.pi_y, e.mu_y, e.g_y, h.eta),
-        "responses", ("eta",), doc="SPPO (App. F): log Z replaced by eta/2"),
-    "comal_sppo": Algorithm(
-        lambda e, h: losses.sppo_loss(e.pi_y, e.mu_y, e.g_y, h.eta, e.ref_y, h.tau),
-        "responses", ("eta",) + TAU + ROUNDS, ref="rounds", doc="COMAL with Reg-SPPO (Alg. 6/7)"),
-    "dro": Algorithm(
-        lambda e, h: losses.dro_group_loss(e.pi_y, e.mu_y, e.g_y, e.gw_y, h.eta),
-        "groups", ("eta",), prox_gain=G, doc="DRO (App. F), per-prompt value at its optimum"),
-    "comal_dro": Algorithm(
-        lambda e, h: losses.dro_group_loss(e.pi_y, e.mu_y, e.g_y, e.gw_y, h.eta, e.ref_y, h.tau),
-        "groups", ("eta",) + TAU + ROUNDS, ref="rounds", prox_gain=G_TAU, doc="COMAL with Reg-DRO (Alg. 8/9)"),
-    "rebel": Algorithm(
-        lambda e, h: losses.rebel_loss(e.pi_a, e.pi_b, e.mu_a, e.mu_b, e.g_a, e.g_b, h.eta),
-        "response_pairs", ("eta",), prox_gain=G, doc="REBEL (App. F)"),
-    "comal_rebel": Algorithm(
-        lambda e, h: losses.rebel_loss(e.pi_a, e.pi_b, e.mu_a, e.mu_b, e.g_a, e.g_b, h.eta, e.ref_a, e.ref_b, h.tau),
-        "response_pairs", ("eta",) + TAU + ROUNDS, ref="rounds", prox_gain=G_TAU,
-        doc="COMAL with Reg-REBEL (Alg. 10/11)"),
-    "omwu": Algorithm(  # optimistic gain 2 g_{pi^k} - g_{pi^{k-1}} (App. H) in REBEL's pairwise regression
-        lambda e, h: losses.rebel_loss(e.pi_a, e.pi_b, e.mu_a, e.mu_b, 2 * e.g_a - e.gopp_a, 2 * e.g_b - e.gopp_b, h.eta),
-        "response_pairs", ("eta",), opponent="prev", prox_gain=lambda q, h: 2 * q.g - q.gopp,
-        doc="Optimistic MWU (App. H)"),
-    # --- policy-gradient surrogates ---
-    "grpo": Algorithm(  # eq. 15 with Alg. 5's win-rate rewards; tau is the KL coefficient to pi_ref
-        lambda e, h: losses.grpo_loss(e.pi_tok_y, e.mu_tok_y, e.ref_tok_y, e.adv_y / (e.adv_std_y + 1e-6), e.mask_y,
-                                      h.tau, h.clip_eps),
-        "responses", ("tau", "clip_eps"), ref="base", token_level=True, surrogate=True,
-        doc="GRPO (eq. 15, Alg. 5), pi_ref = pi_0"),
-    "dr_grpo": Algorithm(
-        lambda e, h: losses.grpo_loss(e.pi_tok_y, e.mu_tok_y, e.ref_tok_y, e.adv_y, e.mask_y, h.tau, h.clip_eps,
-                                      dr_grpo=True, max_len=h.max_new_tokens),
-        "responses", ("tau", "clip_eps"), ref="base", token_level=True, surrogate=True,
-        doc="Dr.GRPO: no std or length normalisation"),
-    "comal_grpo": Algorithm(
-        lambda e, h: losses.grpo_loss(e.pi_tok_y, e.mu_tok_y, e.ref_tok_y, e.adv_y / (e.adv_std_y + 1e-6), e.mask_y,
-                                      h.tau, h.clip_eps),
-        "responses", ("tau", "clip_eps") + ROUNDS, ref="rounds", token_level=True, surrogate=True,
-        doc="COMAL by iterative GRPO (Alg. 5)"),
-    "comal_dr_grpo": Algorithm(
-        lambda e, h: losses.grpo_loss(e.pi_tok_y, e.mu_tok_y, e.ref_tok_y, e.adv_y, e.mask_y, h.tau, h.clip_eps,
-                                      dr_grpo=True, max_len=h.max_new_tokens),
-        "responses", ("tau", "clip_eps") + ROUNDS, ref="rounds", token_level=True, surrogate=True,
-        doc="Alg. 5 with the Dr.GRPO objective"),
-    "nashmp": Algorithm(  # -P(pi > target) + tau KL(pi||pi_ref) + (tau/eta) KL(pi||target), on-policy
-        lambda e, h: losses.nashmp_loss(e.pi_y, e.gopp_y, e.gopp_base_y, e.ref_y, e.opp_y, h.tau, h.eta),
-        "responses", ("eta", "tau", "kappa"), ref="base", opponent="ema", on_policy=True, surrogate=True,
-        doc="Nash Mirror Prox (arXiv 2505.19731), practical form with an EMA target"),
+    "sppo": Algorithm(sppo, "responses", ("eta",), doc="SPPO (App. F): log Z replaced by eta/2"),
+    "comal_sppo": Algorithm(reg_sppo, "responses", ("eta",) + TAU + ROUNDS, ref="rounds",
+                            doc="COMAL with Reg-SPPO (Alg. 6/7)"),
+    "dro": Algorithm(dro, "groups", ("eta",), prox_gain=G, doc="DRO (App. F), per-prompt value at its optimum"),
+    "comal_dro": Algorithm(reg_dro, "groups", ("eta",) + TAU + ROUNDS, ref="rounds", prox_gain=G_TAU,
+                           doc="COMAL with Reg-DRO (Alg. 8/9)"),
+    "rebel": Algorithm(rebel, "response_pairs", ("eta",), prox_gain=G, doc="REBEL (App. F)"),
+    "comal_rebel": Algorithm(reg_rebel, "response_pairs", ("eta",) + TAU + ROUNDS, ref="rounds", prox_gain=G_TAU,
+                             doc="COMAL with Reg-REBEL (Alg. 10/11)"),
+    "omwu": Algorithm(optimistic_rebel, "response_pairs", ("eta",), opponent="prev",
+                      prox_gain=lambda q, h: 2 * q.g - q.gopp, doc="Optimistic MWU (App. H)"),
+    # --- policy-gradient surrogates; tau is the KL coefficient to pi_ref ---
+    "grpo": Algorithm(grpo, "responses", ("tau", "clip_eps"), ref="base", token_level=True, surrogate=True,
+                      doc="GRPO (eq. 15, Alg. 5), pi_ref = pi_0"),
+    "dr_grpo": Algorithm(dr_grpo, "responses", ("tau", "clip_eps"), ref="base", token_level=True, surrogate=True,
+                         doc="Dr.GRPO: no std or length normalisation"),
+    "comal_grpo": Algorithm(grpo, "responses", ("tau", "clip_eps") + ROUNDS, ref="rounds", token_level=True,
+                            surrogate=True, doc="COMAL by iterative GRPO (Alg. 5)"),
+    "comal_dr_grpo": Algorithm(dr_grpo, "responses", ("tau", "clip_eps") + ROUNDS, ref="rounds", token_level=True,
+                               surrogate=True, doc="Alg. 5 with the Dr.GRPO objective"),
+    "nashmp": Algorithm(nashmp, "responses", ("eta", "tau", "kappa"), ref="base", opponent="ema", on_policy=True,
+                        surrogate=True, doc="Nash Mirror Prox (arXiv 2505.19731), practical form with an EMA target"),
 }
 
 
@@ -268,17 +284,16 @@ def hyper(spec, cfg, eta, tau):
         h["eta"] = eta
     if spec.tau:
         h["tau"] = tau
-    h["max_new_tokens"] = cfg["max_new_tokens"]
-    return Hyper(h)
+    return Hyper(max_new_tokens=cfg["max_new_tokens"], **h)
 
 
-class Hyper(dict):
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"h.{name}: this algorithm's loss reads a key it does not declare "
-                                 f"(its keys: {', '.join(k for k in self if k != 'max_new_tokens')})") from None
+class Hyper(SimpleNamespace):
+    """h.eta, h.tau, h.<key>: only the keys the spec declares. A namespace, not a dict: a loss cannot fall back
+    to a default with h.get; reading an undeclared key is an error naming it."""
+
+    def __getattr__(self, name):  # only called for an attribute that is not set
+        keys = ", ".join(k for k in vars(self) if k != "max_new_tokens")
+        raise AttributeError(f"h.{name}: the algorithm's loss reads a key it does not declare (its keys: {keys})")
 
 
 # ---------------------------------------------------------------------------
@@ -370,40 +385,37 @@ def make_examples(spec, M, cfg, M_opp=None):
     return {"rows": rows, "weight": weight, "values": values}
 
 
+@dataclass
 class Batch:
-    """The fields a loss reads for examples `idx`: QUANTITY_FIELD (see Algorithm). `pi` holds the trained
-    policy's log-probs of the sorted unique `rows` (sequence (r,), or per token (r, T) for token-level
-    algorithms); `frozen` the precomputed per-response log-probs (N,) / (N, T) of mu, ref, opp, center."""
+    """What a loss reads for a micro-batch of examples. `rows`: the examples' fields as response ids, (b,) or
+    (b, n): w, l (pairs), y (responses; (b, n) for groups), a, b (response_pairs). Everything else is per
+    response, (N,) or (N, T) indexed by those ids (row p * n + i is response i of prompt p): x.pi[x.rows["w"]]
+    is the trained policy's log-prob of each pair's winner. None where the spec has no such quantity."""
 
-    def __init__(self, ex, idx, pi, rows, frozen):
-        self._fields = {f: r[idx] for f, r in ex["rows"].items()}
-        self._pi, self._rows, self._frozen, self._values = pi, rows, frozen, ex["values"]
-
-    def __getattr__(self, name):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        what, _, f = name.rpartition("_")
-        if f not in self._fields:
-            raise AttributeError(f"{name}: the examples have no field {f!r} (fields: {', '.join(self._fields)})")
-        r = self._fields[f]
-        if what in ("pi", "pi_tok"):
-            p = self._pi[torch.searchsorted(self._rows, r)]  # rows is sorted and unique: position of each row
-            if self._pi.dim() == 2:  # token-level policy log-probs (r, T)
-                return p if what == "pi_tok" else p.sum(-1)
-            if what == "pi_tok":
-                raise AttributeError(f"{name}: per-token log-probs need token_level=True in the spec")
-            return p
-        for table in (self._frozen, self._values):
-            if what in table:
-                return table[what][r]
-        raise AttributeError(f"{name}: no {what!r} here (log-probs: pi, {', '.join(self._frozen)}; "
-                             f"values: {', '.join(self._values) or 'none'})")
+    rows: dict
+    pi: torch.Tensor  # (N,) log pi_theta(y|x), gradients flow; NaN outside the micro-batch's responses
+    mu: torch.Tensor  # (N,) log mu(y|x), the sampler's
+    center: torch.Tensor  # (N,) the step's centre: mu's or pi_ref's (spec.center)
+    length: torch.Tensor  # (N,) response length in tokens, EOS included
+    values: dict  # (N,) per-response values of the example kind (make_examples): g, adv, adv_std, gw, gopp, ...
+    ref: torch.Tensor = None  # (N,) log pi_ref(y|x)
+    opp: torch.Tensor = None  # (N,) the opponent's log-prob (OMWU's pi^{k-1}, NashMP's target)
+    pi_tok: torch.Tensor = None  # (N, T) per-token log-probs (token_level specs) of pi, mu, pi_ref, the centre,
+    mu_tok: torch.Tensor = None  # and the response mask (N, T)
+    ref_tok: torch.Tensor = None
+    center_tok: torch.Tensor = None
+    mask: torch.Tensor = None
 
 
 def batch_loss(spec, ex, idx, pi, rows, frozen, h):
-    """Per-example loss (b,) of examples idx: the spec's loss on the Batch. Training and the exactness tests
-    call this same function."""
-    return spec.loss(Batch(ex, idx, pi, rows, frozen), h)
+    """Per-example loss (b,) of examples idx: the spec's loss on their Batch. pi: the trained policy's log-probs
+    (r,) or per token (r, T) of the responses `rows` (sorted unique ids); frozen: frozen_fields' (N,) tensors.
+    Training, fit_gap, toy_game and the exactness tests all call this function."""
+    full = pi.new_full((len(frozen["mu"]),) + pi.shape[1:], float("nan")).index_copy(0, rows, pi)  # (N,) / (N, T)
+    per_token = full if pi.dim() == 2 else None
+    x = Batch(rows={f: r[idx] for f, r in ex["rows"].items()}, pi=full.sum(-1) if pi.dim() == 2 else full,
+              pi_tok=per_token, values=ex["values"], **frozen)
+    return spec.loss(x, h)
 
 
 # ---------------------------------------------------------------------------
@@ -462,12 +474,13 @@ def frozen_logps(spec, models, seqs, micro, gathered=lambda model: contextlib.nu
 
 
 def frozen_fields(spec, seq, lengths, tok=None, mask=None):
-    """What a loss may read of the responses besides pi: the log-probs `seq` (N,) of mu, ref, opp; center (mu or
-    ref, by the spec); len (N,) the response lengths (EOS included); for token-level specs the per-token
-    log-probs `tok` (N, T) as mu_tok, ref_tok, ..., center_tok and the response mask (N, T)."""
-    out = dict(seq, center=seq[spec.center], len=lengths)
+    """Batch's per-response fields besides pi: the log-probs `seq` (N,) of mu, ref, opp (those the spec has);
+    center (mu's or ref's, by the spec); length (N,) of the responses (EOS included); for token-level specs the
+    per-token log-probs `tok` (N, T) of mu, ref and the centre, and the response mask (N, T)."""
+    out = {"mu": seq["mu"], "ref": seq.get("ref"), "opp": seq.get("opp"), "center": seq[spec.center],
+           "length": lengths}
     if spec.token_level:
-        out.update({f"{name}_tok": t for name, t in tok.items()}, center_tok=tok[spec.center], mask=mask)
+        out.update(mu_tok=tok["mu"], ref_tok=tok.get("ref"), center_tok=tok[spec.center], mask=mask)
     return out
 
 

@@ -1,7 +1,8 @@
-"""The run's configuration: every key with its default and meaning (DEFAULTS), YAML + key=value loading,
+"""The run's configuration: every key with its default, meaning and check (RUN_KEYS), YAML + key=value loading,
 validation before anything loads (one line naming the key), and the prompt set (files, datasets, the chat
 template, the subset of each iteration). train_ddp.py and eval.py read their inputs through here.
 """
+import copy
 import json
 import os
 
@@ -9,63 +10,75 @@ import checkpoint
 import comal
 import oracle as oracle_lib
 import smollm2  # noqa: F401 -- adds the offline demo's oracle kind, minilm_rubrics, to oracle.KINDS
+from keys import Key, flag, help_lines, integer, mapping, number, one_of, optional, positive, problem, strings, text
 
-# key: (default, meaning). Types follow the defaults (an int is accepted for a float). The keys an
-# algorithm reads (eta, tau, eta_tau, ref_update_every, pair_selection, clip_eps, kappa, ...) are not here:
-# each algorithm's spec lists them (comal.ALGOS / comal.KEYS), and setting one the algorithm does not read
-# is an error.
-DEFAULTS = {
-    "model": (None, "local HF directory of the base policy; null builds the tiny embedded base (tiny.py)"),
-    "out_dir": ("runs/tiny", "where config.yaml, metrics.jsonl and checkpoints/ go"),
-    "resume": ("auto", "auto: continue from the newest good checkpoint in out_dir (a fresh start if it has none); "
-                       "never: start fresh, refused if out_dir holds a run; or a checkpoint directory to continue from"),
-    "resume_changes": ([], "keys allowed to differ from the checkpoint's config on resume, e.g. [lr]; any other change "
-                           "to what defines the run (algo, eta, lr, batch sizes, oracle, model, seed, ...) is refused"),
-    "seed": (0, "all randomness derives from (seed, purpose, iteration, rank): comal.seed_for"),
-    "algo": ("comal", "one of " + ", ".join(comal.ALGOS)),
-    "iterations": (30, "number of iterations k (one data subset each)"),
-    "n_samples": (5, "responses per prompt (paper: 5)"),
-    "temperature": (1.0, "sampling temperature (paper: 0.8; 1.0 samples mu itself, as the theory assumes)"),
-    "top_p": (1.0, "nucleus sampling"),
-    "max_new_tokens": (8, "response length limit (also Dr.GRPO's constant normaliser)"),
-    "max_prompt_tokens": (1024, "prompts are truncated on the left to this many tokens"),
-    "prompts": (None, "JSONL/JSON/Parquet file, a local `datasets` directory or name; null = synthetic prompts"),
-    "prompt_field": ("prompt", "the field holding the instruction"),
-    "prompt_split": ("train", "split of a `datasets` prompt set"),
-    "num_subsets": (6, "the prompts are split into this many parts, used in turn (paper: 6)"),
-    "prompts_per_iteration": (32, "prompts used per iteration, from the iteration's subset (0 = all of it)"),
-    "lr": (5e-7, "AdamW peak learning rate (paper: 5e-7)"),
-    "warmup_ratio": (0.1, "linear warmup fraction of each iteration's steps, then cosine to 0 (paper: 10%)"),
-    "weight_decay": (0.0, "AdamW weight decay"),
-    "batch_size": (32, "global examples per optimizer step (paper: 32)"),
-    "micro_batch_size": (8, "examples per forward/backward on one rank"),
-    "epochs": (1, "passes over each iteration's examples (paper: 1)"),
-    "grad_clip": (1.0, "max global gradient norm (0 = off)"),
-    "optimizer_reset": ("never", "AdamW moments: never reset (kept across iterations) or zeroed at the start of "
-                                "every iteration (iteration: each iteration's loss minimised from scratch, as the "
-                                "paper fine-tunes anew each iteration; momentum of iteration k-1 never enters "
-                                "step k; checkpoints then hold no moments)"),
-    "fit_gap": (False, "log how much of the achievable decrease of each iteration's own loss the optimizer realised: "
-                       "the loss before and after training and its minimum over free per-response log-probs "
-                       "(comal.fit_gap; one more forward of the responses); not for surrogate or token-level losses"),
-    "oracle": ({"kind": "category"}, "the preference oracle block (oracle.py)"),
-    "eval_prompts": (16, "held-out prompts for exact category-game exploitability each iteration (0 = off)"),
-    "eval_prompt_file": (None, "held-out prompts for eval_prompts (a prompts-like file, field prompt_field; the "
-                               "first eval_prompts rows); null = synthetic instructions"),
-    "eval_winrate": (True, "log the win rate of the updated policy against mu's responses"),
-    "dtype": ("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16; master weights stay fp32"),
-    "bucket_mb": (25, "gradient all-reduce bucket size in MiB"),
-    "parallel": ("ddp", "ddp (replicated weights, bucketed all-reduce) or fsdp (flat shards per block, ZeRO-3 style)"),
-    "rollout_batch_size": (0, "prompts per generate call on each rank (0 = all of the iteration's at once); the KV "
-                               "cache holds rollout_batch_size x n_samples x (prompt + max_new_tokens) tokens"),
-    "rollout": ("gathered", "fsdp: gathered (sample and precompute log-probs from weights gathered once per phase, "
-                            "no collectives per token) or sharded (per-block gathers in every forward, for models "
-                            "too large to gather whole)"),
-    "activation_checkpointing": (False, "recompute each transformer block in backward instead of storing its activations"),
-    "keep_checkpoints": (0, "keep only the newest N checkpoints (0 = all)"),
-    "checkpoint_every": (1, "write a checkpoint after every N-th iteration, the last one and any stopped by a signal; "
-                            "a resume redoes the iterations after the newest checkpoint (bitwise as if never stopped)"),
-    "cache_dir": ("runs/cache", "where the tiny embedded base is built once"),
+# The run's keys (keys.Key: default, meaning, check). The keys an algorithm reads (eta, tau, eta_tau,
+# ref_update_every, pair_selection, clip_eps, kappa, ...) are not here: each algorithm's spec lists them
+# (comal.ALGOS / comal.KEYS), and setting one the algorithm does not read is an error.
+RUN_KEYS = {
+    "model": Key(None, "local HF directory of the base policy; null builds the tiny embedded base (tiny.py)",
+                 optional(text)),
+    "out_dir": Key("runs/tiny", "where config.yaml, metrics.jsonl and checkpoints/ go", text),
+    "resume": Key("auto", "auto: continue from the newest good checkpoint in out_dir (a fresh start if it has "
+                  "none); never: start fresh, refused if out_dir holds a run; or a checkpoint directory", text),
+    "resume_changes": Key([], "keys allowed to differ from the checkpoint's config on resume, e.g. [lr]; any other "
+                          "change to what defines the run (algo, eta, lr, batch sizes, oracle, model, seed, ...) "
+                          "is refused", strings),
+    "seed": Key(0, "all randomness derives from (seed, purpose, iteration, rank): comal.seed_for", integer()),
+    "algo": Key("comal", "one of " + ", ".join(comal.ALGOS), text),
+    "iterations": Key(30, "number of iterations k (one data subset each)", integer(1)),
+    "n_samples": Key(5, "responses per prompt (paper: 5); preferences compare at least 2", integer(2)),
+    "temperature": Key(1.0, "sampling temperature (paper: 0.8; 1.0 samples mu itself, as the theory assumes)",
+                       number(0, lo_open=True, why=" for training (greedy samples are all alike)")),
+    "top_p": Key(1.0, "nucleus sampling", number(0, 1, lo_open=True)),
+    "max_new_tokens": Key(8, "response length limit (also Dr.GRPO's constant normaliser)", integer(1)),
+    "max_prompt_tokens": Key(1024, "a longer prompt keeps its chat template whole and its instruction is cut from "
+                             "the left (the template alone needs several tokens)", integer(8)),
+    "prompts": Key(None, "JSONL/JSON/Parquet file, a local `datasets` directory or name; null = synthetic prompts",
+                   optional(text)),
+    "prompt_field": Key("prompt", "the field holding the instruction", text),
+    "prompt_split": Key("train", "split of a `datasets` prompt set", text),
+    "num_subsets": Key(6, "the prompts are split into this many parts, used in turn (paper: 6)", integer(1)),
+    "prompts_per_iteration": Key(32, "prompts used per iteration, from the iteration's subset (0 = all of it)",
+                                 integer(0)),
+    "lr": Key(5e-7, "AdamW peak learning rate (paper: 5e-7)", positive),
+    "warmup_ratio": Key(0.1, "linear warmup fraction of each iteration's steps, then cosine to 0 (paper: 10%)",
+                        number(0, 1, hi_open=True)),
+    "weight_decay": Key(0.0, "AdamW weight decay", number(0)),
+    "batch_size": Key(32, "global examples per optimizer step (paper: 32)", integer(1)),
+    "micro_batch_size": Key(8, "examples per forward/backward on one rank", integer(1)),
+    "epochs": Key(1, "passes over each iteration's examples (paper: 1)", integer(1)),
+    "grad_clip": Key(1.0, "max global gradient norm (0 = off)", number(0)),
+    "optimizer_reset": Key("never", "AdamW moments: never reset (kept across iterations) or zeroed at the start of "
+                           "every iteration (iteration: each iteration's loss minimised from scratch, as the paper "
+                           "fine-tunes anew each iteration; checkpoints then hold no moments)",
+                           one_of("never", "iteration")),
+    "fit_gap": Key(False, "log how much of the achievable decrease of each iteration's own loss the optimizer "
+                   "realised: the loss before and after training and its minimum over free per-response log-probs "
+                   "(comal.fit_gap; one more forward); not for surrogate or token-level losses", flag),
+    "oracle": Key({"kind": "category"}, "the preference oracle block (oracle.py; its keys are listed below)", mapping),
+    "eval_prompts": Key(16, "held-out prompts for exact category-game exploitability each iteration (0 = off)",
+                        integer(0)),
+    "eval_prompt_file": Key(None, "held-out prompts for eval_prompts (a prompts-like file, field prompt_field; "
+                            "the first eval_prompts rows); null = synthetic instructions", optional(text)),
+    "eval_winrate": Key(True, "log the win rate of the updated policy against mu's responses", flag),
+    "dtype": Key("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16; master weights stay fp32",
+                 one_of("auto", "float32", "bfloat16")),
+    "bucket_mb": Key(25, "gradient all-reduce bucket size in MiB", integer(1)),
+    "parallel": Key("ddp", "ddp (replicated weights, bucketed all-reduce) or fsdp (flat shards per block, "
+                    "ZeRO-3 style)", one_of("ddp", "fsdp")),
+    "rollout_batch_size": Key(0, "prompts per generate call on each rank (0 = all of the iteration's at once); the "
+                              "KV cache holds rollout_batch_size x n_samples x (prompt + max_new_tokens) tokens",
+                              integer(0)),
+    "rollout": Key("gathered", "fsdp: gathered (sample and precompute log-probs from weights gathered once per "
+                   "phase) or sharded (per-block gathers in every forward, for models too large to gather whole)",
+                   one_of("gathered", "sharded")),
+    "activation_checkpointing": Key(False, "recompute each transformer block in backward instead of storing its "
+                                    "activations", flag),
+    "keep_checkpoints": Key(0, "keep only the newest N checkpoints (0 = all)", integer(0)),
+    "checkpoint_every": Key(1, "write a checkpoint after every N-th iteration, the last one and any stopped by a "
+                            "signal; a resume redoes the iterations after the newest checkpoint", integer(1)),
+    "cache_dir": Key("runs/cache", "where the tiny embedded base is built once", text),
 }
 
 
@@ -84,10 +97,10 @@ class ConfigError(ValueError):
 
 
 def load_config(path, overrides):
-    """DEFAULTS <- YAML file <- key=value overrides (values parsed as YAML)."""
+    """RUN_KEYS' defaults <- YAML file <- key=value overrides (values parsed as YAML)."""
     import yaml
 
-    cfg = {k: v for k, (v, _) in DEFAULTS.items()}
+    cfg = {name: copy.deepcopy(k.default) for name, k in RUN_KEYS.items()}
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path} does not exist")
@@ -128,18 +141,18 @@ def set_key(cfg, key, value, where):
         cfg["oracle"] = dict(cfg["oracle"], **{key[len("oracle."):]: value})
         return
     algo = algo_keys()
-    if key not in DEFAULTS and key not in algo:
+    if key not in RUN_KEYS and key not in algo:
         import difflib
 
-        close = difflib.get_close_matches(key, list(DEFAULTS) + list(algo), n=3, cutoff=0.6)
+        close = difflib.get_close_matches(key, list(RUN_KEYS) + list(algo), n=3, cutoff=0.6)
         raise ConfigError(f"{key}: unknown config key ({where})" + (f"; did you mean {', '.join(close)}?" if close else ""))
     if key in algo:
         if value is None:  # key=null: not set (the algorithm's default, or absent for one that does not read it)
             cfg.pop(key, None)
             return
-        cfg[key] = as_number(value) if isinstance(algo[key][0], float) or key == "eta_tau" else value
+        cfg[key] = as_number(value) if isinstance(algo[key].default, float) or key == "eta_tau" else value
         return
-    cfg[key] = as_number(value) if isinstance(DEFAULTS[key][0], float) else value
+    cfg[key] = as_number(value) if isinstance(RUN_KEYS[key].default, float) else value
 
 
 def check_algorithm_keys(cfg):
@@ -157,11 +170,11 @@ def check_algorithm_keys(cfg):
         if key in cfg and key not in defs:
             raise ConfigError(f"{key}: algo {cfg['algo']} does not read this key (it reads: {', '.join(defs)}); "
                               f"remove it or set {key}=null")
-    for key, (default, _, check) in defs.items():
+    for key, k in defs.items():
         if key not in cfg:
-            cfg[key] = default
-        if cfg[key] is not None and (msg := check(cfg[key])):
-            raise ConfigError(f"{key} {msg}, got {cfg[key]!r}")
+            cfg[key] = k.default
+        if msg := problem(key, k, cfg[key]):
+            raise ConfigError(msg)
     if spec.ref != "rounds":
         for key in ("eta", "tau"):
             if isinstance(cfg.get(key), list):
@@ -178,50 +191,18 @@ def check_algorithm_keys(cfg):
 
 
 def check_config(cfg, world):
-    """Reject wrong types and impossible values, naming the key; nothing is loaded yet."""
-    for key, (default, _) in DEFAULTS.items():
-        v = cfg[key]
-        if default is None or v is None and key in ("model", "prompts"):
-            continue
-        ok = isinstance(v, type(default)) and not (isinstance(v, bool) and not isinstance(default, bool))
-        if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
-            ok = True
-        if not ok:
-            raise ConfigError(f"{key} must be {type(default).__name__}, got {v!r}")
+    """Reject wrong types and impossible values, naming the key; nothing is loaded yet. Each key's own check
+    (RUN_KEYS, the algorithm's keys), then the relations between keys, then the files the config names."""
+    for name, k in RUN_KEYS.items():
+        if msg := problem(name, k, cfg[name]):
+            raise ConfigError(msg)
     spec = check_algorithm_keys(cfg)
-    positive = ("iterations", "max_new_tokens", "max_prompt_tokens", "num_subsets", "batch_size",
-                "micro_batch_size", "epochs", "bucket_mb", "checkpoint_every")
-    for key in positive:
-        if cfg[key] < 1:
-            raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
-    if not cfg["lr"] > 0:
-        raise ConfigError(f"lr must be > 0, got {cfg['lr']}")
-    for key in ("prompts_per_iteration", "rollout_batch_size", "eval_prompts", "keep_checkpoints", "grad_clip",
-                "weight_decay"):
-        if cfg[key] < 0:
-            raise ConfigError(f"{key} must be >= 0, got {cfg[key]}")
-    if cfg["n_samples"] < 2:
-        raise ConfigError(f"n_samples must be >= 2 (preferences compare responses), got {cfg['n_samples']}")
-    if not cfg["temperature"] > 0:
-        raise ConfigError(f"temperature must be > 0 for training (greedy samples are all alike), got {cfg['temperature']}")
-    if not 0 < cfg["top_p"] <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {cfg['top_p']}")
-    if not 0 <= cfg["warmup_ratio"] < 1:
-        raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg['warmup_ratio']}")
-    if cfg["parallel"] not in ("ddp", "fsdp"):
-        raise ConfigError(f"parallel must be ddp or fsdp, got {cfg['parallel']!r}")
-    if cfg["rollout"] not in ("gathered", "sharded"):
-        raise ConfigError(f"rollout must be gathered or sharded, got {cfg['rollout']!r}")
     if cfg["rollout"] == "sharded" and cfg["parallel"] != "fsdp":
         raise ConfigError("rollout: sharded needs parallel: fsdp (DDP always samples from its whole weights)")
-    if cfg["optimizer_reset"] not in ("never", "iteration"):
-        raise ConfigError(f"optimizer_reset must be never or iteration, got {cfg['optimizer_reset']!r}")
     if cfg["fit_gap"] and (spec.surrogate or spec.token_level):
         raise ConfigError(f"fit_gap: algo {cfg['algo']}'s loss is a policy-gradient surrogate or token-level; its "
                           "minimum over free sequence log-probs is not its step, so there is no gap to measure; "
                           "set fit_gap false")
-    if cfg["dtype"] not in ("auto", "float32", "bfloat16"):
-        raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {cfg['dtype']!r}")
     if cfg["batch_size"] % (world * cfg["micro_batch_size"]):
         raise ConfigError(f"batch_size {cfg['batch_size']} is not divisible by world size {world} x "
                           f"micro_batch_size {cfg['micro_batch_size']}")
@@ -232,19 +213,14 @@ def check_config(cfg, world):
     if cfg["resume"] == "never" and (found := checkpoint.run_files(cfg["out_dir"])):
         raise ConfigError(f"resume=never: out_dir {cfg['out_dir']} already holds a run ({', '.join(found)}); "
                           "choose a new out_dir, move it aside, or use resume=auto to continue it")
-    unknown = [k for k in cfg["resume_changes"] if not isinstance(k, str) or k not in DEFAULTS and k not in algo_keys()]
+    unknown = [k for k in cfg["resume_changes"] if k not in RUN_KEYS and k not in algo_keys()]
     if unknown:
         raise ConfigError(f"resume_changes: {unknown} are not config keys")
-    if cfg["max_prompt_tokens"] < 8:
-        raise ConfigError(f"max_prompt_tokens must be >= 8 (the chat template alone needs several), "
-                          f"got {cfg['max_prompt_tokens']}")
     if cfg["model"] is not None:
         try:
             oracle_lib.check_model_dir(cfg["model"], "model")
         except oracle_lib.OracleError as e:
             raise ConfigError(str(e)) from None
-    if cfg["prompts"] is not None and not isinstance(cfg["prompts"], str):
-        raise ConfigError(f"prompts must be a path or a dataset name, got {cfg['prompts']!r}")
     # reads the prompts: a missing field or subsets too small for the world size are reported now
     per_iteration = len(iteration_prompts(load_prompts(cfg), cfg, 0, 0, world)) * world
     examples = per_iteration * comal.examples_per_group(spec, cfg)
@@ -401,20 +377,32 @@ def iteration_prompts(prompts, cfg, k, rank, world):
 
 
 def help_text():
-    """`train_ddp.py --help`: every key with its default and meaning, generated from DEFAULTS, the algorithms'
-    keys (comal.KEYS, with the algorithms that read each) and the oracle kinds' keys (oracle.KINDS)."""
+    """`train_ddp.py --help`: every key with its default and meaning, from RUN_KEYS, the algorithms' keys (with
+    the algorithms that read each) and the oracle kinds' KEYS."""
     import yaml
 
-    show = lambda v: yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()  # noqa: E731
+    def show(v):
+        text = yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+        return text if len(text) <= 60 else text[:57] + "..."
+
     lines = ["usage: python train_ddp.py CONFIG.yaml [key=value ...]",
              "       torchrun --nproc_per_node N train_ddp.py CONFIG.yaml [key=value ...]",
              "", "Keys (YAML file, then key=value overrides; an unknown key is an error with the closest names):"]
-    lines += [f"  {k} = {show(v)}\n      {meaning}" for k, (v, meaning) in DEFAULTS.items()]
+    lines += help_lines(RUN_KEYS, show)
     lines += ["", "Algorithm keys: only the algorithms listed read each one; setting it for another is an error",
               "(key=null unsets a key a config file set):"]
-    for key, (default, meaning, _) in algo_keys().items():
-        readers = [name for name, spec in comal.ALGOS.items() if key in spec.key_defs()]
-        lines.append(f"  {key} = {show(default)}\n      {meaning}\n      read by: {', '.join(readers)}")
-    lines += ["", "Oracle block (oracle: {kind: ..., ...}; oracle.KEY=value edits one key; details in oracle.py):"]
-    lines += [f"  kind {kind}: {', '.join(sorted(cls.KEYS))}" for kind, cls in oracle_lib.KINDS.items()]
+    decls = []  # [key, Key, readers]: two algorithms' own_keys may declare one key differently
+    for name, spec in comal.ALGOS.items():
+        for key, k in spec.key_defs().items():
+            same = [d for d in decls if d[0] == key and d[1] == k]
+            same[0][2].append(name) if same else decls.append([key, k, [name]])
+    for key, k, readers in decls:
+        lines += help_lines({key: k}, show) + [f"      read by: {', '.join(readers)}"]
+    lines += ["", "Oracle block (oracle: {kind: ..., KEY: ...}; oracle.KEY=value on the command line edits one key):"]
+    for kind, cls in oracle_lib.KINDS.items():
+        lines.append(f"  kind: {kind}")
+        lines += help_lines(cls.KEYS, show, indent="    ")
+        if cls.ITEM_KEYS:
+            lines.append(f"    each entry of {cls.ITEM_OF}:")
+            lines += help_lines(cls.ITEM_KEYS, show, indent="      ")
     return "\n".join(lines)

@@ -328,7 +328,7 @@ def matrix_mode(args, device):
         raise EvalError("--prompts is required with --models")
     if not args.oracle:
         raise EvalError("--oracle ORACLE.yaml is required with --models")
-    prompts = load_prompt_file(args.prompts, args.prompt_field or config.DEFAULTS["prompt_field"][0])
+    prompts = load_prompt_file(args.prompts, args.prompt_field or config.RUN_KEYS["prompt_field"].default)
     block = oracle_lib.load_oracle_yaml(args.oracle)
     settings = settings_of(args, 512)
     os.makedirs(args.out, exist_ok=True)
@@ -446,7 +446,7 @@ def run_mode(args, device):
 
 
 def category_run(run, flag):
-    """(config, game, records) of a train_ddp.py out_dir on the category game: its config.yaml over DEFAULTS,
+    """(config, game, records) of a train_ddp.py out_dir on the category game: its config.yaml over the defaults,
     its oracle, and the metrics.jsonl records with a category distribution (iteration -1 = the start), by
     iteration. One EvalError naming `flag` and the run for anything else."""
     cfg_path, metrics = os.path.join(run, "config.yaml"), os.path.join(run, "metrics.jsonl")
@@ -524,7 +524,7 @@ def main(argv=None):
     p.add_argument("--figure1", nargs="+", help="train_ddp.py out_dirs on the category game: Figure 1's layout")
     p.add_argument("--prompts", help="JSONL/JSON/Parquet file or a datasets name")
     p.add_argument("--prompt-field", default=None, help="the field holding the instruction (default: the run's "
-                   f"prompt_field with --run, else {config.DEFAULTS['prompt_field'][0]!r}, as in training)")
+                   f"prompt_field with --run, else {config.RUN_KEYS['prompt_field'].default!r}, as in training)")
     p.add_argument("--num-prompts", type=int, default=64, help="run mode on the category game: synthetic prompts")
     p.add_argument("--oracle", help="YAML file with an oracle: block")
     p.add_argument("--out", default=None)

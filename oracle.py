@@ -28,6 +28,7 @@ import string
 import torch
 
 import category_dist
+from keys import Key, flag, integer, one_of, optional, positive, problem, text
 
 PAPER_PAYOFF = [[0.5, 0.1, 0.8], [0.9, 0.5, 0.1], [0.2, 0.9, 0.5]]  # App. I; NE [4/11, 3/11, 4/11]
 PAPER_CATEGORIES = ["rock", "paper", "scissors"]
@@ -47,13 +48,15 @@ class OracleError(ValueError):
 
 class Oracle:
     """Shared sampling and matrix logic; subclasses implement prob (and may override winrate_matrix), and read
-    their own `oracle:` config block: KEYS (besides kind), check_config (no weights loaded), from_config."""
+    their own `oracle:` config block: KEYS (besides kind: {key: keys.Key}, each value checked by its own check),
+    check_config (the relations between keys and the paths; no weights loaded), from_config."""
 
-    KEYS = set()
+    KEYS = {}
+    ITEM_OF, ITEM_KEYS = None, {}  # a list-valued key and the keys of each of its entries (BTMixture: models)
 
     @classmethod
     def check_config(cls, block, check_paths=True):
-        """The block (its keys already checked against KEYS) with defaults filled; OracleError on a bad value."""
+        """The block (each key already checked by KEYS) with defaults filled; OracleError on a bad value."""
         return dict(block)
 
     @classmethod
@@ -91,6 +94,25 @@ def check_groups(prompts, groups):
         raise ValueError("every prompt needs the same number of responses in winrate_matrix")
 
 
+MODEL_COMMON = {  # the keys of every oracle kind that runs models
+    "dtype": Key("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16",
+                 one_of("auto", "float32", "bfloat16", "float16")),
+    "batch_size": Key(8, "sequences per forward", integer(1)),
+    "max_length": Key(4096, "tokens per scored sequence (longer ones keep their end)", integer(1)),
+}
+
+
+def check_block(block, defs, where, what=""):
+    """One mapping of keys (an oracle block, one of its models): an unknown key, or a value its Key's check
+    refuses, is an OracleError naming it."""
+    unknown = sorted(set(block) - set(defs))
+    if unknown:
+        raise OracleError(f"{where}.{unknown[0]}: unknown key{what} (allowed: {', '.join(sorted(defs))})")
+    for name, value in block.items():
+        if msg := problem(f"{where}.{name}", defs[name], value):
+            raise OracleError(msg)
+
+
 def check_pairs(prompts, responses_a, responses_b):
     if not len(prompts) == len(responses_a) == len(responses_b):
         raise ValueError(f"prob needs equal lengths, got {len(prompts)} prompts, "
@@ -121,13 +143,20 @@ class CategoryGame(Oracle):
         self.token_table_cache = None  # category_dist.token_table's last table (it holds the tokenizer)
 
 
-    KEYS = {"categories", "payoff", "case_sensitive"}
+    KEYS = {
+        "categories": Key(PAPER_CATEGORIES, "the categories; a response's category is its first word",
+                          lambda v: None if isinstance(v, list) and len(v) >= 2 and all(
+                              isinstance(c, str) and c.split() == [c] for c in v)
+                          else "must be a list of at least 2 single words"),
+        "payoff": Key(PAPER_PAYOFF, "C x C payoff A[c(y), c(y')] = P(y > y'), A + A^T = 1: a list of rows or a JSON "
+                      "file; required for other than 3 categories",
+                      lambda v: None if isinstance(v, (list, str)) else "must be a list of rows or a JSON file"),
+        "case_sensitive": Key(False, "match the first word to the categories case-sensitively", flag),
+    }
 
     @classmethod
     def check_config(cls, block, check_paths=True):
         cats = block.get("categories", PAPER_CATEGORIES)
-        if not isinstance(cats, list) or len(cats) < 2 or not all(isinstance(c, str) and c.split() == [c] for c in cats):
-            raise OracleError(f"oracle.categories must be a list of at least 2 single words, got {cats!r}")
         keyed = [c if block.get("case_sensitive", False) else c.lower() for c in cats]
         if len(set(keyed)) != len(keyed):
             raise OracleError(f"oracle.categories has duplicates: {cats}")
@@ -142,8 +171,6 @@ class CategoryGame(Oracle):
             raise OracleError(f"oracle.{e}") from None
         if len(payoff) != len(cats):
             raise OracleError(f"oracle.payoff is {len(payoff)}x{len(payoff)} but there are {len(cats)} categories")
-        if "case_sensitive" in block:
-            check_type(block, "case_sensitive", (bool,))
         return {"categories": cats, "payoff": payoff, "case_sensitive": block.get("case_sensitive", False)}
 
     @classmethod
@@ -375,27 +402,31 @@ class BTMixture(Oracle):
     def __init__(self, reward_models, weights):
         self.reward_models, self.weights = reward_models, list(weights)
 
-    KEYS = {"models", "dtype", "batch_size", "max_length"}
-    MODEL_KEYS = {"path", "weight", "use_chat_template", "reward_index", "max_length", "trust_remote_code"}
+    KEYS = {
+        "models": Key(None, "the reward models of eq. 4, a list of mappings with the keys below (path required)",
+                      lambda v: None if isinstance(v, list) and v else "must be a non-empty list of {path: DIR, weight: w}"),
+        **MODEL_COMMON,
+    }
+    ITEM_OF, ITEM_KEYS = "models", {
+        "path": Key(None, "local directory of a *ForSequenceClassification reward model", text),
+        "weight": Key(None, "its weight w_k in the mixture (default: equal weights; they must sum to 1)", positive),
+        "use_chat_template": Key(None, "score the (prompt, response) in the model's chat template (default: if it "
+                                 "has one)", optional(flag)),
+        "reward_index": Key(0, "which output of the head is the reward", integer(0)),
+        "max_length": Key(None, "this model's token limit (default: the block's max_length)", optional(integer(1))),
+        "trust_remote_code": Key(False, "run the model's own code (custom reward heads, e.g. ArmoRM)", flag),
+    }
 
     @classmethod
     def check_config(cls, block, check_paths=True):
         models = block.get("models")
-        if not isinstance(models, list) or not models:
-            raise OracleError("oracle.models must be a non-empty list of {path: DIR, weight: w}")
+        if models is None:
+            raise OracleError("oracle.models is required: a non-empty list of {path: DIR, weight: w}")
         for k, m in enumerate(models):
             where = f"oracle.models[{k}]"
             if not isinstance(m, dict) or "path" not in m:
                 raise OracleError(f"{where} must be a mapping with a path (and a weight), got {m!r}")
-            bad = sorted(set(m) - cls.MODEL_KEYS)
-            if bad:
-                raise OracleError(f"{where}.{bad[0]}: unknown key (allowed: {', '.join(sorted(cls.MODEL_KEYS))})")
-            if "weight" in m and (check_type(m, "weight", (int, float), where) <= 0 or not math.isfinite(m["weight"])):
-                raise OracleError(f"{where}.weight must be a positive number, got {m['weight']}")
-            for key, types in (("reward_index", (int,)), ("max_length", (int,)), ("use_chat_template", (bool,)),
-                               ("trust_remote_code", (bool,))):
-                if key in m:
-                    check_type(m, key, types, where)
+            check_block(m, cls.ITEM_KEYS, where)
             if check_paths:
                 check_reward_model_dir(m, where)
         check_weights([m.get("weight", 1.0 / len(models)) for m in models], "oracle.models")
@@ -462,16 +493,22 @@ class PairwiseJudge(Oracle):
         self.model.to(device).eval()
         self.calls = 0
 
-    KEYS = {"path", "template", "answer_a", "answer_b", "dtype", "batch_size", "max_length", "use_chat_template"}
+    KEYS = {
+        "path": Key(None, "local directory of the causal LM judge (required)", text),
+        "template": Key(DEFAULT_JUDGE_TEMPLATE, "the judge's prompt, with {instruction}, {output_a} and {output_b}",
+                        text),
+        "answer_a": Key("Output (a)", "the answer that says the first output is better", text),
+        "answer_b": Key("Output (b)", "the answer that says the second output is better", text),
+        "use_chat_template": Key(None, "wrap the judge's prompt in its chat template (default: if it has one)",
+                                 optional(flag)),
+        **MODEL_COMMON,
+    }
 
     @classmethod
     def check_config(cls, block, check_paths=True):
         if "path" not in block:
             raise OracleError("oracle.path is required for kind pairwise_judge (a local causal LM directory)")
         check_template(block.get("template", DEFAULT_JUDGE_TEMPLATE))
-        for key, types in (("answer_a", (str,)), ("answer_b", (str,)), ("use_chat_template", (bool,))):
-            if key in block:
-                check_type(block, key, types)
         if check_paths:
             config = check_model_dir(block["path"], "oracle.path")
             archs = getattr(config, "architectures", None) or []
@@ -565,14 +602,6 @@ KINDS = {"category": CategoryGame, "bt_mixture": BTMixture, "pairwise_judge": Pa
 # (smollm2.py adds the offline demo's minilm_rubrics; a new oracle is a class with KEYS, check_config, from_config)
 
 
-def check_type(block, key, types, where="oracle"):
-    v = block[key]
-    if isinstance(v, bool) and bool not in types or not isinstance(v, types):
-        names = "/".join(t.__name__ for t in types)
-        raise OracleError(f"{where}.{key} must be {names}, got {v!r}")
-    return v
-
-
 def check_weights(weights, where):
     if abs(sum(weights) - 1) > 1e-6:
         raise OracleError(f"{where} weights sum to {sum(weights):.6g}, must sum to 1 (eq. 4 is a mixture)")
@@ -591,22 +620,14 @@ def check_reward_model_dir(m, where):
 
 
 def check_oracle_config(block, check_paths=True):
-    """Validate an `oracle:` block without loading any weights (the keys every kind shares here, the rest by
-    its class's check_config); raise OracleError naming the key. Returns the block with its defaults."""
+    """Validate an `oracle:` block without loading any weights (each key by its kind's KEYS, then the kind's
+    check_config); raise OracleError naming the key. Returns the block with its defaults."""
     if not isinstance(block, dict):
         raise OracleError(f"oracle must be a mapping with a 'kind' key, got {block!r}")
     kind = block.get("kind", "category")
     if kind not in KINDS:
         raise OracleError(f"oracle.kind: unknown kind {kind!r} (choose from {', '.join(KINDS)})")
-    keys = KINDS[kind].KEYS
-    unknown = sorted(set(block) - keys - {"kind"})
-    if unknown:
-        raise OracleError(f"oracle.{unknown[0]}: unknown key for kind {kind} (allowed: {', '.join(sorted(keys))})")
-    if "dtype" in block and block["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
-        raise OracleError(f"oracle.dtype must be auto, float32, bfloat16 or float16, got {block['dtype']!r}")
-    for key in ("batch_size", "max_length"):
-        if key in block and check_type(block, key, (int,)) < 1:
-            raise OracleError(f"oracle.{key} must be >= 1, got {block[key]}")
+    check_block({k: v for k, v in block.items() if k != "kind"}, KINDS[kind].KEYS, "oracle", f" for kind {kind}")
     return {"kind": kind, **KINDS[kind].check_config(block, check_paths)}
 
 

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers import StaticCache
 
+from keys import Key, integer, number, problem
+
 
 @dataclass
 class Samples:
@@ -110,17 +112,19 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
-def check_sampling_args(prompts, n, max_new_tokens, temperature, top_p, top_k):
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+SAMPLING = {  # generate's sampling arguments (keys.Key); its signature's defaults are these
+    "n": Key(1, "responses per prompt", integer(1)),
+    "max_new_tokens": Key(128, "response length limit in tokens", integer(1)),
+    "temperature": Key(1.0, "softmax temperature (0 = greedy)", number(0)),
+    "top_p": Key(1.0, "nucleus sampling: the smallest set of tokens with this much probability", number(0, 1, lo_open=True)),
+    "top_k": Key(0, "sample among the k most likely tokens (0 = off)", integer(0)),
+}
+
+
+def check_sampling_args(prompts, **args):
+    for name, value in args.items():
+        if msg := problem(name, SAMPLING[name], value):
+            raise ValueError(msg)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
 
@@ -143,7 +147,8 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     torch.compile(model)); the batch is then never compacted, so every decode
     step has the same shapes and the cache tensors keep their addresses.
     """
-    check_sampling_args(prompts, n, max_new_tokens, temperature, top_p, top_k)
+    check_sampling_args(prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        top_k=top_k)
     dev = next(model.parameters()).device
     cfg = model.config
     if eos_token_ids is None:

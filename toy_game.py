@@ -37,6 +37,7 @@ import torch
 
 import comal
 import oracle
+from keys import Key, integer, number, one_of, positive, problem
 
 DTYPE = torch.float64
 PAPER_PAYOFF = oracle.PAPER_PAYOFF  # App. I
@@ -146,7 +147,7 @@ def bernoulli_prefs(A, y, gen):
 def lm_config(spec, cfg):
     """The language-model config keys the spec's examples and loss read, from the toy's flags (one-token
     responses in groups of cfg.group, all pairs) and the keys' defaults."""
-    keys = {k: d[0] for k, d in spec.key_defs().items()}
+    keys = {k: d.default for k, d in spec.key_defs().items()}
     return dict(keys, pair_selection="all", n_samples=cfg.group, max_new_tokens=1, clip_eps=cfg.clip_eps,
                 kappa=cfg.kappa)
 
@@ -378,34 +379,36 @@ ALGORITHMS = {**REFERENCES, **{name: (lambda game, cfg, gen, spec=spec: play(spe
 # Running, results, plots
 # ---------------------------------------------------------------------------
 
-DEFAULTS = dict(mode="noiseless", eta=0.3, tau=0.1, outer=200, inner=25, iters=5000, samples=1000, group=8,
-                seed=0, solver="auto", kappa=0.1, lr=1.0, grad_steps=10, clip_eps=0.2, step_scale=1.0)
+OPTIONS = {  # the toy game's options (keys.Key): the CLI's flags (--grad-steps for grad_steps) and make_config's
+    "mode": Key("noiseless", "noiseless (exact win rates) or sampled (groups from mu, Bernoulli labels)",
+                one_of("noiseless", "sampled")),
+    "eta": Key(0.3, "mirror-descent step size", positive),
+    "tau": Key(0.1, "KL strength of the regularised game (eq. 2)", positive),
+    "outer": Key(200, "COMAL rounds T (reference updates)", integer(1)),
+    "inner": Key(25, "iterations K per COMAL round", integer(1)),
+    "iters": Key(5000, "iterations of the algorithms without reference rounds", integer(1)),
+    "samples": Key(1000, "responses per iteration (sampled mode)", integer(2)),
+    "group": Key(8, "responses per group for win-rate estimates", integer(2)),
+    "seed": Key(0, "the sampled mode's random seed", integer()),
+    "solver": Key("auto", "auto: closed forms where proven (noiseless); loss: always fit the loss", one_of("auto", "loss")),
+    "kappa": Key(0.1, "NashMP target EMA rate", number(0, 1, lo_open=True)),
+    "lr": Key(1.0, "gradient step of GRPO / NashMP on the logits", positive),
+    "grad_steps": Key(10, "gradient steps per GRPO / NashMP iteration", integer(1)),
+    "clip_eps": Key(0.2, "GRPO ratio clip", positive),
+    "step_scale": Key(1.0, "fraction of each step the learner realises (1: exact; < 1: a model's partial fit)", positive),
+}
 
 
 def make_config(**overrides):
     """A validated run configuration (the CLI's flags as a namespace)."""
-    unknown = set(overrides) - set(DEFAULTS)
+    unknown = set(overrides) - set(OPTIONS)
     if unknown:
         raise BadInput(f"unknown option(s): {', '.join(sorted(unknown))}")
-    cfg = SimpleNamespace(**{**DEFAULTS, **overrides})
-    if cfg.mode not in ("noiseless", "sampled"):
-        raise BadInput(f"--mode must be noiseless or sampled, got {cfg.mode!r}")
-    if cfg.solver not in ("auto", "loss"):
-        raise BadInput(f"--solver must be auto or loss, got {cfg.solver!r}")
-    for name in ("eta", "tau", "lr", "step_scale"):
-        if not getattr(cfg, name) > 0:
-            raise BadInput(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    if not 0 < cfg.kappa <= 1:
-        raise BadInput(f"--kappa must be in (0, 1], got {cfg.kappa}")
-    if not cfg.clip_eps > 0:
-        raise BadInput(f"--clip-eps must be > 0, got {cfg.clip_eps}")
-    for name in ("outer", "inner", "iters", "grad_steps"):
-        if getattr(cfg, name) < 1:
-            raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("samples", "group"):
-        if getattr(cfg, name) < 2:
-            raise BadInput(f"--{name} must be >= 2, got {getattr(cfg, name)}")
-    return cfg
+    cfg = {name: overrides.get(name, k.default) for name, k in OPTIONS.items()}
+    for name, k in OPTIONS.items():
+        if msg := problem("--" + name.replace("_", "-"), k, cfg[name]):
+            raise BadInput(msg)
+    return SimpleNamespace(**cfg)
 
 
 def make_game(payoff=None, init=None):
@@ -539,25 +542,12 @@ class OneLineParser(argparse.ArgumentParser):
 def main(argv=None):
     p = OneLineParser(description="COMAL and its relatives on a tabular preference game.")
     p.add_argument("--algos", default="comal,mwu,iter_ipo,iter_dpo,sppo,inpo", help="comma-separated: " + ",".join(ALGORITHMS))
-    p.add_argument("--mode", default="noiseless", help="noiseless | sampled")
     p.add_argument("--json", help="write results here")
     p.add_argument("--payoff", help="JSON file (or literal) with the payoff matrix; default: App. I's 3x3")
     p.add_argument("--init", help="JSON file (or literal) with the initial policy; default [0.2,0.5,0.3] / uniform")
-    p.add_argument("--eta", type=float, default=DEFAULTS["eta"], help="mirror-descent step size")
-    p.add_argument("--tau", type=float, default=DEFAULTS["tau"], help="KL strength of the regularised game (eq. 2)")
-    p.add_argument("--outer", type=int, default=DEFAULTS["outer"], help="COMAL rounds T (reference updates)")
-    p.add_argument("--inner", type=int, default=DEFAULTS["inner"], help="iterations K per COMAL round")
-    p.add_argument("--iters", type=int, default=DEFAULTS["iters"], help="iterations of the non-COMAL algorithms")
-    p.add_argument("--samples", type=int, default=DEFAULTS["samples"], help="pairs / responses per iteration (sampled mode)")
-    p.add_argument("--group", type=int, default=DEFAULTS["group"], help="responses per group for win-rate estimates")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    p.add_argument("--solver", default=DEFAULTS["solver"], help="auto: closed forms where proven (noiseless); loss: always fit the loss")
-    p.add_argument("--kappa", type=float, default=DEFAULTS["kappa"], help="NashMP target EMA rate")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="gradient step of GRPO / NashMP on the logits")
-    p.add_argument("--grad-steps", type=int, default=DEFAULTS["grad_steps"], help="gradient steps per GRPO / NashMP iteration")
-    p.add_argument("--clip-eps", type=float, default=DEFAULTS["clip_eps"], help="GRPO ratio clip")
-    p.add_argument("--step-scale", type=float, default=DEFAULTS["step_scale"],
-                   help="fraction of each step the learner realises (1: exact; < 1: a model's partial fit)")
+    for name, k in OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(k.default), default=k.default,
+                       help=f"{k.meaning} (default {k.default})")
     p.add_argument("--plot", help="write a PNG: simplex trajectories and exploitability")
     p.add_argument("--figures", help="reproduce Figures 1/3/4 (+ relatives) into this folder instead")
     args = p.parse_args(argv)
@@ -565,7 +555,7 @@ def main(argv=None):
     payoff = load_json_arg(args.payoff, "payoff") if args.payoff else None
     init = load_json_arg(args.init, "init") if args.init else None
     game = make_game(payoff, init)
-    options = {k: getattr(args, k) for k in DEFAULTS}
+    options = {k: getattr(args, k) for k in OPTIONS}
     cfg = make_config(**options)  # validates every flag before any work
     if args.figures:
         options.pop("mode")

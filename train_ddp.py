@@ -10,7 +10,7 @@ gradients are flattened into buckets and all-reduced (sum, then divide by
 the world size: gloo has no AVG); micro-steps only accumulate locally.
 gloo on CPU, nccl on CUDA. The algorithm itself is comal.run (Algorithm 3).
 
-Every key of the config is in config.DEFAULTS, with its meaning; the resolved config
+Every key of the config is in config.RUN_KEYS, with its meaning; the resolved config
 is written to <out_dir>/config.yaml (config-resumed-at-KKKKK.yaml for each
 resumed segment), metrics to <out_dir>/metrics.jsonl, and a checkpoint after
 every iteration (checkpoint_every: N, after every N-th and the last) to

@@ -49,7 +49,7 @@ def main():
         own = {} if algo == "comal" else {"ref_update_every": None, "eta": base_cfg["eta"][0] if isinstance(
             base_cfg["eta"], list) else base_cfg["eta"]}
         cfg = dict(base_cfg, algo=algo, model=path, **own)
-        cfg = config.check_config({k: v for k, v in cfg.items() if v is not None or k in config.DEFAULTS}, 1)
+        cfg = config.check_config({k: v for k, v in cfg.items() if v is not None or k in config.RUN_KEYS}, 1)
         policy = copy.deepcopy(policy0).to(device)
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
         state = {"policy": policy, "tokenizer": tok, "ref": ref, "opponent": None}

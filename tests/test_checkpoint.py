@@ -526,5 +526,5 @@ def test_config_errors_under_torchrun_print_one_line_from_rank_0(tmp_path):
            f"out_dir={tmp_path}"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     ours = [x for x in r.stderr.splitlines() if x.startswith("error")]
-    assert ours == ["error: lr must be > 0, got -1"], r.stderr
+    assert ours == ["error: lr must be a finite number > 0, got -1"], r.stderr
     assert "exitcode  : 2" in r.stderr  # torchrun reports rank 0's exit status 2 as the root cause

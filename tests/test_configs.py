@@ -17,8 +17,8 @@ RECIPES = [f for f in CONFIGS if os.path.basename(f).startswith(("llama3_8b_", "
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_value_that_differs_from_the_default_is_commented(path):
-    defaults = {k: v[0] for k, v in config.DEFAULTS.items()}
-    defaults.update({k: v[0] for k, v in config.algo_keys().items()})
+    defaults = {k: v.default for k, v in config.RUN_KEYS.items()}
+    defaults.update({k: v.default for k, v in config.algo_keys().items()})
     text = open(path).read()
     data = yaml.safe_load(text)
     cfg = config.load_config(path, [])  # unknown keys, wrong types: refused here

@@ -51,7 +51,7 @@ def expected_lm_objective(name, n, spec=None, pair_selection="all", log_mu=LOG_M
     seq = {"mu": sampler[actions], "ref": log_ref[actions], "opp": LOG_OPP[actions]}
     ones = torch.ones(len(actions), 1, dtype=D)  # one-token responses
     frozen = comal.frozen_fields(spec, seq, ones[:, 0], {k: v[:, None] for k, v in seq.items()}, ones)
-    h = comal.hyper(spec, dict({k: d[0] for k, d in spec.key_defs().items()}, **cfg), ETA, TAU if spec.tau else None)
+    h = comal.hyper(spec, dict({k: d.default for k, d in spec.key_defs().items()}, **cfg), ETA, TAU if spec.tau else None)
     idx, rows = torch.arange(len(ex["weight"])), torch.arange(len(actions))
 
     def objective(theta):
@@ -141,10 +141,10 @@ def test_leave_one_out_rebel_would_be_a_quarter_too_large():
     """The bug this module was written for: REBEL with leave-one-out win rates steps n/(n-1) too far (n = 5)."""
     import losses
 
-    def loo_loss(e, h):
-        n = 5
-        g_a, g_b = (e.g_a * n - 0.5) / (n - 1), (e.g_b * n - 0.5) / (n - 1)  # diagonal-inclusive -> leave-one-out
-        return losses.rebel_loss(e.pi_a, e.pi_b, e.mu_a, e.mu_b, g_a, g_b, h.eta)
+    def loo_loss(x, h):
+        n, a, b = 5, x.rows["a"], x.rows["b"]
+        g = (x.values["g"] * n - 0.5) / (n - 1)  # diagonal-inclusive -> leave-one-out
+        return losses.rebel_loss(x.pi[a], x.pi[b], x.mu[a], x.mu[b], g[a], g[b], h.eta)
 
     loo = comal.Algorithm(loo_loss, "response_pairs", ("eta",))
     got = lm_step(None, 5, spec=loo)

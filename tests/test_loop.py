@@ -294,3 +294,28 @@ def test_training_with_shared_prompt_forwards_equals_one_forward_per_row(base, t
     moved = max(float((b[n] - start[n]).abs().max()) for n in b)
     diff = max(float((a[n] - b[n]).abs().max()) for n in b)
     assert moved > 1e-3 and diff < 1e-3 * moved, (moved, diff)
+
+
+def test_a_loss_reads_only_what_its_spec_declares():
+    """h holds only the spec's keys (no dict fallback: h.get is an error too); the policy's log-probs are NaN on
+    every response outside the micro-batch, so a loss that reads one cannot pass silently."""
+    import comal
+
+    spec = comal.ALGOS["iter_ipo"]
+    h = comal.hyper(spec, {"max_new_tokens": 8, "pair_selection": "all"}, 2.0, None)
+    assert h.eta == 2.0 and not hasattr(h, "tau")
+    with pytest.raises(AttributeError, match=r"h\.kappa: .*its keys: pair_selection, eta"):
+        h.kappa
+    with pytest.raises(AttributeError, match=r"h\.get"):
+        h.get("kappa", 0.1)
+    M = torch.tensor([[[0.5, 0.7, 0.2], [0.3, 0.5, 0.6], [0.8, 0.4, 0.5]]])
+    ex = comal.make_examples(spec, M, {"pair_selection": "all"})
+    mu = torch.log(torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64))
+    frozen = comal.frozen_fields(spec, {"mu": mu}, torch.ones(3))
+    first = torch.tensor([0, 1])  # examples (w, l) = (0, 1) and (0, 2): responses 0, 1, 2
+    assert ex["rows"]["w"][first].tolist() == [0, 0] and ex["rows"]["l"][first].tolist() == [1, 2]
+    pi = mu.clone() - 0.1
+    whole = comal.batch_loss(spec, ex, first, pi, torch.arange(3), frozen, h)
+    assert torch.isfinite(whole).all()
+    part = comal.batch_loss(spec, ex, first, pi[:2], torch.arange(2), frozen, h)  # response 2 left out
+    assert torch.isfinite(part[0]) and torch.isnan(part[1]) and part[0] == whole[0]

@@ -253,7 +253,7 @@ def test_factory_rejects_unknown_kinds_keys_and_values(models):
     expect_error({"kind": "bt_mixture", "models": [{"path": models["rm1"], "wieght": 1}]}, "oracle.models[0].wieght")
     expect_error({"kind": "bt_mixture", "models": [{"path": models["rm1"], "weight": 0.5},
                                                    {"path": models["rm2"], "weight": 0.2}]}, "sum to 0.7")
-    expect_error({"kind": "bt_mixture", "models": [{"path": models["rm1"], "weight": -1}]}, "weight", "positive")
+    expect_error({"kind": "bt_mixture", "models": [{"path": models["rm1"], "weight": -1}]}, "oracle.models[0].weight", "> 0")
     expect_error({"kind": "bt_mixture", "models": []}, "oracle.models")
     expect_error({"kind": "bt_mixture", "models": [models["rm1"]]}, "oracle.models[0]", "mapping")
     expect_error({"kind": "bt_mixture", "models": [{"path": models["rm1"]}], "batch_size": 0}, "oracle.batch_size", ">= 1")
@@ -264,7 +264,7 @@ def test_factory_rejects_unknown_kinds_keys_and_values(models):
     expect_error({"kind": "category", "categories": ["a", "b"]}, "oracle.payoff is required")
     expect_error({"kind": "category", "payoff": [[0.5, 0.6], [0.4, 0.5]]}, "oracle.payoff", "2x2", "3 categories")
     expect_error({"kind": "category", "categories": ["a", "b"], "payoff": [[0.5, 0.7], [0.4, 0.5]]}, "must be 1")
-    expect_error({"kind": "category", "case_sensitive": "yes"}, "oracle.case_sensitive", "bool")
+    expect_error({"kind": "category", "case_sensitive": "yes"}, "oracle.case_sensitive", "true or false")
     expect_error("category", "oracle must be a mapping")
 
 
@@ -304,8 +304,8 @@ def test_bad_templates_and_answers(models):
     expect_error(dict(j, template="{instruction}: {output_a}"), "{output_b}")
     expect_error(dict(j, template="{instruction} {output_a} {output_b} {score}"), "stray format field", "score")
     expect_error(dict(j, template=3), "oracle.template must be a string")
-    expect_error(dict(j, answer_a=1), "oracle.answer_a", "str")
-    expect_error(dict(j, use_chat_template="auto"), "oracle.use_chat_template", "bool")
+    expect_error(dict(j, answer_a=1), "oracle.answer_a", "must be a string")
+    expect_error(dict(j, use_chat_template="auto"), "oracle.use_chat_template", "true or false")
     with pytest.raises(oracle.OracleError, match="do not differ"):
         oracle.build_oracle(dict(j, answer_a="Output", answer_b="Output (b)"), device="cpu")
 

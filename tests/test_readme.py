@@ -28,11 +28,12 @@ def readme_blocks():
 
 @pytest.fixture
 def simpo(monkeypatch):
-    (_, loss_src), (_, entry_src), (_, cmd) = readme_blocks()
+    (_, loss_src), (_, inputs_src), (_, entry_src), (_, cmd) = readme_blocks()
     ns = {"F": F, "torch": torch}
     exec(loss_src, ns)  # the block for losses.py
-    fake_losses = SimpleNamespace(simpo_loss=ns["simpo_loss"])
-    entry = eval("{" + entry_src + "}", dict(vars(comal), losses=fake_losses))  # the block for comal.ALGOS
+    in_comal = dict(vars(comal), losses=SimpleNamespace(simpo_loss=ns["simpo_loss"]))
+    exec(inputs_src, in_comal)  # the loss form, in comal.py
+    entry = eval("{" + entry_src + "}", in_comal)  # the block for comal.ALGOS
     monkeypatch.setitem(comal.ALGOS, "simpo", entry["simpo"])
     return entry["simpo"], shlex.split(cmd.strip())
 

@@ -258,3 +258,12 @@ def test_model_without_pad_or_eos_needs_a_pad_token():
         sample.generate(model, prompts_of([4, 6]), max_new_tokens=2)
     out = sample.generate(model, prompts_of([4, 6]), max_new_tokens=2, pad_token_id=5)  # explicit pad works
     assert out.response_ids.shape == (2, 2)
+
+
+def test_generate_signature_defaults_are_the_declared_sampling_keys():
+    import inspect
+
+    params = inspect.signature(sample.generate).parameters
+    assert {k: params[k].default for k in sample.SAMPLING} == {k: v.default for k, v in sample.SAMPLING.items()}
+    with pytest.raises(ValueError, match=r"^top_k must be an int >= 0, got -1$"):
+        sample.check_sampling_args([[1]], top_k=-1)

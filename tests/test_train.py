@@ -355,8 +355,8 @@ def test_fit_gap_is_the_weighted_least_squares_minimum_and_the_trainers_own_loss
     M = torch.where(torch.eye(n, dtype=torch.bool), 0.5, torch.triu(M, 1) + torch.tril(1 - M.transpose(1, 2), -1))
     ex = comal.make_examples(spec, M, cfg)
     mu, ref = -3 * torch.rand(P * n, generator=g, dtype=torch.float64), -3 * torch.rand(P * n, generator=g, dtype=torch.float64)
-    frozen = {"mu": mu, "ref": ref, "center": mu, "len": torch.ones(P * n)}
-    h = comal.hyper(spec, {"max_new_tokens": 8, **{k: v[0] for k, v in comal.KEYS.items()}}, 2.0, 0.2)
+    frozen = {"mu": mu, "ref": ref, "center": mu, "length": torch.ones(P * n)}
+    h = comal.hyper(spec, {"max_new_tokens": 8, **{k: v.default for k, v in comal.KEYS.items()}}, 2.0, 0.2)
     w, lo = ex["rows"]["w"], ex["rows"]["l"]
     target = 0.4 * (ref[w] - ref[lo]) + 0.6 * (mu[w] - mu[lo]) + 1.0  # eq. 14: eta tau, 1 - eta tau, eta / 2
     D = torch.zeros(len(w), P * n, dtype=torch.float64)
@@ -394,26 +394,26 @@ def test_fit_gap_is_the_weighted_least_squares_minimum_and_the_trainers_own_loss
 
 
 def test_invalid_config_values_name_the_key(base, tmp_path):
-    assert "lr must be > 0" in config_error(base, tmp_path, lr=0.0)
-    assert "lr must be > 0" in config_error(base, tmp_path, lr=-1e-6)
+    assert "lr must be a finite number > 0" in config_error(base, tmp_path, lr=0.0)
+    assert "lr must be a finite number > 0" in config_error(base, tmp_path, lr=-1e-6)
     assert "eta * tau" in config_error(base, tmp_path, eta=10.0, tau=0.1)
     assert "eta * tau" in config_error(base, tmp_path, eta=[1.0, 20.0], tau=0.1)
     assert "eta_tau" in config_error(base, tmp_path, eta_tau=1.0)
     assert "eta must be > 0" in config_error(base, tmp_path, eta=0.0)
     assert "batch_size 32 is not divisible by world size 2 x micro_batch_size 12" in config_error(
         base, tmp_path, world=2, batch_size=32, micro_batch_size=12)
-    assert "lr must be float" in config_error(base, tmp_path, lr="fast")
-    assert "iterations must be int" in config_error(base, tmp_path, iterations=2.5)
-    assert "eval_winrate must be bool" in config_error(base, tmp_path, eval_winrate="yes")
+    assert "lr must be a finite number > 0, got 'fast'" in config_error(base, tmp_path, lr="fast")
+    assert "iterations must be an int >= 1, got 2.5" in config_error(base, tmp_path, iterations=2.5)
+    assert "eval_winrate must be true or false" in config_error(base, tmp_path, eval_winrate="yes")
     assert "algo: unknown algorithm 'ppo'" in config_error(base, tmp_path, algo="ppo")
-    assert "n_samples must be >= 2" in config_error(base, tmp_path, n_samples=1)
+    assert "n_samples must be an int >= 2" in config_error(base, tmp_path, n_samples=1)
     assert "temperature" in config_error(base, tmp_path, temperature=0.0)
-    assert "optimizer_reset must be never or iteration" in config_error(base, tmp_path, optimizer_reset="epoch")
+    assert "optimizer_reset must be one of never, iteration" in config_error(base, tmp_path, optimizer_reset="epoch")
     assert "fit_gap: algo grpo's loss is a policy-gradient surrogate" in config_error(
         base, tmp_path, algo="grpo", fit_gap=True, batch_size=160, micro_batch_size=8)
     assert "top_p" in config_error(base, tmp_path, top_p=1.5)
     assert "pair_selection" in config_error(base, tmp_path, pair_selection="random")
-    assert "parallel must be ddp or fsdp" in config_error(base, tmp_path, parallel="zero2")
+    assert "parallel must be one of ddp, fsdp" in config_error(base, tmp_path, parallel="zero2")
     assert "model: model directory" in config_error(base, tmp_path, model=str(tmp_path / "missing"))
     assert "hub name" in config_error(base, tmp_path, model="meta-llama/Meta-Llama-3-8B-Instruct")
     assert "resume" in config_error(base, tmp_path, resume=str(tmp_path))
@@ -465,7 +465,7 @@ def test_prompt_files_load_and_cli_prints_one_line(base, tmp_path):
     bad.write_text("lr: -1\n")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train_ddp.py"), str(bad)], capture_output=True, text=True,
                        cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.strip() == "error: lr must be > 0, got -1"
+    assert r.returncode == 2 and r.stderr.strip() == "error: lr must be a finite number > 0, got -1"
 
 
 def test_rps_prompt_set_is_deterministic_and_names_every_option(tmp_path):
@@ -628,10 +628,12 @@ def test_help_lists_every_key_with_its_default_and_meaning(capsys):
 
     assert train_ddp.cli(["--help"]) == 0
     out = capsys.readouterr().out
-    for key, (default, meaning) in config.DEFAULTS.items():
-        assert f"\n  {key} = " in out and meaning in out, key
-    for key, (default, meaning, _) in config.algo_keys().items():
-        assert f"\n  {key} = " in out and meaning in out, key
+    for key, k in config.RUN_KEYS.items():
+        assert f"\n  {key} = " in out and k.meaning in out, key
+    for key, k in config.algo_keys().items():
+        assert f"\n  {key} = " in out and k.meaning in out, key
     assert "read by: comal, comal_sppo" in out  # ref_update_every
-    for kind in oracle.KINDS:
-        assert f"kind {kind}: " in out
+    for kind, cls in oracle.KINDS.items():  # every oracle kind's keys, with their meanings
+        block = out.split(f"\n  kind: {kind}\n", 1)[1].split("\n  kind: ", 1)[0]
+        for key, k in {**cls.KEYS, **cls.ITEM_KEYS}.items():
+            assert f"{key} = " in block and k.meaning in block, (kind, key)
