@@ -169,8 +169,8 @@ def optimistic_rebel(x, h):  # OMWU (App. H): REBEL with the optimistic gain 2 g
 
 def grpo(x, h):  # GRPO (eq. 15) with Alg. 5's win-rate rewards, advantages normalised by the group's std
     y = x.rows["y"]
-    adv = x.values["adv"][y] / (x.values["adv_std"][y] + 1e-6)
-    return losses.grpo_loss(x.pi_tok[y], x.mu_tok[y], x.ref_tok[y], adv, x.mask[y], h.tau, h.clip_eps)
+    return losses.grpo_loss(x.pi_tok[y], x.mu_tok[y], x.ref_tok[y], x.values["adv_scaled"][y], x.mask[y], h.tau,
+                            h.clip_eps)
 
 
 def dr_grpo(x, h):  # Dr.GRPO: no std normalisation, tokens summed over a constant max length
@@ -333,13 +333,13 @@ def pair_examples(M, cfg):
 
 def response_examples(M, cfg, M_opp=None):
     """Each response y, weight 1/n. g: leave-one-out win rate (unbiased for g_mu(y): each loss term involves
-    one response only). adv = g - group mean (= g - 1/2: M + M^T = 1), adv_std: the group's std of g (GRPO's
-    std normalisation is invariant to g's affine form, so Alg. 5's diagonal-inclusive mean gives the same).
+    one response only). adv = g - group mean (= g - 1/2: M + M^T = 1), Dr.GRPO's; adv_scaled: divided by the
+    group's std of g, GRPO's (invariant to g's affine form, so Alg. 5's diagonal-inclusive mean gives the same).
     With an opponent: gopp = mean_j P(y > y'_j) over its n samples, gopp_base = the mean of gopp over the
     other responses of the group (a REINFORCE baseline independent of y)."""
     P, n = M.shape[0], M.shape[-1]
     g = loo_winrates(M).double()
-    values = {"g": g, "adv": g - g.mean(-1, keepdim=True), "adv_std": g.std(-1, keepdim=True).expand(P, n)}
+    values = {"g": g, "adv": losses.group_advantages(g, scale_by_std=False), "adv_scaled": losses.group_advantages(g)}
     if M_opp is not None:
         gopp = M_opp.double().mean(-1)
         values.update(gopp=gopp, gopp_base=(gopp.sum(-1, keepdim=True) - gopp) / (n - 1))
@@ -354,7 +354,7 @@ def response_pair_examples(M, cfg, M_opp=None):
     P, n = M.shape[0], M.shape[-1]
     i, j = torch.triu_indices(n, n, 1)
     base = _group_index(P, n)
-    values = {"g": M.double().mean(-1)}
+    values = {"g": losses.winrate_rewards(M.double())}
     if M_opp is not None:
         values["gopp"] = M_opp.double().mean(-1)
     rows = {"a": (base + i).flatten(), "b": (base + j).flatten()}
@@ -365,7 +365,7 @@ def group_examples(M, cfg):
     """One example per prompt: its n responses y (P, n), weight 1; g as in response_pair_examples (a loss
     that centres within the group sees the same pair differences); gw = 1/n, the within-group weights."""
     P, n = M.shape[0], M.shape[-1]
-    values = {"g": M.double().mean(-1), "gw": torch.full((P, n), 1.0 / n, dtype=torch.float64)}
+    values = {"g": losses.winrate_rewards(M.double()), "gw": torch.full((P, n), 1.0 / n, dtype=torch.float64)}
     return {"y": _group_index(P, n) + torch.arange(n)}, torch.ones(P, dtype=torch.float64), _flat(values)
 
 
@@ -397,7 +397,7 @@ class Batch:
     mu: torch.Tensor  # (N,) log mu(y|x), the sampler's
     center: torch.Tensor  # (N,) the step's centre: mu's or pi_ref's (spec.center)
     length: torch.Tensor  # (N,) response length in tokens, EOS included
-    values: dict  # (N,) per-response values of the example kind (make_examples): g, adv, adv_std, gw, gopp, ...
+    values: dict  # (N,) per-response values of the example kind (make_examples): g, adv, adv_scaled, gw, gopp, ...
     ref: torch.Tensor = None  # (N,) log pi_ref(y|x)
     opp: torch.Tensor = None  # (N,) the opponent's log-prob (OMWU's pi^{k-1}, NashMP's target)
     pi_tok: torch.Tensor = None  # (N, T) per-token log-probs (token_level specs) of pi, mu, pi_ref, the centre,
@@ -647,6 +647,14 @@ def minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, opponent=None, desc="",
     return step_losses
 
 
+def rounds(iterations, K, start=0):
+    """Algorithm 3's schedule, the one loop of run(), toy_game.py and diagnostics.py: (k, t, round_start) for
+    each iteration k from `start`: its round t = k // K, and whether it opens the round (pi_ref <- pi^k then,
+    for an algorithm with reference rounds)."""
+    for k in range(start, iterations):
+        yield k, k // K, k % K == 0
+
+
 def run(state, trainer, cfg, oracle, prompts_for, start, after_iteration):
     """Algorithm 3: rounds of iterations; pi_ref <- pi at each round's start (ref = "rounds").
 
@@ -654,16 +662,14 @@ def run(state, trainer, cfg, oracle, prompts_for, start, after_iteration):
     evaluates, checkpoints and logs. start > 0 resumes (pi_ref and the opponent come from the checkpoint).
     """
     spec = ALGOS[cfg["algo"]]
-    K = round_length(spec, cfg)
-    for t in range(start // K, math.ceil(cfg["iterations"] / K)):
+    for k, t, round_start in rounds(cfg["iterations"], round_length(spec, cfg), start):
         eta, tau = round_params(cfg, t)
-        if spec.ref == "rounds" and t * K >= start:
+        if spec.ref == "rounds" and round_start:
             trainer.copy_weights(state["ref"], state["policy"])  # pi_ref <- pi^t (Alg. 3)
-        for k in range(max(t * K, start), min((t + 1) * K, cfg["iterations"])):
-            prompts, ids = prompts_for(k)
-            m = iteration(k, eta, tau, state, prompts, ids, oracle, trainer, cfg)
-            m.update(round=t, **{name: v for name, v in (("eta", eta), ("tau", tau)) if v is not None})
-            after_iteration(k, m)
+        prompts, ids = prompts_for(k)
+        m = iteration(k, eta, tau, state, prompts, ids, oracle, trainer, cfg)
+        m.update(round=t, **{name: v for name, v in (("eta", eta), ("tau", tau)) if v is not None})
+        after_iteration(k, m)
 
 
 def examples_per_group(spec, cfg):

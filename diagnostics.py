@@ -125,8 +125,8 @@ def exact_steps(game, cfg, recs):
     per = []  # per track: {iteration: row}
     for logs in tracks:
         rows, sim, sim_ref = {}, logs[-1], logs[-1]
-        for k in range(cfg["iterations"]):
-            if spec.ref == "rounds" and k % K == 0:
+        for k, _, round_start in comal.rounds(cfg["iterations"], K):
+            if spec.ref == "rounds" and round_start:
                 sim_ref = sim
             sim = step(sim, sim_ref, k)  # the exact algorithm from the start
             if k not in logs or k - 1 not in logs:

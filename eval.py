@@ -253,14 +253,6 @@ def write_tables(out, names, M, SE, lengths):
     return avg
 
 
-def read_winrate_csv(path):
-    """(names, M as a list of rows, Avg) parsed back from winrate.csv."""
-    with open(path) as f:
-        rows = list(csv.reader(f))
-    names = rows[0][1:-1]
-    return names, [[float(x) for x in r[1:-1]] for r in rows[1:]], [float(r[-1]) for r in rows[1:]]
-
-
 def heatmap(path, names, M):
     import matplotlib
 

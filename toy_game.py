@@ -92,12 +92,6 @@ def log_prox(log_center, g, eta):
     return torch.log_softmax(log_center + eta * g, dim=-1)
 
 
-def kl(log_p, log_q):
-    """KL(p || q) from log-probabilities."""
-    p = log_p.exp()
-    return float((p * (log_p - log_q)).sum())
-
-
 def regularized_nash(A, log_ref, tau, tol=1e-14, max_steps=200):
     """The NE pi_tau* of J_tau(., ., pi_ref) (eq. 2) to machine precision.
 
@@ -158,7 +152,8 @@ def population_examples(spec, A, log_mu, log_opp=None):
     K = A.shape[0]
     mu = log_mu.exp()
     g = A @ mu  # g_mu = P(. > mu)
-    values = {"g": g, "adv": g - 0.5, "adv_std": ((mu * (g - 0.5) ** 2).sum().sqrt()).expand(K)}
+    adv = g - 0.5  # the population's GRPO advantages: centred, and scaled by the population std
+    values = {"g": g, "adv": adv, "adv_scaled": adv / ((mu * adv**2).sum().sqrt() + 1e-6)}
     if log_opp is not None:
         gopp = A @ log_opp.exp()
         values.update(gopp=gopp, gopp_base=(mu * gopp).sum().expand(K))
@@ -316,33 +311,31 @@ def estimated_win_rates(A, log_mu, n, gen):
 
 
 def play(spec, game, cfg, gen):
-    """Rounds of iterations as comal.run: pi_ref <- pi at each round start (ref "rounds": cfg.outer rounds of
-    cfg.inner, or cfg.iters rounds of the spec's round_len, one iterate per round); otherwise cfg.iters
-    iterations with pi_ref = pi_init (ref "base"). The opponent is pi^{k-1} (copied before each update)
-    or an EMA of the logits (after each update), as on language models."""
+    """comal.run's loop (comal.rounds) on the table: pi_ref <- pi at each round start (ref "rounds": cfg.outer
+    rounds of cfg.inner, or cfg.iters rounds of the spec's round_len, one iterate per round); otherwise
+    cfg.iters iterations with pi_ref = pi_init (ref "base"). The opponent is pi^{k-1} (copied before each
+    update) or an EMA of the logits (after each update), as on language models."""
+    if spec.ref == "rounds" and not spec.round_len:
+        K, iterations = cfg.inner, cfg.outer * cfg.inner
+    else:  # Mirror-Prox's rounds of its round_len; no rounds: one of cfg.iters iterations
+        K = spec.round_len or cfg.iters
+        iterations = cfg.iters * (spec.round_len or 1)
     log_pi, target = game.log_init, game.log_init.clone()
     log_ref = game.log_init if spec.ref == "base" else None
     log_opp = game.log_init if spec.opponent != "none" else None  # pi^{-1} = pi^0
     traj = [log_pi]
-    if spec.ref == "rounds":
-        rounds, K = (cfg.iters, spec.round_len) if spec.round_len else (cfg.outer, cfg.inner)
-    else:
-        rounds, K = 1, cfg.iters
-    for _ in range(rounds):
-        if spec.ref == "rounds":
+    for k, _, round_start in comal.rounds(iterations, K):
+        if spec.ref == "rounds" and round_start:
             log_ref = log_pi  # pi_ref <- pi^t
-        for _ in range(K):
-            log_mu = log_ref if spec.sampler == "ref" else log_pi
-            new = realised(log_pi, tabular_step(spec, game, cfg, gen, log_mu, log_ref, None, log_opp), cfg)
-            if spec.opponent == "prev":
-                log_opp = log_pi
-            elif spec.opponent == "ema":
-                target = cfg.kappa * new + (1 - cfg.kappa) * target
-                log_opp = torch.log_softmax(target, -1)
-            log_pi = new
-            if not spec.round_len:
-                traj.append(log_pi)
-        if spec.round_len:
+        log_mu = log_ref if spec.sampler == "ref" else log_pi
+        new = realised(log_pi, tabular_step(spec, game, cfg, gen, log_mu, log_ref, None, log_opp), cfg)
+        if spec.opponent == "prev":
+            log_opp = log_pi
+        elif spec.opponent == "ema":
+            target = cfg.kappa * new + (1 - cfg.kappa) * target
+            log_opp = torch.log_softmax(target, -1)
+        log_pi = new
+        if not spec.round_len or (k + 1) % K == 0:
             traj.append(log_pi)
     return traj
 
@@ -356,14 +349,15 @@ def realised(log_pi, log_step, cfg):
 
 
 def md_rounds(game, cfg, gen, rounds, steps, tau):
-    """Exact mirror descent in COMAL's rounds (Alg. 1 with Alg. 2 steps): rounds=1, tau=0 is MWU."""
-    log_pi = game.log_init
+    """Exact mirror descent in COMAL's rounds (Alg. 1 with Alg. 2 steps), comal.rounds' loop: rounds=1, tau=0 is
+    MWU."""
+    log_pi, log_ref = game.log_init, game.log_init
     traj = [log_pi]
-    for _ in range(rounds):
-        log_ref = log_pi  # pi_ref <- pi^t
-        for _ in range(steps):
-            log_pi = realised(log_pi, prox_step("closed", game, cfg, gen, log_pi, log_ref, tau), cfg)
-            traj.append(log_pi)
+    for _, _, round_start in comal.rounds(rounds * steps, steps):
+        if round_start:
+            log_ref = log_pi  # pi_ref <- pi^t
+        log_pi = realised(log_pi, prox_step("closed", game, cfg, gen, log_pi, log_ref, tau), cfg)
+        traj.append(log_pi)
     return traj
 
 

@@ -17,6 +17,13 @@ import train_ddp
 SKEWS = {"a": (0.2, 0.5, 0.3), "b": (0.6, 0.2, 0.2), "c": (0.1, 0.2, 0.7)}
 
 
+def read_winrate_csv(path):
+    """(names, M as a list of rows, Avg) parsed back from eval.py's winrate.csv."""
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    return rows[0][1:-1], [[float(x) for x in r[1:-1]] for r in rows[1:]], [float(r[-1]) for r in rows[1:]]
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
@@ -62,7 +69,7 @@ def test_matrix_matches_exact_distributions_and_outputs_parse_back(setup):
     assert (SE[off] > 0).all() and (SE[off] < 3).all()
     # the three policies form a preference cycle: a > b > c > a
     assert M[0, 1] > 50 and M[1, 2] > 50 and M[2, 0] > 50
-    names, rows, avg = ev.read_winrate_csv(str(d / "out" / "winrate.csv"))
+    names, rows, avg = read_winrate_csv(str(d / "out" / "winrate.csv"))
     assert names == ["a", "b", "c"]
     assert torch.allclose(torch.tensor(rows, dtype=torch.float64), M, atol=1e-4)
     assert avg == pytest.approx(r["avg"], abs=1e-4)
@@ -97,7 +104,7 @@ def test_cached_generations_and_judgments_are_reused(setup, monkeypatch):
     r = ev.main(args(d, ["a", "b", "c"], "cache"))
     assert ev.GENERATED == ["c"]  # a and b come from the cache
     assert sum(calls) == 2 * 20 * 8 * 8  # only the new pairs (a, c) and (b, c) are judged
-    first = ev.read_winrate_csv(str(d / "cache" / "winrate.csv"))[1]
+    first = read_winrate_csv(str(d / "cache" / "winrate.csv"))[1]
     assert first[0][1] == pytest.approx(float(r["M"][0, 1]), abs=1e-4)
     # a changed checkpoint is generated again
     ev.GENERATED.clear()
@@ -177,7 +184,7 @@ def test_torchrun_splits_prompts_and_gives_the_single_process_matrix(setup):
                         os.path.join(root, "eval.py"), *common, "--out", str(d / "greedy2")],
                        capture_output=True, text=True, timeout=300, cwd=root)
     assert r.returncode == 0, r.stderr[-2000:]
-    names, rows, _ = ev.read_winrate_csv(str(d / "greedy2" / "winrate.csv"))
+    names, rows, _ = read_winrate_csv(str(d / "greedy2" / "winrate.csv"))
     assert torch.allclose(torch.tensor(rows, dtype=torch.float64), single["M"], atol=1e-4)
     g1 = json.load(open(d / "greedy1" / "generations" / "a.json"))["responses"]
     g2 = json.load(open(d / "greedy2" / "generations" / "a.json"))["responses"]
