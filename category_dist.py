@@ -103,72 +103,83 @@ def policy_distribution(game, model, tokenizer, prompt_ids, eos_token_ids, max_n
     tail unsettled. Each prompt is prefilled once into a KV cache; the open prefixes of a step (all of
     one length) run as a batch over its copies (tested against brute-force enumeration).
     """
-    from transformers import DynamicCache
-
-    from sample import cache_kwargs
-
-    dev = next(model.parameters()).device
     C = len(game.categories)
     dist = torch.zeros(len(prompt_ids), C + 1, dtype=torch.float64)
     pruned = torch.zeros(len(prompt_ids), dtype=torch.float64)
-    eos = set(int(e) for e in eos_token_ids)
-
-    def prefill(prompt):
-        """(KV cache of the prompt, (V,) log-probs of the first response token): once per prompt."""
-        cache = DynamicCache(config=model.config)
-        ids = torch.tensor([prompt], device=dev)
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1,
-                    **cache_kwargs(model, cache))
-        return cache, torch.log_softmax(out.logits[0, -1].double(), -1).cpu()
-
-    def next_logps(prompt, cache, prefixes):
-        """(len(prefixes), V) next-token log-probs after prompt + each prefix (all of one length d >= 1): a
-        copy of the prompt's cache replicated for the batch, only the d prefix tokens are run."""
-        batch = copy.deepcopy(cache)
-        batch.batch_repeat_interleave(len(prefixes))
-        P, d = len(prompt), len(prefixes[0])
-        out = model(input_ids=torch.tensor(prefixes, device=dev),
-                    attention_mask=torch.ones(len(prefixes), P + d, dtype=torch.long, device=dev),
-                    position_ids=torch.arange(P, P + d, device=dev).expand(len(prefixes), -1), logits_to_keep=1,
-                    **cache_kwargs(model, batch))
-        return torch.log_softmax(out.logits[:, -1].double(), -1).cpu()
-
     for b, prompt in enumerate(prompt_ids):
         prompt = [int(t) for t in prompt]
-        cache, first = prefill(prompt)
+        cache, first = prefill_prompt(model, prompt)
         table = token_table(game, tokenizer, len(first))  # built on the first call for this tokenizer
-        eos_ids = torch.tensor(sorted(e for e in eos if e < len(first)), dtype=torch.long)
+        eos_ids = torch.tensor(sorted(e for e in set(map(int, eos_token_ids)) if e < len(first)), dtype=torch.long)
         frontier = [([], "", 0.0)]  # (response prefix, its text, log-prob); all prefixes of a step have one length
         while frontier:
             nxt = []
             for s in range(0, len(frontier), batch_size):
                 chunk = frontier[s:s + batch_size]
                 prefixes = [r for r, _, _ in chunk]
-                logp = next_logps(prompt, cache, prefixes) if prefixes[0] else first[None]  # (b, V)
+                logp = next_logps(model, prompt, cache, prefixes) if prefixes[0] else first[None]  # (b, V)
                 for (r, text, lp), row in zip(chunk, logp):
-                    total = lp + row  # (V,)
                     at_cap = max_new_tokens is not None and len(r) + 1 >= max_new_tokens
-                    big = total > math.log(min_mass)
-                    big[eos_ids] = False  # EOS ends the response as it stands: settled below
-                    fates = torch.full((len(total),), C + 1, dtype=torch.long)
-                    fates[eos_ids] = game.outcome(text, True)
-                    concatenates = "\ufffd" not in text
-                    for v in big.nonzero().squeeze(-1).tolist():
-                        seq = r + [v]
-                        new = tokenizer.decode(seq, skip_special_tokens=True)
-                        concatenates &= new == (text + table["cont"][v] if r else table["first"][v])
-                        fates[v] = game.outcome(new, at_cap)
-                        if fates[v] == C + 1:
-                            nxt.append((seq, new, float(total[v])))
-                    tail = (~big).nonzero().squeeze(-1)
-                    tail = tail[~torch.isin(tail, eos_ids)]
-                    if concatenates:
-                        fates[tail] = tail_fates(game, table, text, len(r), tail, at_cap)
-                    settle = fates.clone()
-                    settle[big & (fates == C + 1)] = C + 2  # expanded: counted at the next step
-                    mass = torch.zeros(C + 3, dtype=torch.float64).index_add_(0, settle, total.exp())
+                    mass, opened = settle(game, tokenizer, table, eos_ids, r, text, lp + row, at_cap, min_mass)
                     dist[b, :C + 1] += mass[:C + 1]
                     pruned[b] += mass[C + 1]
+                    nxt += opened
             frontier = nxt
     dist[:, C] += pruned
     return dist, pruned
+
+
+def settle(game, tokenizer, table, eos_ids, r, text, total, at_cap, min_mass):
+    """One open prefix r (its text) and the (V,) log-probs `total` of r + each next token: the (C + 3,) mass
+    that ends in each category / none (C) / unsettled (C + 1) / expanded (C + 2), and the expanded prefixes
+    still open [(r + [v], text, log-prob)]. Tokens of probability >= min_mass are decoded one by one, the
+    tail at once from the token table when decoding concatenates token texts."""
+    C = len(game.categories)
+    big = total > math.log(min_mass)
+    big[eos_ids] = False  # EOS ends the response as it stands: settled below
+    fates = torch.full((len(total),), C + 1, dtype=torch.long)
+    fates[eos_ids] = game.outcome(text, True)
+    concatenates = "\ufffd" not in text
+    opened = []
+    for v in big.nonzero().squeeze(-1).tolist():
+        seq = r + [v]
+        new = tokenizer.decode(seq, skip_special_tokens=True)
+        concatenates &= new == (text + table["cont"][v] if r else table["first"][v])
+        fates[v] = game.outcome(new, at_cap)
+        if fates[v] == C + 1:
+            opened.append((seq, new, float(total[v])))
+    tail = (~big).nonzero().squeeze(-1)
+    tail = tail[~torch.isin(tail, eos_ids)]
+    if concatenates:
+        fates[tail] = tail_fates(game, table, text, len(r), tail, at_cap)
+    fates[big & (fates == C + 1)] = C + 2  # expanded: counted at the next step
+    return torch.zeros(C + 3, dtype=torch.float64).index_add_(0, fates, total.exp()), opened
+
+
+def prefill_prompt(model, prompt):
+    """(KV cache of the prompt, (V,) log-probs of the first response token): once per prompt."""
+    from transformers import DynamicCache
+
+    from sample import cache_kwargs
+
+    dev = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([prompt], device=dev)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, **cache_kwargs(model, cache))
+    return cache, torch.log_softmax(out.logits[0, -1].double(), -1).cpu()
+
+
+def next_logps(model, prompt, cache, prefixes):
+    """(len(prefixes), V) next-token log-probs after prompt + each prefix (all of one length d >= 1): a copy of
+    the prompt's cache replicated for the batch, only the d prefix tokens are run."""
+    from sample import cache_kwargs
+
+    dev = next(model.parameters()).device
+    batch = copy.deepcopy(cache)
+    batch.batch_repeat_interleave(len(prefixes))
+    P, d = len(prompt), len(prefixes[0])
+    out = model(input_ids=torch.tensor(prefixes, device=dev),
+                attention_mask=torch.ones(len(prefixes), P + d, dtype=torch.long, device=dev),
+                position_ids=torch.arange(P, P + d, device=dev).expand(len(prefixes), -1), logits_to_keep=1,
+                **cache_kwargs(model, batch))
+    return torch.log_softmax(out.logits[:, -1].double(), -1).cpu()

@@ -377,12 +377,14 @@ EXAMPLES = {"pairs": pair_examples, "responses": response_examples, "response_pa
             "groups": group_examples}
 
 
-def make_examples(spec, M, cfg, M_opp=None):
+def make_examples(spec, M, cfg, M_opp=None, device=None):
     """{"rows": {field: (E,) or (E, n) row ids}, "weight": (E,) float64, "values": {name: (P*n,) per response}}
-    from the (P, n, n) win rates of the groups (and the (P, n, n) win rates against the opponent's samples)."""
+    from the (P, n, n) win rates of the groups (and the (P, n, n) win rates against the opponent's samples),
+    on `device` (default: M's)."""
     build = EXAMPLES[spec.examples]
     rows, weight, values = build(M, cfg, M_opp) if spec.opponent != "none" else build(M, cfg)
-    return {"rows": rows, "weight": weight, "values": values}
+    to = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+    return {"rows": to(rows), "weight": weight.to(device), "values": to(values)}
 
 
 @dataclass
@@ -499,16 +501,10 @@ def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
     mu_model = state["ref"] if spec.sampler == "ref" else policy
     gen = torch.Generator(device=trainer.device).manual_seed(seed_for(cfg["seed"], "sample", k, trainer.rank))
 
-    peaks = {}  # CUDA: max bytes allocated in the rollout (1-4) and in training (5), for bench/plan.py --measured
-
-    def peak(name):
-        if trainer.device.type == "cuda":
-            if name:
-                peaks[name] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
-            torch.cuda.reset_peak_memory_stats(trainer.device)
+    peaks = {}  # CUDA: max GiB allocated in the rollout (1-4) and in training (5), for bench/plan.py --measured
 
     # 1. mu <- the sampler; n responses per prompt (and n from the opponent)
-    peak(None)
+    record_peak(peaks, None, trainer.device)
     t0 = time.time()
     policy.eval()
     with trainer.autocast(), trainer.gathered(mu_model):
@@ -527,9 +523,7 @@ def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
     judge_s = time.time() - t0
 
     # 3. examples; 4. frozen log-probs
-    ex = make_examples(spec, M, cfg, M_opp)
-    ex = {"rows": {f: r.to(trainer.device) for f, r in ex["rows"].items()}, "weight": ex["weight"].to(trainer.device),
-          "values": {v: x.to(trainer.device) for v, x in ex["values"].items()}}
+    ex = make_examples(spec, M, cfg, M_opp, trainer.device)
     seqs = samples.sequences()
     models = {"mu": mu_model, "ref": state.get("ref"), "opp": state.get("opponent")}
     with trainer.autocast():
@@ -540,26 +534,38 @@ def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
         trainer.copy_weights(state["opponent"], policy)
 
     # 5. minimise the loss
-    peak("rollout_peak_gib")
+    record_peak(peaks, "rollout_peak_gib", trainer.device)
     h = hyper(spec, cfg, eta, tau)
     fit, before = {}, frozen["mu"]  # fit_gap: the policy's log-probs before training, mu itself when it sampled
     if cfg["fit_gap"] and spec.sampler != "policy":
-        with trainer.autocast(), trainer.gathered(policy):
-            before = precompute_logps(policy, seqs, micro, used, trainer.share_prompts)[1]
+        before = policy_logps(policy, trainer, seqs, micro, used)
     t0 = time.time()
     step_losses = minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, state.get("opponent"),
                            desc=f"iteration {k} train", postfix=dict(sample=f"{sample_s:.1f}s", judge=f"{judge_s:.1f}s"))
     train_s = time.time() - t0
-    peak("train_peak_gib")
+    record_peak(peaks, "train_peak_gib", trainer.device)
     if cfg["fit_gap"]:
         policy.eval()
-        with trainer.autocast(), trainer.gathered(policy):
-            after = precompute_logps(policy, seqs, micro, used, trainer.share_prompts)[1]
-        fit = fit_gap(spec, ex, frozen, h, before, after, trainer.all_reduce_sum)
+        fit = fit_gap(spec, ex, frozen, h, before, policy_logps(policy, trainer, seqs, micro, used),
+                      trainer.all_reduce_sum)
     lengths = samples.response_mask.sum(-1).float()
     return {"iteration": k, "loss": sum(step_losses) / len(step_losses), "response_length": float(lengths.mean()),
             "tokens_per_s": int(samples.response_mask.sum()) / max(sample_s, 1e-9), "sample_s": sample_s,
             "judge_s": judge_s, "train_s": train_s, **peaks, **fit, "groups": groups}
+
+
+def record_peak(peaks, name, device):
+    """CUDA: peaks[name] = the max GiB allocated since the last call (none for name None); then a new count."""
+    if device.type == "cuda":
+        if name:
+            peaks[name] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def policy_logps(policy, trainer, seqs, micro, rows):
+    """(N,) the trained policy's sequence log-probs (NaN off `rows`), outside training: fit_gap's before / after."""
+    with trainer.autocast(), trainer.gathered(policy):
+        return precompute_logps(policy, seqs, micro, rows, trainer.share_prompts)[1]
 
 
 def fit_gap(spec, ex, frozen, h, before, after, all_reduce_sum=float):

@@ -340,6 +340,8 @@ def matrix_mode(args, device):
 
 
 def run_mode(args, device):
+    """eval.py --run RUN: each checkpoint's win rate against the base and the previous iterate, its mean response
+    length and, on the category game, its exact exploitability; dynamics.csv / .md and plots in --out."""
     import yaml
 
     import tiny
@@ -368,37 +370,52 @@ def run_mode(args, device):
     out = args.out or os.path.join(run, "eval")
     os.makedirs(out, exist_ok=True)
     oracle = oracle_lib.build_oracle(block, device=device)
-    names = ["base"] + ckpts
     paths = dict(base=base, **dict(zip(ckpts, finished)))
-    gens = {n: generate_for(n, paths[n], prompts, settings, os.path.join(out, "generations"), device) for n in names}
-    okey, jpath = oracle_key(block), os.path.join(out, "judgments.json")
+    gens = {n: generate_for(n, paths[n], prompts, settings, os.path.join(out, "generations"), device) for n in paths}
+    rows = dynamics_rows(ckpts, gens, prompts, oracle, oracle_key(block), os.path.join(out, "judgments.json"))
+    if game:  # exact category distributions of each checkpoint (not from samples)
+        for row, c in zip(rows, ckpts):
+            d = exact_distribution(paths[c], prompts, oracle, settings, cfg.get("max_new_tokens"), device)
+            row["exploitability"] = float(oracle.exploitability(d).mean())
+            row["category_dist"] = [round(float(x), 5) for x in d.mean(0)]
+    if world_info()[0] != 0:
+        return None
+    base_len = sum(map(sum, gens["base"][1])) / sum(map(len, gens["base"][1]))
+    lines = write_dynamics(out, rows, base_len, game)
+    dynamics_plots(out, rows, base_len, cfg.get("algo", "run"), oracle if game else None)
+    print("\n".join(lines))
+    return rows
+
+
+def dynamics_rows(ckpts, gens, prompts, oracle, okey, jpath):
+    """Per checkpoint: its win rate (%, with its standard error) against the base and against the previous
+    iterate (the base for the first), and its mean response length."""
     rows = []
     for k, c in enumerate(ckpts):
-        prev = names[k]  # the previous iterate (the base for the first checkpoint)
+        prev = (["base"] + ckpts)[k]
         Mb, SEb = pairwise_matrix([c, "base"], gens, prompts, oracle, okey, jpath)
         Mp, SEp = pairwise_matrix([c, prev], gens, prompts, oracle, okey, jpath)
         lens = gens[c][1]
-        row = {"iteration": int(c.split("-")[1]), "checkpoint": c, "winrate_vs_base": float(Mb[0, 1]),
-               "se_vs_base": float(SEb[0, 1]), "winrate_vs_prev": float(Mp[0, 1]), "se_vs_prev": float(SEp[0, 1]),
-               "mean_length": sum(map(sum, lens)) / sum(map(len, lens))}
-        rows.append(row)
-    base_len = sum(map(sum, gens["base"][1])) / sum(map(len, gens["base"][1]))
-    if game:  # exact category distributions of each checkpoint (not from samples)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        rows.append({"iteration": int(c.split("-")[1]), "checkpoint": c, "winrate_vs_base": float(Mb[0, 1]),
+                     "se_vs_base": float(SEb[0, 1]), "winrate_vs_prev": float(Mp[0, 1]),
+                     "se_vs_prev": float(SEp[0, 1]), "mean_length": sum(map(sum, lens)) / sum(map(len, lens))})
+    return rows
 
-        for row, c in zip(rows, ckpts):
-            model = AutoModelForCausalLM.from_pretrained(paths[c]).to(device).eval()
-            tok = AutoTokenizer.from_pretrained(paths[c])
-            ids = config.encode_prompts(tok, prompts, settings["max_prompt_tokens"])
-            d, _ = oracle.policy_distribution(model, tok, ids, [tok.eos_token_id], cfg.get("max_new_tokens"))
-            row["exploitability"] = float(oracle.exploitability(d).mean())
-            row["category_dist"] = [round(float(x), 5) for x in d.mean(0)]
-    rank, _ = world_info()
-    if rank != 0:
-        return None
-    keys = list(rows[0])
+
+def exact_distribution(path, prompts, oracle, settings, max_new_tokens, device):
+    """(P, C + 1) the exact category distribution of a checkpoint on the prompts (oracle.policy_distribution)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = config.encode_prompts(tok, prompts, settings["max_prompt_tokens"])
+    return oracle.policy_distribution(model, tok, ids, [tok.eos_token_id], max_new_tokens)[0]
+
+
+def write_dynamics(out, rows, base_len, game):
+    """dynamics.csv and dynamics.md in out; returns the markdown table's lines."""
     with open(os.path.join(out, "dynamics.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         for r in rows:
             w.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
@@ -410,31 +427,32 @@ def run_mode(args, device):
                      (f" {r['exploitability']:.4f} |" if game else ""))
     with open(os.path.join(out, "dynamics.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    return lines
+
+
+def dynamics_plots(out, rows, base_len, algo, game=None):
+    """winrate.png and length.png; on the category game (game: its oracle) exploitability.png and, with 3
+    categories, the simplex trajectory."""
     its = [r["iteration"] for r in rows]
     line_plot(os.path.join(out, "winrate.png"), its,
               {"vs base": ([r["winrate_vs_base"] for r in rows], [r["se_vs_base"] for r in rows]),
                "vs previous iterate": ([r["winrate_vs_prev"] for r in rows], [r["se_vs_prev"] for r in rows])},
-              "win rate (%)", f"{cfg.get('algo', '')}: win rate per iteration", hline=50)
+              "win rate (%)", f"{algo}: win rate per iteration", hline=50)
     line_plot(os.path.join(out, "length.png"), its, {"mean length": ([r["mean_length"] for r in rows], None)},
               "tokens", "mean response length", hline=base_len)
-    if game:
-        line_plot(os.path.join(out, "exploitability.png"), its,
-                  {"exploitability": ([r["exploitability"] for r in rows], None)}, "exploitability",
-                  "exact exploitability of the category distribution", hline=0)
-        if len(oracle.categories) == 3:
-            import toy_game
+    if game is None:
+        return
+    line_plot(os.path.join(out, "exploitability.png"), its,
+              {"exploitability": ([r["exploitability"] for r in rows], None)}, "exploitability",
+              "exact exploitability of the category distribution", hline=0)
+    if len(game.categories) == 3:
+        import toy_game
 
-            A = oracle.A
-            traj = []
-            for r in rows:
-                p = torch.tensor(r["category_dist"][:3], dtype=torch.float64)
-                traj.append(p / p.sum())
-            toy_game.plot({cfg.get("algo", "run"): {"policies": [p.tolist() for p in traj],
-                                                    "exploitability": [r["exploitability"] for r in rows]}},
-                          toy_game.make_game(A.tolist()), os.path.join(out, "simplex.png"),
-                          title="category distribution per iteration")
-    print("\n".join(lines))
-    return rows
+        traj = [torch.tensor(r["category_dist"][:3], dtype=torch.float64) for r in rows]
+        toy_game.plot({algo: {"policies": [(p / p.sum()).tolist() for p in traj],
+                              "exploitability": [r["exploitability"] for r in rows]}},
+                      toy_game.make_game(game.A.tolist()), os.path.join(out, "simplex.png"),
+                      title="category distribution per iteration")
 
 
 def category_run(run, flag):

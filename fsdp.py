@@ -34,6 +34,16 @@ class ShardedMethods:
     by shard_model / load_sharded): AdamW on this rank's fp32 master shards, gradients reduce-scattered as each
     block's backward ends, clipping by the norm of the shards, weights copied shard by shard."""
 
+    @staticmethod
+    def load_policy(path, cfg, rank, world, device, dtype, **kw):
+        """The trained policy: no rank ever holds it whole, a skeleton filled with this rank's slices."""
+        return load_sharded(path, rank, world, device, dtype, activation_checkpointing=cfg["activation_checkpointing"])
+
+    @staticmethod
+    def load_frozen(path, cfg, rank, world, device, dtype, **kw):
+        """A frozen copy, streamed: its shards kept in `dtype`."""
+        return load_sharded(path, rank, world, device, dtype, master_dtype=dtype, frozen=True)
+
     def init_optimizer(self):
         self.units = self.model.flat_units
         self.params = [u.shard for u in self.units]  # decay by shard ranges in update()
@@ -277,8 +287,7 @@ class FlatUnit:
 def reduce_scatter_sum(flat, size, world):
     """This rank's (size,) slice of the sum over ranks of `flat` (size * world,). nccl: reduce_scatter. gloo: one
     all_to_all (rank j receives every rank's slice j) and a local sum -- the same numbers (tests/test_sharded.py)
-    in half the time of gloo's reduce_scatter, which goes through an all-reduce of the whole vector (2 ranks,
-    14 MB: 13 vs 28 ms on the 2-core CPU)."""
+    at about half the cost of gloo's reduce_scatter, which goes through an all-reduce of the whole vector."""
     if dist.get_backend() != "gloo":
         out = torch.empty(size, dtype=flat.dtype, device=flat.device)
         dist.reduce_scatter_single(out, flat)

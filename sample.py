@@ -150,37 +150,17 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     check_sampling_args(prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         top_k=top_k)
     dev = next(model.parameters()).device
-    cfg = model.config
-    if eos_token_ids is None:
-        gen_cfg = getattr(model, "generation_config", None)
-        eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
-        eos = eos if eos is not None else cfg.eos_token_id
-        eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    eos_token_ids = [int(e) for e in eos_token_ids]
-    if pad_token_id is None:
-        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_token_ids[0] if eos_token_ids else None)
-    if pad_token_id is None and (len({len(p) for p in prompts}) > 1 or eos_token_ids):
-        raise ValueError("pad_token_id: the model has no pad or eos token, and padding is needed; pass pad_token_id")
-    pad = 0 if pad_token_id is None else int(pad_token_id)
-
+    eos_token_ids, pad = eos_and_pad(model, prompts, eos_token_ids, pad_token_id)
     prompt_ids, prompt_mask = left_pad(prompts, pad, dev)
     B, P = prompt_ids.shape
     N, L = B * n, P + max_new_tokens
-    cache = StaticCache(config=cfg, max_cache_len=L)
-    cache_kw = cache_kwargs(model, cache)  # inspected once, not per decoded token
-    # Prefill each prompt once; only the last position's logits are needed.
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask),
-                logits_to_keep=1, **cache_kw)
-    for layer in cache.layers:  # replicate the prefilled cache for the n samples of each prompt
-        layer.keys = layer.keys.repeat_interleave(n, 0)
-        layer.values = layer.values.repeat_interleave(n, 0)
+    cache, cache_kw, logits = prefill(model, prompt_ids, prompt_mask, n, L)
     if decode_step is not None:  # static shapes and addresses for a compiled step (CUDA graphs need both)
         compact_fraction = float("inf")
         for layer in cache.layers:
             torch._dynamo.mark_static_address(layer.keys)
             torch._dynamo.mark_static_address(layer.values)
     step = model if decode_step is None else decode_step
-    logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # (N, V)
     mask = torch.zeros(N, L, dtype=torch.long, device=dev)  # attention mask over the whole cache
     mask[:, :P] = prompt_mask.repeat_interleave(n, 0)
     next_pos = prompt_mask.sum(-1).repeat_interleave(n, 0)  # (N,) position id of the next token
@@ -191,11 +171,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=dev)
     finished = torch.zeros(N, dtype=torch.bool, device=dev)
     for t in range(max_new_tokens):
-        if temperature == 0:
-            tok = logits.argmax(-1)
-        else:
-            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tok = next_token(logits, temperature, top_k, top_p, generator)
         response[rows, t] = tok
         # temperature-1 log-prob of the sampled token, what the losses need (no (N, V) log-softmax)
         logps[rows, t] = logits.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
@@ -218,12 +194,47 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     # Everything after each row's first EOS is padding and carries no log-prob.
     is_eos = torch.isin(response, eos) if len(eos_token_ids) else torch.zeros_like(response, dtype=torch.bool)
     after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-    response_mask = (~after).long()
-    response = response.masked_fill(after, pad)
-    logps = logps.masked_fill(after, 0.0)
-    out_dev = dev if device is None else device
-    return Samples(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0), response, response_mask,
-                   logps).to(out_dev)
+    return Samples(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0),
+                   response.masked_fill(after, pad), (~after).long(), logps.masked_fill(after, 0.0)).to(
+                   dev if device is None else device)
+
+
+def next_token(logits, temperature, top_k, top_p, generator):
+    """(N,) the next token of each row: greedy at temperature 0, else sampled from the filtered softmax."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def eos_and_pad(model, prompts, eos_token_ids=None, pad_token_id=None):
+    """The EOS ids (default: the model's generation config, else its config) and the pad id (default: its pad
+    id, else the first EOS); an error if padding is needed and there is neither."""
+    cfg = model.config
+    if eos_token_ids is None:
+        gen_cfg = getattr(model, "generation_config", None)
+        eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+        eos = eos if eos is not None else cfg.eos_token_id
+        eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    eos_token_ids = [int(e) for e in eos_token_ids]
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_token_ids[0] if eos_token_ids else None)
+    if pad_token_id is None and (len({len(p) for p in prompts}) > 1 or eos_token_ids):
+        raise ValueError("pad_token_id: the model has no pad or eos token, and padding is needed; pass pad_token_id")
+    return eos_token_ids, 0 if pad_token_id is None else int(pad_token_id)
+
+
+def prefill(model, prompt_ids, prompt_mask, n, L):
+    """Each (left-padded) prompt's forward once into a StaticCache of L positions, then the cache replicated for
+    its n samples: (cache, the cache's forward kwargs, (B n, V) float logits of the next token)."""
+    cache = StaticCache(config=model.config, max_cache_len=L)
+    cache_kw = cache_kwargs(model, cache)  # inspected once, not per decoded token
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask),
+                logits_to_keep=1, **cache_kw)
+    for layer in cache.layers:
+        layer.keys = layer.keys.repeat_interleave(n, 0)
+        layer.values = layer.values.repeat_interleave(n, 0)
+    return cache, cache_kw, out.logits[:, -1].float().repeat_interleave(n, 0)
 
 
 # ---------------------------------------------------------------------------

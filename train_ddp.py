@@ -32,9 +32,9 @@ import sys
 import time
 
 # CPU tensors of 2 MiB or more on transparent huge pages (read by torch once, at its import: so before it).
-# With return_freed_memory (below), every freed buffer goes back to the system and a new one is faulted in:
-# in 2 MiB pages that costs 2.3M page faults per rank for one sharded SmolLM2 iteration instead of 15.8M
-# (training 64.7 s instead of 76.7 s; docs/sharded.md). Set it to 0 in the environment to turn it off.
+# With return_freed_memory (below), every freed buffer goes back to the system and a new one is faulted in;
+# 2 MiB pages make those faults far fewer (measured in docs/sharded.md). Set it to 0 in the environment to
+# turn it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
@@ -80,6 +80,27 @@ class Trainer:
         self.last_checkpoint = None
         self.lockstep = True  # whether forwards are collectives the ranks must run together (sharded)
         self.init_optimizer()
+
+    @staticmethod
+    def load_policy(path, cfg, rank, world, device, dtype, **kw):
+        """The trained policy from a checkpoint directory: whole on every rank, fp32 (autocast computes in
+        `dtype`); kw for from_pretrained."""
+        from transformers import AutoModelForCausalLM
+
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True, **kw).to(device)
+        if cfg["activation_checkpointing"]:
+            fsdp.checkpoint_blocks(m)
+        return m
+
+    @staticmethod
+    def load_frozen(path, cfg, rank, world, device, dtype, **kw):
+        """A frozen copy (pi_ref, the opponent): whole, in `dtype`, no gradients."""
+        from transformers import AutoModelForCausalLM
+
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True, **kw)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        return m.to(device).eval().to(dtype)
 
     def init_optimizer(self):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -238,7 +259,7 @@ class ShardedTrainer(fsdp.ShardedMethods, Trainer):
 
 
 def trainer_for(model, cfg, rank=0, world=1, device="cpu", log=None):
-    """ShardedTrainer for a model that fsdp.shard_model / fsdp.load_sharded sharded, Trainer otherwise."""
+    """The trainer of a model: ShardedTrainer when fsdp.shard_model / fsdp.load_sharded sharded it."""
     return (ShardedTrainer if hasattr(model, "flat_units") else Trainer)(model, cfg, rank, world, device, log)
 
 
@@ -314,10 +335,10 @@ def return_freed_memory(threshold=1 << 20):
 
     By default glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed, after which
     blocks of that size come from the heap, and freed heap blocks below its top stay resident. Sharded
-    training frees each gathered block (and its full gradient) right after use, so the process kept the
-    freed blocks: peak RSS per rank of bench/sharded_rss.py (SmolLM2-135M, N = 2) fsdp 4.15 GiB with the
-    default, 2.55 with this; ddp 4.05 either way. Costs page faults on each new buffer (training time
-    measured in docs/sharded.md). M_MMAP_THRESHOLD is mallopt's -3; setting it also stops the dynamic raise.
+    training frees each gathered block (and its full gradient) right after use, so the process would keep the
+    freed blocks resident and the sharded peak would not fall below DDP's (bench/sharded_rss.py measures it,
+    docs/sharded.md has the figures). Costs a page fault on each new buffer. M_MMAP_THRESHOLD is mallopt's
+    -3; setting it also stops the dynamic raise.
     A MALLOC_MMAP_THRESHOLD_ in the environment is the user's choice and is left alone; not glibc: nothing."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
@@ -514,7 +535,7 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
     """(state, trainer): the policy (from the checkpoint when resuming, checked to give the log-probs of its own
     logits: sample.check_logprob_path) and the spec's frozen copies pi_ref and opponent. A checkpoint is read
     from its safetensors only (nothing in it is unpickled)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import sample
 
@@ -522,38 +543,23 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
     tokenizer = AutoTokenizer.from_pretrained(start_path, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    sharded = cfg["parallel"] == "fsdp"
     compute_dtype = torch.bfloat16 if device.type == "cuda" and cfg["dtype"] != "float32" else torch.float32
+    cls = ShardedTrainer if cfg["parallel"] == "fsdp" else Trainer  # its load_policy / load_frozen
 
-    def load(path):
-        kw = {"use_safetensors": True} if resume and path.startswith(resume) else {}
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True, **kw).to(device)
+    def load(path, dtype, frozen=True):
+        kw = {"use_safetensors": True} if resume and path.startswith(resume) else {}  # nothing unpickled
+        m = (cls.load_frozen if frozen else cls.load_policy)(path, cfg, rank, world, device, dtype, **kw)
         m.config.pad_token_id = tokenizer.pad_token_id
         return m
 
-    def frozen(path, dtype):
-        if sharded:  # streamed: shards kept in the frozen model's own dtype
-            m = fsdp.load_sharded(path, rank, world, device, dtype, master_dtype=dtype, frozen=True)
-            m.config.pad_token_id = tokenizer.pad_token_id
-            return m
-        m = load(path).eval()
-        for p in m.parameters():
-            p.requires_grad_(False)
-        return m.to(dtype)
-
-    if sharded:  # no rank ever holds the whole policy: a skeleton filled with this rank's slices
-        policy = fsdp.load_sharded(start_path, rank, world, device, compute_dtype,
-                              activation_checkpointing=cfg["activation_checkpointing"])
-        policy.config.pad_token_id = tokenizer.pad_token_id
-    else:
-        policy = load(start_path)
+    policy = load(start_path, compute_dtype, frozen=False)
     try:  # once: pi_ref and the opponent are copies of the same architecture
         sample.check_logprob_path(policy)
     except sample.UnsupportedModel as e:
         raise ConfigError(f"model {start_path}: {e}") from None
     state = {"policy": policy, "tokenizer": tokenizer, "ref": None, "opponent": None}
-    # a checkpoint holds ref/ and opponent/ beside the policy (checkpoint.save_checkpoint)
-    def saved(key):
+
+    def saved(key):  # a checkpoint holds ref/ and opponent/ beside the policy (checkpoint.save_checkpoint)
         if resume and os.path.isdir(os.path.join(resume, key)):
             return os.path.join(resume, key)
         if resume:  # only after resume_changes=[algo]
@@ -562,14 +568,12 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
         return start_path
 
     if spec.ref == "base":
-        state["ref"] = frozen(base_path, compute_dtype)
+        state["ref"] = load(base_path, compute_dtype)
     elif spec.ref == "rounds":
-        state["ref"] = frozen(saved("ref"), compute_dtype)
+        state["ref"] = load(saved("ref"), compute_dtype)
     if spec.opponent != "none":  # an EMA accumulates small steps: fp32
-        state["opponent"] = frozen(saved("opponent"), torch.float32 if spec.opponent == "ema" else compute_dtype)
-    if not sharded and cfg["activation_checkpointing"]:
-        fsdp.checkpoint_blocks(policy)
-    return state, trainer_for(policy, cfg, rank, world, device)
+        state["opponent"] = load(saved("opponent"), torch.float32 if spec.opponent == "ema" else compute_dtype)
+    return state, cls(policy, cfg, rank, world, device)
 
 
 def cli(argv=None):

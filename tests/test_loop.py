@@ -24,7 +24,7 @@ from test_checkpoint import train
 from test_train import ddp_model, global_batches, micro_losses, small_cfg
 
 ITERATIONS = 4
-SETTINGS = {  # name: the config of a 5-iteration run
+SETTINGS = {  # name: the config of an ITERATIONS-iteration run
     "comal_K2": dict(algo="comal", ref_update_every=2),
     "comal_K3": dict(algo="comal", ref_update_every=3),
     "mirror_prox": dict(algo="mirror_prox"),
