@@ -10,6 +10,7 @@ import checkpoint
 import comal
 import oracle as oracle_lib
 import smollm2  # noqa: F401 -- adds the offline demo's oracle kind, minilm_rubrics, to oracle.KINDS
+from keys import ConfigError  # noqa: F401 -- config.ConfigError, as callers name it
 from keys import Key, flag, help_lines, integer, mapping, number, one_of, optional, positive, problem, strings, text
 
 # The run's keys (keys.Key: default, meaning, check). The keys an algorithm reads (eta, tau, eta_tau,
@@ -85,10 +86,6 @@ RUN_KEYS = {
 def algo_keys():
     """Every key some algorithm of comal.ALGOS reads (an entry added by a fork or a test counts too)."""
     return {k: v for spec in comal.ALGOS.values() for k, v in spec.key_defs().items()}
-
-
-class ConfigError(ValueError):
-    """A bad config value: one line naming the key."""
 
 
 # ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-from config import ConfigError
+from keys import ConfigError
 
 
 class ShardedMethods:

@@ -10,6 +10,10 @@ import math
 from typing import Callable, NamedTuple
 
 
+class ConfigError(ValueError):
+    """A bad config value: one line naming the key."""
+
+
 class Key(NamedTuple):
     default: object
     meaning: str

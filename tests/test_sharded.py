@@ -3,7 +3,6 @@ gathered weights (no collectives per token, the same samples as the per-block pa
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
