@@ -10,7 +10,7 @@ run() is Algorithm 3 of the paper, for every algorithm of the table:
             3. build the examples (make_examples, by the spec's example kind)
             4. precompute the frozen log-probs (mu, pi_ref, opponent)
             5. minimise the spec's loss for `epochs` passes (trainer.step does the collectives and AdamW)
-            the opponent moves: OMWU's pi^{k-1} <- pi^k before 5; NashMP's EMA target after each step of 5
+            the opponent moves (opponents.py): OMWU's pi^{k-1} <- pi^k before 5; NashMP's EMA after each step
 The trainer (train_ddp.py) owns processes, optimizer, checkpoints and logging;
 everything that makes an algorithm itself is its Algorithm entry in ALGOS.
 Adding one = a loss in losses.py + an entry here (README, "Adding an algorithm").
@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import losses
+from opponents import OPPONENTS, models_of
 from keys import Key, integer, number, one_of, optional, positive, schedule
 from sample import cat_samples, generate, sequence_logprobs
 
@@ -53,6 +54,8 @@ KEYS = {
                           "unbiased for eq. 13/14, minimiser = the prox step)", one_of("all", "best_worst")),
     "clip_eps": Key(0.2, "GRPO's ratio clipping (eq. 15)", positive),
     "kappa": Key(0.1, "NashMP: EMA rate of the target after each optimizer step", number(0, 1, lo_open=True)),
+    "beta": Key(0.125, "Nash-MD: the opponent is the geometric mixture pi^(1 - beta) pi_ref^beta (Munos et al.: "
+                "beta = eta tau)", number(0, 1)),
 }
 
 
@@ -73,9 +76,9 @@ class Algorithm:
               "rounds" (pi_ref <- pi^k at the start of each round: Alg. 3).
     sampler   who samples mu: "policy" (pi^k, online) or "ref" (pi_ref's samples: offline).
     center    where the step starts: "mu" or "ref" (Mirror-Prox's second half-step, offline DPO/IPO).
-    opponent  a second frozen policy the samples also play against (M_opp, values gopp): "none";
-              "prev" (pi^{k-1}, copied from pi^k before each update: OMWU);
-              "ema" (target <- kappa pi + (1 - kappa) target after each optimizer step: NashMP).
+    opponent  a second policy the samples also play against (M_opp, values gopp): "none" or a kind of
+              opponents.OPPONENTS: "prev" (pi^{k-1}: OMWU), "ema" (an EMA target: NashMP), "mixture"
+              (pi^(1 - beta) pi_ref^beta: Nash-MD).
     keys      the config keys it reads (KEYS, or its own in own_keys).
     round_len iterations per round fixed by the algorithm (Mirror-Prox: 2); 0 = the ref_update_every key.
     token_level  pi/mu/ref also per token (GRPO's ratio and k3 KL are per token).
@@ -184,6 +187,11 @@ def nashmp(x, h):  # -P(pi > target) + tau KL(pi || pi_ref) + (tau / eta) KL(pi 
     return losses.nashmp_loss(x.pi[y], v["gopp"][y], v["gopp_base"][y], x.ref[y], x.opp[y], h.tau, h.eta)
 
 
+def nash_md(x, h):  # -P(pi > pi^(1 - beta) pi_ref^beta) + tau KL(pi || pi_ref), on-policy
+    y, v = x.rows["y"], x.values
+    return losses.nash_md_loss(x.pi[y], v["gopp"][y], v["gopp_base"][y], x.ref[y], h.tau)
+
+
 G = lambda q, h: q.g  # noqa: E731  Prox(center, eta g_mu)
 G_TAU = lambda q, h: q.g - h.tau * (q.mu - q.ref)  # noqa: E731  g^tau_mu of Alg. 2
 PAIRS = ("eta", "pair_selection")
@@ -227,6 +235,8 @@ ALGOS = {
                                surrogate=True, doc="Alg. 5 with the Dr.GRPO objective"),
     "nashmp": Algorithm(nashmp, "responses", ("eta", "tau", "kappa"), ref="base", opponent="ema", on_policy=True,
                         surrogate=True, doc="Nash Mirror Prox (arXiv 2505.19731), practical form with an EMA target"),
+    "nash_md": Algorithm(nash_md, "responses", ("tau", "beta"), ref="base", opponent="mixture", on_policy=True,
+                         surrogate=True, doc="Nash-MD (Munos et al. 2023): against the mixture pi^(1-beta) pi_ref^beta"),
 }
 
 
@@ -236,7 +246,7 @@ def check_spec(name, spec):
     if spec.examples not in EXAMPLES:
         raise bad(f"examples {spec.examples!r} is not one of {', '.join(EXAMPLES)}")
     for attr, choices in (("ref", ("none", "base", "rounds")), ("sampler", ("policy", "ref")),
-                          ("center", ("mu", "ref")), ("opponent", ("none", "prev", "ema"))):
+                          ("center", ("mu", "ref")), ("opponent", tuple(OPPONENTS))):
         if getattr(spec, attr) not in choices:
             raise bad(f"{attr} {getattr(spec, attr)!r} is not one of {', '.join(choices)}")
     unknown = [k for k in spec.keys if k not in KEYS and k not in spec.own_keys]
@@ -251,8 +261,11 @@ def check_spec(name, spec):
         raise bad("round_len / ref_update_every need ref 'rounds'")
     if (spec.examples == "pairs") != ("pair_selection" in spec.keys):
         raise bad("pairs examples read the pair_selection key (and only they do)")
-    if spec.opponent == "ema" and "kappa" not in spec.keys:
-        raise bad("an EMA opponent needs the kappa key")
+    opp = OPPONENTS[spec.opponent]
+    if opp and any(k not in spec.keys for k in opp.keys):
+        raise bad(f"its opponent {spec.opponent!r} reads the keys {', '.join(opp.keys)}: declare them")
+    if opp and opp.needs_ref and spec.ref == "none":
+        raise bad(f"its opponent {spec.opponent!r} mixes in pi_ref, but ref is 'none'")
 
 
 # ---------------------------------------------------------------------------
@@ -494,9 +507,10 @@ def frozen_fields(spec, seq, lengths, tok=None, mask=None):
 def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
     """Iteration k of cfg['algo'] on this rank's prompts, with the round's eta and tau; returns its metrics.
 
-    state: policy (trained), tokenizer, and the spec's frozen copies: ref (pi_ref), opponent.
+    state: policy (trained), tokenizer, and the spec's frozen copies: ref (pi_ref), opponent (its copy, if any).
     """
-    spec = ALGOS[cfg["algo"]]
+    spec, h = ALGOS[cfg["algo"]], hyper(ALGOS[cfg["algo"]], cfg, eta, tau)
+    opp = OPPONENTS[spec.opponent]  # None: no opponent
     policy, tok, n, micro = state["policy"], state["tokenizer"], cfg["n_samples"], cfg["micro_batch_size"]
     mu_model = state["ref"] if spec.sampler == "ref" else policy
     gen = torch.Generator(device=trainer.device).manual_seed(seed_for(cfg["seed"], "sample", k, trainer.rank))
@@ -509,38 +523,39 @@ def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
     policy.eval()
     with trainer.autocast(), trainer.gathered(mu_model):
         samples, groups = sample_groups(mu_model, tok, prompt_ids, cfg, gen, trainer.all_done)
-    if spec.opponent != "none":
-        with trainer.autocast(), trainer.gathered(state["opponent"]):
-            _, opp_groups = sample_groups(state["opponent"], tok, prompt_ids, cfg, gen, trainer.all_done)
+    if opp:
+        source = opp.sampler(state, h)
+        with trainer.autocast(), trainer.gathered(*models_of(source)):
+            _, opp_groups = sample_groups(source, tok, prompt_ids, cfg, gen, trainer.all_done)
     sample_s = time.time() - t0
 
     # 2. the oracle: (P, n, n) win rates within each group, and (P, n, n) P(y_i > y'_j) against the opponent
     t0 = time.time()
     M = oracle.winrate_matrix(prompts, groups)
     M_opp = None
-    if spec.opponent != "none":
+    if opp:
         M_opp = oracle.winrate_matrix(prompts, [g + o for g, o in zip(groups, opp_groups)])[:, :n, n:]
     judge_s = time.time() - t0
 
     # 3. examples; 4. frozen log-probs
     ex = make_examples(spec, M, cfg, M_opp, trainer.device)
     seqs = samples.sequences()
-    models = {"mu": mu_model, "ref": state.get("ref"), "opp": state.get("opponent")}
+    models = {"mu": mu_model, "ref": state.get("ref"), "opp": state.get("opponent") if opp and opp.logps else None}
     with trainer.autocast():
         used = torch.unique(torch.cat([r.flatten() for r in ex["rows"].values()])) if trainer.local_forwards else None
         frozen = frozen_logps(spec, {name: m for name, m in models.items() if m is not None}, seqs, micro,
                               trainer.gathered, used, trainer.share_prompts)
-    if spec.opponent == "prev":  # OMWU: pi^{k-1} <- pi^k, before pi^k is updated
-        trainer.copy_weights(state["opponent"], policy)
+    if opp and opp.before_training:  # OMWU: pi^{k-1} <- pi^k, before pi^k is updated
+        opp.before_training(trainer, state, h)
 
     # 5. minimise the loss
     record_peak(peaks, "rollout_peak_gib", trainer.device)
-    h = hyper(spec, cfg, eta, tau)
     fit, before = {}, frozen["mu"]  # fit_gap: the policy's log-probs before training, mu itself when it sampled
     if cfg["fit_gap"] and spec.sampler != "policy":
         before = policy_logps(policy, trainer, seqs, micro, used)
     t0 = time.time()
-    step_losses = minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, state.get("opponent"),
+    after_step = (lambda: opp.after_step(trainer, state, h)) if opp and opp.after_step else None  # NashMP's EMA
+    step_losses = minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, after_step,
                            desc=f"iteration {k} train", postfix=dict(sample=f"{sample_s:.1f}s", judge=f"{judge_s:.1f}s"))
     train_s = time.time() - t0
     record_peak(peaks, "train_peak_gib", trainer.device)
@@ -612,7 +627,7 @@ def grouped_order(group_of, generator):
     return torch.argsort(rank_of[group_of] * E + key)
 
 
-def minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, opponent=None, desc="", postfix=None):
+def minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, after_step=None, desc="", postfix=None):
     """`epochs` shuffled passes (prompts in a random order, each prompt's examples together in a random order) of
     optimizer steps over the examples. Each step's loss is
     sum_{global batch} weight * loss / (batch_size * mean weight of the iteration's examples): an unbiased
@@ -647,8 +662,8 @@ def minimise(spec, ex, frozen, seqs, h, trainer, cfg, k, opponent=None, desc="",
                         yield (ex["weight"][idx] * per_example).sum() / norm
 
                 step_losses.append(trainer.step(micro_losses(), k, len(step_losses), steps))
-                if spec.opponent == "ema":  # NashMP: target <- kappa theta + (1 - kappa) target after every step
-                    trainer.ema_weights(opponent, policy, h.kappa)
+                if after_step is not None:  # the opponent's move after each step (NashMP's EMA target)
+                    after_step()
                 bar.update(1)
     return step_losses
 

@@ -198,3 +198,21 @@ def nashmp_loss(pi, pref, baseline, ref, target, beta, eta):
     """
     pg = -(pref - baseline).detach() * pi  # (B,) REINFORCE surrogate
     return pg + beta * kl_estimator(pi, ref, "k2") + (beta / eta) * kl_estimator(pi, target, "k2")  # (B,)
+
+
+# --------------------------------------------------------------------------
+# Nash-MD (Munos et al. 2023, "Nash Learning from Human Feedback")
+# --------------------------------------------------------------------------
+
+
+def nash_md_loss(pi, pref, baseline, ref, tau):
+    """Nash-MD step on samples y ~ pi_theta played against y' ~ pi_mix = pi_t^(1-beta) pi_ref^beta.
+
+    Nash-MD's step is argmax_pi eta P(pi > pi_mix) - KL(pi || pi_mix) with beta = eta tau. At pi = pi_t the
+    gradient of KL(pi || pi_mix) is beta times that of KL(pi || pi_ref), so one gradient step from pi_t
+    follows -P(pi > pi_mix) + tau KL(pi || pi_ref) (scaled by eta, the learning rate's business): pref (B,)
+    = P(y > y'), baseline (B,) the mean preference of the other samples of the prompt, the KL by the k2
+    estimator (exact gradient on on-policy samples).
+    """
+    pg = -(pref - baseline).detach() * pi  # (B,) REINFORCE surrogate
+    return pg + tau * kl_estimator(pi, ref, "k2")  # (B,)

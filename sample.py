@@ -154,13 +154,10 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     prompt_ids, prompt_mask = left_pad(prompts, pad, dev)
     B, P = prompt_ids.shape
     N, L = B * n, P + max_new_tokens
-    cache, cache_kw, logits = prefill(model, prompt_ids, prompt_mask, n, L)
-    if decode_step is not None:  # static shapes and addresses for a compiled step (CUDA graphs need both)
+    decoder = Decoder(model, prompt_ids, prompt_mask, n, L, decode_step)
+    logits = decoder.logits
+    if decode_step is not None:  # a compiled step keeps static shapes: the batch is never compacted
         compact_fraction = float("inf")
-        for layer in cache.layers:
-            torch._dynamo.mark_static_address(layer.keys)
-            torch._dynamo.mark_static_address(layer.values)
-    step = model if decode_step is None else decode_step
     mask = torch.zeros(N, L, dtype=torch.long, device=dev)  # attention mask over the whole cache
     mask[:, :P] = prompt_mask.repeat_interleave(n, 0)
     next_pos = prompt_mask.sum(-1).repeat_interleave(n, 0)  # (N,) position id of the next token
@@ -183,20 +180,71 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
         mask[:, P + t] = 1
         if bool(finished.any()) and compact_fraction * len(rows) <= int(finished.sum()) < len(rows):
             idx = (~finished).nonzero().squeeze(-1)  # drop finished rows from the cache and the batch
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+            decoder.keep(idx)
             rows, tok, mask, next_pos, finished = rows[idx], tok[idx], mask[idx], next_pos[idx], finished[idx]
         # Finished rows not yet dropped keep decoding; what they produce after EOS is masked below.
-        out = step(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    cache_position=torch.tensor([P + t], device=dev), **cache_kw)
+        logits = decoder.step(tok, mask, next_pos, P + t)
         next_pos = next_pos + 1
-        logits = out.logits[:, -1].float()
     # Everything after each row's first EOS is padding and carries no log-prob.
     is_eos = torch.isin(response, eos) if len(eos_token_ids) else torch.zeros_like(response, dtype=torch.bool)
     after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     return Samples(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0),
                    response.masked_fill(after, pad), (~after).long(), logps.masked_fill(after, 0.0)).to(
                    dev if device is None else device)
+
+
+class Mixture:
+    """A geometric mixture of causal LMs that share a tokenizer, sampled token by token: the next-token logits
+    are sum_i w_i log_softmax(logits_i), e.g. Nash-MD's pi^(1 - beta) pi_ref^beta. generate() takes one in
+    place of a model (its config, generation config and device are the first model's)."""
+
+    def __init__(self, models, weights):
+        if len(models) != len(weights) or not models:
+            raise ValueError("a Mixture needs one weight per model")
+        self.models, self.weights = list(models), [float(w) for w in weights]
+        self.config, self.generation_config = models[0].config, getattr(models[0], "generation_config", None)
+
+    def parameters(self):
+        return self.models[0].parameters()
+
+
+class Decoder:
+    """generate's forwards: each model's StaticCache, prefilled once per prompt and replicated for its n
+    samples; `logits` (N, V) float, the next token's. A Mixture combines its models' log-softmaxes; a plain
+    model's logits are its own. decode_step (a compiled forward) replaces a plain model in the decode steps."""
+
+    def __init__(self, model, prompt_ids, prompt_mask, n, L, decode_step=None):
+        mixture = isinstance(model, Mixture)
+        if mixture and decode_step is not None:
+            raise ValueError("decode_step compiles one model's forward; a Mixture has several")
+        self.models, self.weights = (model.models, model.weights) if mixture else ([model], None)
+        parts = [prefill(m, prompt_ids, prompt_mask, n, L) for m in self.models]
+        self.caches, self.kwargs = [c for c, _, _ in parts], [kw for _, kw, _ in parts]
+        if decode_step is not None:  # static addresses for a compiled step (CUDA graphs need them)
+            for layer in self.caches[0].layers:
+                torch._dynamo.mark_static_address(layer.keys)
+                torch._dynamo.mark_static_address(layer.values)
+            self.models = [decode_step]
+        self.logits = self.combine([lg for _, _, lg in parts])
+
+    def combine(self, logits):
+        if self.weights is None:
+            return logits[0]
+        return sum(w * torch.log_softmax(lg, -1) for w, lg in zip(self.weights, logits))
+
+    def step(self, tok, mask, pos, cache_position):
+        """The logits after feeding `tok` (N,) at cache position `cache_position` (positions `pos` (N,))."""
+        where = torch.tensor([cache_position], device=tok.device)
+        outs = [m(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], cache_position=where, **kw)
+                for m, kw in zip(self.models, self.kwargs)]
+        self.logits = self.combine([o.logits[:, -1].float() for o in outs])
+        return self.logits
+
+    def keep(self, idx):
+        """Only the rows idx go on (the others finished)."""
+        for cache in self.caches:
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
 
 
 def next_token(logits, temperature, top_k, top_p, generator):

@@ -37,6 +37,7 @@ import torch
 
 import comal
 import oracle
+from opponents import OPPONENTS
 from keys import Key, integer, number, one_of, positive, problem
 
 DTYPE = torch.float64
@@ -261,7 +262,8 @@ def tabular_step(spec, game, cfg, gen, log_mu, log_ref=None, tau=None, log_opp=N
         ex, actions = population_examples(spec, A, log_mu, log_opp), torch.arange(A.shape[0])
     else:
         ex, actions = sampled_examples(spec, A, log_mu, log_opp, cfg, gen)
-    seq = {name: lp[actions] for name, lp in (("mu", log_mu), ("ref", log_ref), ("opp", log_opp)) if lp is not None}
+    opp_logps = log_opp if OPPONENTS[spec.opponent] and OPPONENTS[spec.opponent].logps else None  # as on LMs
+    seq = {name: lp[actions] for name, lp in (("mu", log_mu), ("ref", log_ref), ("opp", opp_logps)) if lp is not None}
     ones = torch.ones(len(actions), 1, dtype=DTYPE)  # one-token responses: per-token log-probs are the sequence's
     frozen = comal.frozen_fields(spec, seq, ones[:, 0], {name: v[:, None] for name, v in seq.items()}, ones)
     rows, idx = torch.arange(len(actions)), torch.arange(len(ex["weight"]))
@@ -313,27 +315,27 @@ def estimated_win_rates(A, log_mu, n, gen):
 def play(spec, game, cfg, gen):
     """comal.run's loop (comal.rounds) on the table: pi_ref <- pi at each round start (ref "rounds": cfg.outer
     rounds of cfg.inner, or cfg.iters rounds of the spec's round_len, one iterate per round); otherwise
-    cfg.iters iterations with pi_ref = pi_init (ref "base"). The opponent is pi^{k-1} (copied before each
-    update) or an EMA of the logits (after each update), as on language models."""
+    cfg.iters iterations with pi_ref = pi_init (ref "base"). The opponent moves as its kind says
+    (opponents.py: start and tabular), as on language models."""
     if spec.ref == "rounds" and not spec.round_len:
         K, iterations = cfg.inner, cfg.outer * cfg.inner
     else:  # Mirror-Prox's rounds of its round_len; no rounds: one of cfg.iters iterations
         K = spec.round_len or cfg.iters
         iterations = cfg.iters * (spec.round_len or 1)
-    log_pi, target = game.log_init, game.log_init.clone()
+    opp, h = OPPONENTS[spec.opponent], comal.hyper(spec, lm_config(spec, cfg), cfg.eta, cfg.tau)
+    log_pi = game.log_init
     log_ref = game.log_init if spec.ref == "base" else None
-    log_opp = game.log_init if spec.opponent != "none" else None  # pi^{-1} = pi^0
+    log_opp = memory = None
     traj = [log_pi]
     for k, _, round_start in comal.rounds(iterations, K):
         if spec.ref == "rounds" and round_start:
             log_ref = log_pi  # pi_ref <- pi^t
+        if opp and k == 0:
+            log_opp, memory = opp.start(log_pi, log_ref, h)
         log_mu = log_ref if spec.sampler == "ref" else log_pi
         new = realised(log_pi, tabular_step(spec, game, cfg, gen, log_mu, log_ref, None, log_opp), cfg)
-        if spec.opponent == "prev":
-            log_opp = log_pi
-        elif spec.opponent == "ema":
-            target = cfg.kappa * new + (1 - cfg.kappa) * target
-            log_opp = torch.log_softmax(target, -1)
+        if opp:
+            log_opp, memory = opp.tabular(log_pi, new, log_ref, memory, h)
         log_pi = new
         if not spec.round_len or (k + 1) % K == 0:
             traj.append(log_pi)

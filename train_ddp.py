@@ -45,6 +45,7 @@ import comal
 import config
 import fsdp
 import oracle as oracle_lib
+from opponents import OPPONENTS
 from config import ConfigError, check_config, encode_prompts, iteration_prompts, load_config, load_prompts
 
 
@@ -528,7 +529,8 @@ def base_policy_path(cfg, master, world, say):
 def saved_copies(spec):
     """The frozen copies whose weights are state of the run (saved beside the policy): pi_ref when it is
     updated in rounds, the opponent always. A fixed pi_ref = pi_0 is reloaded from the base."""
-    return [key for key, used in (("ref", spec.ref == "rounds"), ("opponent", spec.opponent != "none")) if used]
+    opp = OPPONENTS[spec.opponent]
+    return [key for key, used in (("ref", spec.ref == "rounds"), ("opponent", bool(opp and opp.copy))) if used]
 
 
 def load_models(cfg, spec, base_path, resume, rank, world, device):
@@ -571,8 +573,9 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
         state["ref"] = load(base_path, compute_dtype)
     elif spec.ref == "rounds":
         state["ref"] = load(saved("ref"), compute_dtype)
-    if spec.opponent != "none":  # an EMA accumulates small steps: fp32
-        state["opponent"] = load(saved("opponent"), torch.float32 if spec.opponent == "ema" else compute_dtype)
+    opp = OPPONENTS[spec.opponent]
+    if opp and opp.copy:  # the opponent's own copy (opponents.py), in its dtype
+        state["opponent"] = load(saved("opponent"), torch.float32 if opp.copy == "float32" else compute_dtype)
     return state, cls(policy, cfg, rank, world, device)
 
 

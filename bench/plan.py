@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import comal  # noqa: E402
 import config  # noqa: E402
 import fsdp  # noqa: E402
+from opponents import OPPONENTS  # noqa: E402
 
 # the public config.json numbers of the recipes' models (configs/llama3_8b_*.yaml, configs/qwen25_7b_*.yaml)
 ARCHS = {
@@ -70,7 +71,8 @@ def plan(cfg, hf, blocks, root, world, device="cuda"):
     spec = comal.ALGOS[cfg["algo"]]
     P = sum(blocks) + root
     shard = sum(math.ceil(n / world) for n in blocks + [root])  # this rank's entries over all units
-    frozen = ([c] if spec.ref != "none" else []) + ([4 if spec.opponent == "ema" else c] if spec.opponent != "none" else [])
+    opp = OPPONENTS[spec.opponent]  # a frozen copy of the policy for the opponent, in its dtype (opponents.py)
+    frozen = ([c] if spec.ref != "none" else []) + ([4 if opp.copy == "float32" else c] if opp and opp.copy else [])
     rows = {}
     if cfg["parallel"] == "fsdp":
         rows["master shards (fp32)"] = 4 * shard

@@ -23,6 +23,22 @@ ETA, TAU = 0.8, 0.3
 LOG_MU = torch.log(torch.tensor([0.2, 0.5, 0.3], dtype=D))
 LOG_REF = torch.log(torch.tensor([0.45, 0.2, 0.35], dtype=D))
 LOG_OPP = torch.log(torch.tensor([0.3, 0.3, 0.4], dtype=D))
+BETA = 0.125  # Nash-MD's mixture weight of pi_ref (the key's default)
+
+
+def log_opp_of(spec):
+    """The opponent's log-policy when mu = LOG_MU: a fixed other policy for a copy-holding opponent (OMWU's
+    pi^{k-1}, NashMP's target), the repo's own opponent for one made of the run's models (Nash-MD's mixture,
+    checked against the hand-written mixture below)."""
+    from opponents import OPPONENTS
+
+    opp = OPPONENTS[spec.opponent]
+    if opp is None:
+        return None
+    if opp.copy:
+        return LOG_OPP
+    h = comal.hyper(spec, {"max_new_tokens": 1, **{k: d.default for k, d in spec.key_defs().items()}}, ETA, TAU)
+    return opp.start(LOG_MU, LOG_REF, h)[0]
 
 
 def groups_of(log_p, n):
@@ -38,7 +54,7 @@ def expected_lm_objective(name, n, spec=None, pair_selection="all", log_mu=LOG_M
     Y, q = groups_of(sampler, n)
     M_opp = None
     if spec.opponent != "none":  # every pair (own group, opponent group)
-        Yo, qo = groups_of(LOG_OPP, n)
+        Yo, qo = groups_of(log_opp_of(spec), n)
         G, Go = len(Y), len(Yo)
         Y, Yo, q = Y.repeat_interleave(Go, 0), Yo.repeat(G, 1), q.repeat_interleave(Go) * qo.repeat(G)
         M_opp = A[Y[:, :, None], Yo[:, None, :]]
@@ -48,7 +64,9 @@ def expected_lm_objective(name, n, spec=None, pair_selection="all", log_mu=LOG_M
     actions = Y.flatten()  # row p * n + i is response i of group p
     first_field = next(iter(ex["rows"].values()))
     group_prob = q[first_field.reshape(len(ex["weight"]), -1)[:, 0] // n]  # (E,)
-    seq = {"mu": sampler[actions], "ref": log_ref[actions], "opp": LOG_OPP[actions]}
+    seq = {"mu": sampler[actions], "ref": log_ref[actions]}
+    if spec.opponent != "none" and log_opp_of(spec) is LOG_OPP:  # an opponent with log-probs of its own
+        seq["opp"] = LOG_OPP[actions]
     ones = torch.ones(len(actions), 1, dtype=D)  # one-token responses
     frozen = comal.frozen_fields(spec, seq, ones[:, 0], {k: v[:, None] for k, v in seq.items()}, ones)
     h = comal.hyper(spec, dict({k: d.default for k, d in spec.key_defs().items()}, **cfg), ETA, TAU if spec.tau else None)
@@ -73,8 +91,8 @@ def tabular_step(name):
     spec = comal.ALGOS[name]
     cfg = tg.make_config(eta=ETA, tau=TAU)
     mu = LOG_REF if spec.sampler == "ref" else LOG_MU
-    return tg.tabular_step(spec, SimpleNamespace(A=A), cfg, None, mu, LOG_REF,
-                           TAU if spec.tau else None, LOG_OPP if spec.opponent != "none" else None)
+    return tg.tabular_step(spec, SimpleNamespace(A=A), cfg, None, mu, LOG_REF, TAU if spec.tau else None,
+                           log_opp_of(spec))
 
 
 def prox(center, gain):
@@ -162,15 +180,20 @@ def hand_gradient(name):
     theta = LOG_MU.clone().requires_grad_(True)
     p, mu = torch.softmax(theta, -1), LOG_MU.exp()
     ratio = p / mu  # = 1 at theta = log mu; the surrogates are linear in it
+    lp = torch.log_softmax(theta, -1)
     if name == "nashmp":  # -P(pi > target) + tau KL(pi || ref) + (tau / eta) KL(pi || target)
-        lp = torch.log_softmax(theta, -1)
         f = -(p * g_opp).sum() + TAU * (p * (lp - LOG_REF)).sum() + TAU / ETA * (p * (lp - LOG_OPP)).sum()
-    else:  # GRPO (eq. 15) at ratio 1: -E_mu[ratio * A] + tau E_mu[k3(pi, ref)]
+    elif name == "nash_md":  # Munos et al.: -(1/eta) [eta P(pi > mix) - KL(pi || mix)], mix = mu^(1-beta) ref^beta,
+        mix = torch.softmax((1 - BETA) * LOG_MU + BETA * LOG_REF, -1)  # with beta = eta tau: eta = beta / tau
+        f = -(p * (A @ mix)).sum() + TAU / BETA * (p * (lp - torch.log(mix))).sum()
+    elif name in ("grpo", "comal_grpo", "dr_grpo", "comal_dr_grpo"):  # eq. 15 at ratio 1: -E_mu[ratio A] + tau k3
         adv = g_mu - 0.5
         if name in ("grpo", "comal_grpo"):
             adv = adv / (mu * adv**2).sum().sqrt()
         lr = torch.log(ratio) + LOG_MU - LOG_REF  # log pi / ref
         f = -(mu * ratio * adv).sum() + TAU * (mu * (torch.exp(-lr) - 1 + lr)).sum()
+    else:
+        raise KeyError(f"{name}: no hand-written gradient for this surrogate; write its paper objective here")
     (grad,) = torch.autograd.grad(f, theta)
     return grad
 
@@ -185,13 +208,13 @@ def lm_gradient(name, n):
 def toy_gradient(name):
     cfg = tg.make_config(eta=ETA, tau=TAU, lr=1e-3, grad_steps=1)
     spec = comal.ALGOS[name]
-    new = tg.tabular_step(spec, SimpleNamespace(A=A), cfg, None, LOG_MU, LOG_REF, TAU,
-                          LOG_OPP if spec.opponent != "none" else None)
+    new = tg.tabular_step(spec, SimpleNamespace(A=A), cfg, None, LOG_MU, LOG_REF, TAU, log_opp_of(spec))
     return (LOG_MU - new) / 1e-3  # one gradient step of size lr from log mu
 
 
 SURROGATES = [name for name, spec in comal.ALGOS.items() if spec.surrogate]
-EXACT_GRADIENT = ["dr_grpo", "comal_dr_grpo", "nashmp"]
+spec_of = comal.ALGOS.get
+EXACT_GRADIENT = ["dr_grpo", "comal_dr_grpo", "nashmp", "nash_md"]
 
 
 @pytest.mark.parametrize("name", SURROGATES)
@@ -200,7 +223,7 @@ def test_surrogate_gradients(name):
     equals the tabular one exactly. GRPO divides by each group's std instead of the population std (groups of
     n = 5 often tie, small stds inflate the rest): inexact by design; stated bound at n = 5 on this policy:
     the direction within cos > 0.95 (measured 0.979) and the length 0.3-1x the tabular (measured 0.49x)."""
-    n = 3 if name == "nashmp" else 5
+    n = 3 if spec_of(name).opponent != "none" else 5  # with an opponent: 27 x 27 group pairs
     got, want = lm_gradient(name, n), hand_gradient(name)
     toy = toy_gradient(name)
     centre = lambda v: v - v.mean()  # noqa: E731  logits are defined up to a constant
@@ -213,3 +236,24 @@ def test_surrogate_gradients(name):
     else:
         cos = float(got @ want / (got.norm() * want.norm()))
         assert cos > 0.95 and 0.3 < float(got.norm() / want.norm()) < 1, (name, cos)
+
+
+def test_nash_md_samples_the_opponent_its_tabular_step_plays():
+    """Nash-MD's opponent on language models (opponents.OPPONENTS["mixture"].sampler: a sample.Mixture of the
+    policy and pi_ref) has, as next-token distribution, the geometric mixture its tabular version plays
+    (opponents' start), and that is pi^(1 - beta) pi_ref^beta written out here."""
+    import sample
+    from opponents import OPPONENTS
+    from test_sample import prompts_of, tiny
+
+    spec, opp = comal.ALGOS["nash_md"], OPPONENTS["mixture"]
+    h = comal.hyper(spec, {"max_new_tokens": 1, "beta": BETA}, None, TAU)
+    policy, ref = tiny("llama", seed=0), tiny("llama", seed=5)
+    ids, mask = sample.left_pad(prompts_of([6]), 0, "cpu")
+    with torch.no_grad():
+        lm = sample.Decoder(opp.sampler({"policy": policy, "ref": ref}, h), ids, mask, 1, ids.shape[1] + 1).logits[0]
+        lp, lr = (torch.log_softmax(m(input_ids=ids).logits[0, -1].double(), -1) for m in (policy, ref))
+    by_hand = torch.log_softmax((1 - BETA) * lp + BETA * lr, -1)
+    assert dist(opp.start(lp, lr, h)[0], by_hand) < 1e-12
+    assert dist(torch.log_softmax(lm.double(), -1), by_hand) < 1e-5
+    assert dist(by_hand, lp) > 1e-2  # beta moves it

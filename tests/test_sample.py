@@ -267,3 +267,33 @@ def test_generate_signature_defaults_are_the_declared_sampling_keys():
     assert {k: params[k].default for k in sample.SAMPLING} == {k: v.default for k, v in sample.SAMPLING.items()}
     with pytest.raises(ValueError, match=r"^top_k must be an int >= 0, got -1$"):
         sample.check_sampling_args([[1]], top_k=-1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_mixture_samples_the_geometric_mixture_of_its_models(arch):
+    """generate on a Mixture (Nash-MD's pi^(1 - beta) pi_ref^beta) equals a slow reference that runs both models on
+    the whole sequence at every step and mixes their log-softmaxes: greedy tokens and the mixture's log-probs
+    (an EOS ends a row)."""
+    a, b = tiny(arch, seed=0), tiny(arch, seed=5)
+    prompts, beta, T = prompts_of([5, 9, 3], seed=2), 0.3, 12
+    mix = sample.Mixture([a, b], [1 - beta, beta])
+    out = sample.generate(mix, prompts, n=1, max_new_tokens=T, temperature=0, eos_token_ids=[7])
+    for i, p in enumerate(prompts):
+        seq, lps = list(p), []
+        for _ in range(T):
+            with torch.no_grad():
+                lp = sum(w * torch.log_softmax(m(input_ids=torch.tensor([seq])).logits[0, -1].float(), -1)
+                         for m, w in ((a, 1 - beta), (b, beta)))
+            t = int(lp.argmax())
+            seq.append(t)
+            lps.append(float(lp[t] - torch.logsumexp(lp, -1)))
+            if t == 7:
+                break
+        got = out.response_ids[i, :len(lps)].tolist()
+        assert got == seq[len(p):], (i, got, seq[len(p):])
+        assert torch.allclose(out.token_logps[i, :len(lps)], torch.tensor(lps), atol=1e-5)
+        assert int(out.response_mask[i].sum()) == len(lps)
+    alone = sample.generate(a, prompts, n=1, max_new_tokens=T, temperature=0)
+    assert not torch.equal(alone.response_ids, out.response_ids)  # beta moved the samples
+    one = sample.generate(sample.Mixture([a, b], [1.0, 0.0]), prompts, n=1, max_new_tokens=T, temperature=0)
+    assert torch.equal(one.response_ids, alone.response_ids)  # weight 0: the first model alone

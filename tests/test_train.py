@@ -14,6 +14,7 @@ import config
 import checkpoint
 import comal
 import fsdp
+import opponents
 import oracle as oracle_lib
 import tiny
 import train_ddp
@@ -220,12 +221,13 @@ def test_each_algorithm_runs_and_lowers_its_loss(base, algo, tmp_path):
               prompts_per_iteration=6, n_samples=4)
     kw.update({k: v for k, v in dict(eta=1.0, tau=0.2).items() if k in spec.keys})
     if spec.on_policy:  # one step per iteration: the loss is then checked over 6 iterations on fixed prompts
-        kw.update(epochs=1, batch_size=32, micro_batch_size=32, kappa=1.0)
+        kw.update(epochs=1, batch_size=32, micro_batch_size=32, **({"kappa": 1.0} if "kappa" in spec.keys else {}))
     cfg = small_cfg(base, tmp_path, **kw)
     policy = AutoModelForCausalLM.from_pretrained(base)
     tok = AutoTokenizer.from_pretrained(base)
     state = {"policy": policy, "tokenizer": tok, "ref": frozen_copy(policy) if spec.ref != "none" else None,
-             "opponent": frozen_copy(policy) if spec.opponent != "none" else None}
+             "opponent": frozen_copy(policy) if opponents.OPPONENTS[spec.opponent] and
+             opponents.OPPONENTS[spec.opponent].copy else None}
     steps = []
     trainer = train_ddp.Trainer(policy, cfg, 0, 1, log=steps.append)
     prompts = tiny.synthetic_prompts(6, 3)
