@@ -26,14 +26,12 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+import examples
 import losses
-from opponents import OPPONENTS, models_of
+from examples import SpecError, batch_loss, frozen_fields, make_examples
 from keys import Key, integer, number, one_of, optional, positive, schedule
+from opponents import OPPONENTS, models_of
 from sample import cat_samples, generate, sequence_logprobs
-
-
-class SpecError(ValueError):
-    """A bad config value for the chosen algorithm (or a bad table entry): one line naming the key."""
 
 
 # ---------------------------------------------------------------------------
@@ -243,8 +241,8 @@ ALGOS = {
 def check_spec(name, spec):
     """The table's own consistency, checked at import: a malformed entry fails loudly, not at iteration 30."""
     bad = lambda msg: SpecError(f"ALGOS[{name!r}]: {msg}")  # noqa: E731
-    if spec.examples not in EXAMPLES:
-        raise bad(f"examples {spec.examples!r} is not one of {', '.join(EXAMPLES)}")
+    if spec.examples not in examples.EXAMPLES:
+        raise bad(f"examples {spec.examples!r} is not one of {', '.join(examples.EXAMPLES)}")
     for attr, choices in (("ref", ("none", "base", "rounds")), ("sampler", ("policy", "ref")),
                           ("center", ("mu", "ref")), ("opponent", tuple(OPPONENTS))):
         if getattr(spec, attr) not in choices:
@@ -310,130 +308,6 @@ class Hyper(SimpleNamespace):
 
 
 # ---------------------------------------------------------------------------
-# Step 3: examples from the groups' win rates. Each kind gives row fields (indices of responses,
-# row p * n + i is response i of prompt p), weights that sum to 1 per group (in expectation:
-# best_worst drops ties), and per-response values whose estimates make its losses unbiased.
-# ---------------------------------------------------------------------------
-
-
-def loo_winrates(M):
-    """(P, n) leave-one-out mean_{j != i} M[i, j]: unbiased for g_mu(y_i) = P(y_i > mu), given y_i."""
-    n = M.shape[-1]
-    return (M.sum(-1) - 0.5) / (n - 1)
-
-
-def _group_index(P, n):
-    return torch.arange(P)[:, None] * n  # (P, 1) first row of each group
-
-
-def pair_examples(M, cfg):
-    """Preference pairs (w, l). all: every pair i < j twice, (i wins, weight M[i, j] / (n(n-1)/2)) and
-    (j wins, weight M[j, i] / ...): the expected loss is eq. 13/14's over (y, y') ~ mu x mu, labels
-    ~ lambda_P. best_worst (the paper): the highest and lowest mean win rate of the group, weight 1
-    (0 when all tie); this selects which pairs are seen, so its minimiser is not the prox step."""
-    P, n = M.shape[0], M.shape[-1]
-    base = _group_index(P, n)
-    if cfg["pair_selection"] == "best_worst":
-        score = M.mean(-1)  # (P, n)
-        tie = score.max(-1).values <= score.min(-1).values
-        return {"w": base[:, 0] + score.argmax(-1), "l": base[:, 0] + score.argmin(-1)}, (~tie).double(), {}
-    i, j = torch.triu_indices(n, n, 1)
-    w = torch.cat([base + i, base + j], 1).flatten()
-    l = torch.cat([base + j, base + i], 1).flatten()
-    weight = torch.cat([M[:, i, j], M[:, j, i]], 1).flatten().double() / len(i)
-    return {"w": w, "l": l}, weight, {}
-
-
-def response_examples(M, cfg, M_opp=None):
-    """Each response y, weight 1/n. g: leave-one-out win rate (unbiased for g_mu(y): each loss term involves
-    one response only). adv = g - group mean (= g - 1/2: M + M^T = 1), Dr.GRPO's; adv_scaled: divided by the
-    group's std of g, GRPO's (invariant to g's affine form, so Alg. 5's diagonal-inclusive mean gives the same).
-    With an opponent: gopp = mean_j P(y > y'_j) over its n samples, gopp_base = the mean of gopp over the
-    other responses of the group (a REINFORCE baseline independent of y)."""
-    P, n = M.shape[0], M.shape[-1]
-    g = loo_winrates(M).double()
-    values = {"g": g, "adv": losses.group_advantages(g, scale_by_std=False), "adv_scaled": losses.group_advantages(g)}
-    if M_opp is not None:
-        gopp = M_opp.double().mean(-1)
-        values.update(gopp=gopp, gopp_base=(gopp.sum(-1, keepdim=True) - gopp) / (n - 1))
-    return {"y": torch.arange(P * n)}, torch.full((P * n,), 1.0 / n, dtype=torch.float64), _flat(values)
-
-
-def response_pair_examples(M, cfg, M_opp=None):
-    """Pairs (a, b), a < b, of one group, weight 1 / (n(n-1)/2). g: the group mean of M[i, :] *with* the
-    diagonal (Alg. 5's r_i): g_a - g_b then has expectation (n-2)/n (g(a) - g(b)) + (2 A(a,b) - 1)/n, whose
-    least-squares fit over mu x mu is g(a) - g(b) exactly; the leave-one-out estimate would count the pair's
-    own comparison twice and give a step n/(n-1) too large. gopp: mean win rate against the opponent."""
-    P, n = M.shape[0], M.shape[-1]
-    i, j = torch.triu_indices(n, n, 1)
-    base = _group_index(P, n)
-    values = {"g": losses.winrate_rewards(M.double())}
-    if M_opp is not None:
-        values["gopp"] = M_opp.double().mean(-1)
-    rows = {"a": (base + i).flatten(), "b": (base + j).flatten()}
-    return rows, torch.full((P * len(i),), 1.0 / len(i), dtype=torch.float64), _flat(values)
-
-
-def group_examples(M, cfg):
-    """One example per prompt: its n responses y (P, n), weight 1; g as in response_pair_examples (a loss
-    that centres within the group sees the same pair differences); gw = 1/n, the within-group weights."""
-    P, n = M.shape[0], M.shape[-1]
-    values = {"g": losses.winrate_rewards(M.double()), "gw": torch.full((P, n), 1.0 / n, dtype=torch.float64)}
-    return {"y": _group_index(P, n) + torch.arange(n)}, torch.ones(P, dtype=torch.float64), _flat(values)
-
-
-def _flat(values):
-    return {k: v.reshape(-1) for k, v in values.items()}
-
-
-EXAMPLES = {"pairs": pair_examples, "responses": response_examples, "response_pairs": response_pair_examples,
-            "groups": group_examples}
-
-
-def make_examples(spec, M, cfg, M_opp=None, device=None):
-    """{"rows": {field: (E,) or (E, n) row ids}, "weight": (E,) float64, "values": {name: (P*n,) per response}}
-    from the (P, n, n) win rates of the groups (and the (P, n, n) win rates against the opponent's samples),
-    on `device` (default: M's)."""
-    build = EXAMPLES[spec.examples]
-    rows, weight, values = build(M, cfg, M_opp) if spec.opponent != "none" else build(M, cfg)
-    to = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
-    return {"rows": to(rows), "weight": weight.to(device), "values": to(values)}
-
-
-@dataclass
-class Batch:
-    """What a loss reads for a micro-batch of examples. `rows`: the examples' fields as response ids, (b,) or
-    (b, n): w, l (pairs), y (responses; (b, n) for groups), a, b (response_pairs). Everything else is per
-    response, (N,) or (N, T) indexed by those ids (row p * n + i is response i of prompt p): x.pi[x.rows["w"]]
-    is the trained policy's log-prob of each pair's winner. None where the spec has no such quantity."""
-
-    rows: dict
-    pi: torch.Tensor  # (N,) log pi_theta(y|x), gradients flow; NaN outside the micro-batch's responses
-    mu: torch.Tensor  # (N,) log mu(y|x), the sampler's
-    center: torch.Tensor  # (N,) the step's centre: mu's or pi_ref's (spec.center)
-    length: torch.Tensor  # (N,) response length in tokens, EOS included
-    values: dict  # (N,) per-response values of the example kind (make_examples): g, adv, adv_scaled, gw, gopp, ...
-    ref: torch.Tensor = None  # (N,) log pi_ref(y|x)
-    opp: torch.Tensor = None  # (N,) the opponent's log-prob (OMWU's pi^{k-1}, NashMP's target)
-    pi_tok: torch.Tensor = None  # (N, T) per-token log-probs (token_level specs) of pi, mu, pi_ref, the centre,
-    mu_tok: torch.Tensor = None  # and the response mask (N, T)
-    ref_tok: torch.Tensor = None
-    center_tok: torch.Tensor = None
-    mask: torch.Tensor = None
-
-
-def batch_loss(spec, ex, idx, pi, rows, frozen, h):
-    """Per-example loss (b,) of examples idx: the spec's loss on their Batch. pi: the trained policy's log-probs
-    (r,) or per token (r, T) of the responses `rows` (sorted unique ids); frozen: frozen_fields' (N,) tensors.
-    Training, fit_gap, toy_game and the exactness tests all call this function."""
-    full = pi.new_full((len(frozen["mu"]),) + pi.shape[1:], float("nan")).index_copy(0, rows, pi)  # (N,) / (N, T)
-    per_token = full if pi.dim() == 2 else None
-    x = Batch(rows={f: r[idx] for f, r in ex["rows"].items()}, pi=full.sum(-1) if pi.dim() == 2 else full,
-              pi_tok=per_token, values=ex["values"], **frozen)
-    return spec.loss(x, h)
-
-
-# ---------------------------------------------------------------------------
 # Steps 1, 2, 4: sampling, judging, frozen log-probs
 # ---------------------------------------------------------------------------
 
@@ -486,17 +360,6 @@ def frozen_logps(spec, models, seqs, micro, gathered=lambda model: contextlib.nu
                 cache[id(model)] = precompute_logps(model, seqs, micro, rows, share_prompts)
         tok[name], seq[name] = cache[id(model)]
     return frozen_fields(spec, seq, seqs[2].sum(-1).to(seq["mu"].dtype), tok, seqs[2])
-
-
-def frozen_fields(spec, seq, lengths, tok=None, mask=None):
-    """Batch's per-response fields besides pi: the log-probs `seq` (N,) of mu, ref, opp (those the spec has);
-    center (mu's or ref's, by the spec); length (N,) of the responses (EOS included); for token-level specs the
-    per-token log-probs `tok` (N, T) of mu, ref and the centre, and the response mask (N, T)."""
-    out = {"mu": seq["mu"], "ref": seq.get("ref"), "opp": seq.get("opp"), "center": seq[spec.center],
-           "length": lengths}
-    if spec.token_level:
-        out.update(mu_tok=tok["mu"], ref_tok=tok.get("ref"), center_tok=tok[spec.center], mask=mask)
-    return out
 
 
 # ---------------------------------------------------------------------------
@@ -691,13 +554,6 @@ def run(state, trainer, cfg, oracle, prompts_for, start, after_iteration):
         m = iteration(k, eta, tau, state, prompts, ids, oracle, trainer, cfg)
         m.update(round=t, **{name: v for name, v in (("eta", eta), ("tau", tau)) if v is not None})
         after_iteration(k, m)
-
-
-def examples_per_group(spec, cfg):
-    """How many examples one group of n responses gives (for the on-policy check, before anything loads)."""
-    n = cfg["n_samples"]
-    M = torch.full((1, n, n), 0.5)
-    return len(make_examples(spec, M, cfg, M if spec.opponent != "none" else None)["weight"])
 
 
 for _name, _spec in ALGOS.items():

@@ -8,6 +8,7 @@ import os
 
 import checkpoint
 import comal
+import examples
 import oracle as oracle_lib
 import smollm2  # noqa: F401 -- adds the offline demo's oracle kind, minilm_rubrics, to oracle.KINDS
 from keys import ConfigError  # noqa: F401 -- config.ConfigError, as callers name it
@@ -163,10 +164,12 @@ def check_algorithm_keys(cfg):
     except comal.SpecError as e:
         raise ConfigError(str(e)) from None
     defs = spec.key_defs()
-    for key in algo_keys():
-        if key in cfg and key not in defs:
-            raise ConfigError(f"{key}: algo {cfg['algo']} does not read this key (it reads: {', '.join(defs)}); "
-                              f"remove it or set {key}=null")
+    unread = [key for key in algo_keys() if key in cfg and key not in defs]
+    if unread:
+        one = len(unread) == 1
+        raise ConfigError(f"{', '.join(unread)}: algo {cfg['algo']} does not read {'this key' if one else 'these keys'} "
+                          f"(it reads: {', '.join(defs)}); remove {'it' if one else 'them'} or set "
+                          + " ".join(f"{k}=null" for k in unread))
     for key, k in defs.items():
         if key not in cfg:
             cfg[key] = k.default
@@ -184,6 +187,10 @@ def check_algorithm_keys(cfg):
             if eta * tau >= 1:
                 raise ConfigError(f"eta * tau = {eta * tau:g} >= 1 in round {t}: eta_tau must be < 1 "
                                   "(eq. 14 puts weight 1 - eta*tau on mu)")
+    try:  # the loss itself, once, on a synthetic group: an undeclared key or a missing field named now
+        examples.check_loss(cfg["algo"], spec, cfg, comal.hyper(spec, cfg, *comal.round_params(cfg, 0)))
+    except comal.SpecError as e:
+        raise ConfigError(str(e)) from None
     return spec
 
 
@@ -220,10 +227,10 @@ def check_config(cfg, world):
             raise ConfigError(str(e)) from None
     # reads the prompts: a missing field or subsets too small for the world size are reported now
     per_iteration = len(iteration_prompts(load_prompts(cfg), cfg, 0, 0, world)) * world
-    examples = per_iteration * comal.examples_per_group(spec, cfg)
-    if spec.on_policy and (cfg["epochs"] != 1 or cfg["batch_size"] < examples):
+    n_examples = per_iteration * examples.examples_per_group(spec, cfg)
+    if spec.on_policy and (cfg["epochs"] != 1 or cfg["batch_size"] < n_examples):
         raise ConfigError(f"algo {cfg['algo']} learns on-policy (REINFORCE on y ~ pi): one optimizer step per "
-                          f"iteration, so epochs must be 1 and batch_size >= the iteration's {examples} examples "
+                          f"iteration, so epochs must be 1 and batch_size >= the iteration's {n_examples} examples "
                           f"(prompts_per_iteration x n_samples); got epochs {cfg['epochs']}, batch_size {cfg['batch_size']}")
     try:
         cfg["oracle"] = oracle_lib.check_oracle_config(cfg["oracle"])

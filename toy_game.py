@@ -17,7 +17,7 @@ mirror descent (mwu, comal_md) is the reference. Two modes (`--mode`):
   fits the exact expected loss for every loss-based algorithm instead.
 - sampled: each iteration draws groups of --group responses from mu with a
   seeded torch.Generator, Bernoulli labels from A, and builds the examples
-  with comal.make_examples, exactly as on a language model (Figure 4).
+  with examples.make_examples, exactly as on a language model (Figure 4).
 
 Policies are kept as log-probabilities (float64) so that nearly deterministic
 iterates (iterative DPO) neither underflow nor lose their tail.
@@ -36,6 +36,7 @@ from types import SimpleNamespace
 import torch
 
 import comal
+import examples
 import oracle
 from opponents import OPPONENTS
 from keys import Key, integer, number, one_of, positive, problem
@@ -170,7 +171,7 @@ def population_examples(spec, A, log_mu, log_opp=None):
 
 
 def sampled_examples(spec, A, log_mu, log_opp, cfg, gen):
-    """comal.make_examples on sampled groups: cfg.samples // cfg.group groups of cfg.group responses from mu
+    """examples.make_examples on sampled groups: cfg.samples // cfg.group groups of cfg.group responses from mu
     (and as many from the opponent), Bernoulli labels. Returns (examples, action of each row), aggregated
     over examples that are identical for the loss (same actions and values), weights summed."""
     N, G = max(cfg.samples // cfg.group, 1), cfg.group
@@ -180,7 +181,7 @@ def sampled_examples(spec, A, log_mu, log_opp, cfg, gen):
     if log_opp is not None:
         y_opp = torch.multinomial(log_opp.exp(), N * G, replacement=True, generator=gen).view(N, G)
         M_opp = (torch.rand(N, G, G, generator=gen, dtype=DTYPE) < A[y[:, :, None], y_opp[:, None, :]]).to(DTYPE)
-    ex = comal.make_examples(spec, M, lm_config(spec, cfg), M_opp)
+    ex = examples.make_examples(spec, M, lm_config(spec, cfg), M_opp)
     actions = y.flatten()
     # aggregate: the loss sees an example only through its rows' actions and values
     feats = [actions[r].reshape(len(ex["weight"]), -1).to(DTYPE) for r in ex["rows"].values()]
@@ -244,8 +245,8 @@ def tabular_step(spec, game, cfg, gen, log_mu, log_ref=None, tau=None, log_opp=N
     """The step of comal.ALGOS's `spec` from the sampler mu, on the logits table.
 
     noiseless with --solver auto and an exact spec: the closed form Prox(center, eta * spec.prox_gain).
-    Otherwise the spec's own loss (comal.batch_loss) on the population (noiseless) or on sampled groups
-    (comal.make_examples), minimised exactly (fit_logits), or for a surrogate (GRPO, NashMP) followed by
+    Otherwise the spec's own loss (examples.batch_loss) on the population (noiseless) or on sampled groups
+    (examples.make_examples), minimised exactly (fit_logits), or for a surrogate (GRPO, NashMP) followed by
     gradient steps of size cfg.lr: cfg.grad_steps of them, one for an on-policy spec.
     """
     A, eta = game.A, cfg.eta if eta is None else eta
@@ -265,13 +266,13 @@ def tabular_step(spec, game, cfg, gen, log_mu, log_ref=None, tau=None, log_opp=N
     opp_logps = log_opp if OPPONENTS[spec.opponent] and OPPONENTS[spec.opponent].logps else None  # as on LMs
     seq = {name: lp[actions] for name, lp in (("mu", log_mu), ("ref", log_ref), ("opp", opp_logps)) if lp is not None}
     ones = torch.ones(len(actions), 1, dtype=DTYPE)  # one-token responses: per-token log-probs are the sequence's
-    frozen = comal.frozen_fields(spec, seq, ones[:, 0], {name: v[:, None] for name, v in seq.items()}, ones)
+    frozen = examples.frozen_fields(spec, seq, ones[:, 0], {name: v[:, None] for name, v in seq.items()}, ones)
     rows, idx = torch.arange(len(actions)), torch.arange(len(ex["weight"]))
 
     def objective(theta):
         pi = torch.log_softmax(theta, -1)[actions]
         pi = pi[:, None] if spec.token_level else pi
-        return (ex["weight"] * comal.batch_loss(spec, ex, idx, pi, rows, frozen, h)).sum()
+        return (ex["weight"] * examples.batch_loss(spec, ex, idx, pi, rows, frozen, h)).sum()
 
     if not spec.surrogate:
         return torch.log_softmax(fit_logits(objective, log_center), -1)
@@ -322,6 +323,7 @@ def play(spec, game, cfg, gen):
     else:  # Mirror-Prox's rounds of its round_len; no rounds: one of cfg.iters iterations
         K = spec.round_len or cfg.iters
         iterations = cfg.iters * (spec.round_len or 1)
+    comal.check_spec(spec.doc or "the spec", spec)  # e.g. an opponent kind opponents.py does not define
     opp, h = OPPONENTS[spec.opponent], comal.hyper(spec, lm_config(spec, cfg), cfg.eta, cfg.tau)
     log_pi = game.log_init
     log_ref = game.log_init if spec.ref == "base" else None

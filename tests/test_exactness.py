@@ -2,7 +2,7 @@
 
 A policy over K = 3 one-token responses (the categories of the paper's 3x3 game). Every group of n samples
 from the sampler (and from the opponent, for OMWU / NashMP) is enumerated with its probability; the groups
-go through the training code itself (comal.make_examples, comal.batch_loss with the spec's loss); the
+go through the training code itself (examples.make_examples, examples.batch_loss with the spec's loss); the
 expected loss is minimised exactly (toy_game.fit_logits, Newton), or for the policy-gradient surrogates its
 gradient at pi = mu is taken. The result is compared with the tabular step of the same algorithm in
 toy_game.py and with the step written out by hand here (Prox(center, eta * gain), App. F / H).
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import comal
+import examples
 import toy_game as tg
 
 D = torch.float64
@@ -48,7 +49,7 @@ def groups_of(log_p, n):
 
 
 def expected_lm_objective(name, n, spec=None, pair_selection="all", log_mu=LOG_MU, log_ref=LOG_REF):
-    """theta -> E_groups[ sum_examples weight * loss ], through comal.make_examples and comal.batch_loss."""
+    """theta -> E_groups[ sum_examples weight * loss ], through examples.make_examples and examples.batch_loss."""
     spec = spec or comal.ALGOS[name]
     sampler = log_ref if spec.sampler == "ref" else log_mu
     Y, q = groups_of(sampler, n)
@@ -60,7 +61,7 @@ def expected_lm_objective(name, n, spec=None, pair_selection="all", log_mu=LOG_M
         M_opp = A[Y[:, :, None], Yo[:, None, :]]
     M = A[Y[:, :, None], Y[:, None, :]]  # what the category oracle returns for these groups
     cfg = {"pair_selection": pair_selection, "n_samples": n, "max_new_tokens": 1, "clip_eps": 0.2, "kappa": 0.1}
-    ex = comal.make_examples(spec, M, cfg, M_opp)
+    ex = examples.make_examples(spec, M, cfg, M_opp)
     actions = Y.flatten()  # row p * n + i is response i of group p
     first_field = next(iter(ex["rows"].values()))
     group_prob = q[first_field.reshape(len(ex["weight"]), -1)[:, 0] // n]  # (E,)
@@ -68,13 +69,13 @@ def expected_lm_objective(name, n, spec=None, pair_selection="all", log_mu=LOG_M
     if spec.opponent != "none" and log_opp_of(spec) is LOG_OPP:  # an opponent with log-probs of its own
         seq["opp"] = LOG_OPP[actions]
     ones = torch.ones(len(actions), 1, dtype=D)  # one-token responses
-    frozen = comal.frozen_fields(spec, seq, ones[:, 0], {k: v[:, None] for k, v in seq.items()}, ones)
+    frozen = examples.frozen_fields(spec, seq, ones[:, 0], {k: v[:, None] for k, v in seq.items()}, ones)
     h = comal.hyper(spec, dict({k: d.default for k, d in spec.key_defs().items()}, **cfg), ETA, TAU if spec.tau else None)
     idx, rows = torch.arange(len(ex["weight"])), torch.arange(len(actions))
 
     def objective(theta):
         pi = torch.log_softmax(theta, -1)[actions]
-        per_example = comal.batch_loss(spec, ex, idx, pi[:, None] if spec.token_level else pi, rows, frozen, h)
+        per_example = examples.batch_loss(spec, ex, idx, pi[:, None] if spec.token_level else pi, rows, frozen, h)
         return (group_prob * ex["weight"] * per_example).sum()
 
     return objective, spec

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import checkpoint
 import config
+import examples
 import fsdp
 import train_ddp
 from conftest import spawn
@@ -309,13 +310,13 @@ def test_a_loss_reads_only_what_its_spec_declares():
     with pytest.raises(AttributeError, match=r"h\.get"):
         h.get("kappa", 0.1)
     M = torch.tensor([[[0.5, 0.7, 0.2], [0.3, 0.5, 0.6], [0.8, 0.4, 0.5]]])
-    ex = comal.make_examples(spec, M, {"pair_selection": "all"})
+    ex = examples.make_examples(spec, M, {"pair_selection": "all"})
     mu = torch.log(torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64))
-    frozen = comal.frozen_fields(spec, {"mu": mu}, torch.ones(3))
+    frozen = examples.frozen_fields(spec, {"mu": mu}, torch.ones(3))
     first = torch.tensor([0, 1])  # examples (w, l) = (0, 1) and (0, 2): responses 0, 1, 2
     assert ex["rows"]["w"][first].tolist() == [0, 0] and ex["rows"]["l"][first].tolist() == [1, 2]
     pi = mu.clone() - 0.1
-    whole = comal.batch_loss(spec, ex, first, pi, torch.arange(3), frozen, h)
+    whole = examples.batch_loss(spec, ex, first, pi, torch.arange(3), frozen, h)
     assert torch.isfinite(whole).all()
-    part = comal.batch_loss(spec, ex, first, pi[:2], torch.arange(2), frozen, h)  # response 2 left out
+    part = examples.batch_loss(spec, ex, first, pi[:2], torch.arange(2), frozen, h)  # response 2 left out
     assert torch.isfinite(part[0]) and torch.isnan(part[1]) and part[0] == whole[0]

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 import config
 import checkpoint
 import comal
+import examples
 import fsdp
 import opponents
 import oracle as oracle_lib
@@ -254,13 +255,13 @@ def test_each_algorithm_runs_and_lowers_its_loss(base, algo, tmp_path):
 def test_pairs_and_winrates_are_what_the_paper_says():
     M = torch.tensor([[[0.5, 0.1, 0.8], [0.9, 0.5, 0.1], [0.2, 0.9, 0.5]],
                       [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]])
-    pairs = lambda M, sel: (lambda r, w, v: (r["w"], r["l"], w))(*comal.pair_examples(M, {"pair_selection": sel}))  # noqa: E731
+    pairs = lambda M, sel: (lambda r, w, v: (r["w"], r["l"], w))(*examples.pair_examples(M, {"pair_selection": sel}))  # noqa: E731
     w, l, weight = pairs(M, "best_worst")
     # group 0: mean win rates [.467, .5, .533] -> best 2, worst 0; group 1 ties -> weight 0
     assert w.tolist()[0] == 2 and l.tolist()[0] == 0 and weight.tolist() == [1.0, 0.0]
     w, l, weight = pairs(M, "all")
     assert len(w) == 12 and torch.allclose(weight.view(2, -1).sum(-1), torch.ones(2, dtype=weight.dtype))
-    assert torch.allclose(comal.loo_winrates(M)[0], torch.tensor([0.45, 0.5, 0.55]))
+    assert torch.allclose(examples.loo_winrates(M)[0], torch.tensor([0.45, 0.5, 0.55]))
     # the soft-labelled IPO loss over all pairs is minimised at h(i, j) = eta (M[i, j] - 1/2) (eq. 13 in expectation)
     eta = 2.0
     h = torch.zeros(3, 3, requires_grad=True)
@@ -355,7 +356,7 @@ def test_fit_gap_is_the_weighted_least_squares_minimum_and_the_trainers_own_loss
     P, n = 3, 5
     M = torch.rand(P, n, n, generator=g)
     M = torch.where(torch.eye(n, dtype=torch.bool), 0.5, torch.triu(M, 1) + torch.tril(1 - M.transpose(1, 2), -1))
-    ex = comal.make_examples(spec, M, cfg)
+    ex = examples.make_examples(spec, M, cfg)
     mu, ref = -3 * torch.rand(P * n, generator=g, dtype=torch.float64), -3 * torch.rand(P * n, generator=g, dtype=torch.float64)
     frozen = {"mu": mu, "ref": ref, "center": mu, "length": torch.ones(P * n)}
     h = comal.hyper(spec, {"max_new_tokens": 8, **{k: v.default for k, v in comal.KEYS.items()}}, 2.0, 0.2)
