@@ -28,7 +28,7 @@ def readme_blocks():
 
 @pytest.fixture
 def simpo(monkeypatch):
-    (_, loss_src), (_, inputs_src), (_, entry_src), (_, cmd) = readme_blocks()
+    (_, loss_src), (_, inputs_src), (_, entry_src), (_, cmd) = readme_blocks()[:4]
     ns = {"F": F, "torch": torch}
     exec(loss_src, ns)  # the block for losses.py
     in_comal = dict(vars(comal), losses=SimpleNamespace(simpo_loss=ns["simpo_loss"]))
@@ -68,6 +68,24 @@ def test_readme_example_plays_the_tabular_game_and_equals_its_tabular_step(simpo
     got = ex.lm_step(None, 5, spec=spec)  # the LM examples and loss, every group of 5 enumerated
     want = tg.tabular_step(spec, SimpleNamespace(A=ex.A), tg.make_config(), None, ex.LOG_MU)
     assert float((got - want).abs().max()) < 1e-6
+
+
+def test_readme_opponent_entry_is_the_tables():
+    """The README's new-opponent block is opponents.OPPONENTS["mixture"] as the code defines it."""
+    import opponents
+    import sample
+    from types import SimpleNamespace as NS
+
+    ((_, src),) = [b for b in readme_blocks() if b[0] == "python" and "Opponent(" in b[1]]
+    readme = eval("{" + src + "}", vars(opponents))["mixture"]
+    ours = opponents.OPPONENTS["mixture"]
+    h, a, b = NS(beta=0.3), torch.log_softmax(torch.randn(4), -1), torch.log_softmax(torch.randn(4), -1)
+    assert torch.equal(readme.start(a, b, h)[0], ours.start(a, b, h)[0])
+    assert torch.equal(readme.tabular(b, a, b, None, h)[0], ours.tabular(b, a, b, None, h)[0])
+    pi, ref = NS(config="pi"), NS(config="ref")
+    mix = readme.sampler({"policy": pi, "ref": ref}, h)
+    assert isinstance(mix, sample.Mixture) and mix.weights == [0.7, 0.3] and mix.models == [pi, ref]
+    assert (readme.copy, readme.keys, readme.needs_ref) == (ours.copy, ours.keys, ours.needs_ref)
 
 
 # ---------------------------------------------------------------------------
@@ -129,14 +147,17 @@ def test_readme_own_model_and_prompts_run_as_written(base, tmp_path):
                                                        for i in range(10)))
     shutil.copytree(base, tmp_path / "my_model")  # stands in for your model
     fast = ["n_samples=4", "max_new_tokens=6", "batch_size=16", "micro_batch_size=8", "eval_prompts=2"]
-    # the README's subset bullet: the tiny config's subsets are too small for 10 prompts, with this message
+    # without the README's subset overrides, the tiny config's subsets are too small for 10 prompts: the
+    # message is the one docs/troubleshooting.md lists (its P, S, N, K as numbers)
     import subprocess
 
     argv = [a for a in runnable(train, tmp_path) if not a.startswith(("num_subsets", "prompts_per_iteration"))]
     r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    quoted = re.search(r"stop with\s+`([^`]*)`", readme).group(1)
-    assert r.returncode == 2 and quoted in r.stderr, r.stderr
+    listed = re.search(r"\| `(prompts_per_iteration P > [^`]*)`", open(os.path.join(ROOT, "docs", "troubleshooting.md")).read())
+    pattern = re.escape(listed.group(1))
+    for letter in "PSNK":
+        pattern = re.sub(rf"\b{letter}\b", r"\\d+", pattern)
+    assert r.returncode == 2 and re.search(pattern, r.stderr), (pattern, r.stderr)
     run_ok(runnable(train, tmp_path) + fast, tmp_path)
     iters = [json.loads(x) for x in open(tmp_path / "runs" / "mine" / "metrics.jsonl") if '"train_s"' in x]
     assert [r["iteration"] for r in iters] == [0, 1]
