@@ -7,6 +7,8 @@ An Opponent says everything the loop, the trainer, checkpoints, bench/plan.py an
     sampler    (state, h) -> what generate() samples the opponent's n responses from: its copy, or a
                sample.Mixture of the run's models (state: policy, ref, opponent).
     logps      whether its copy's log-probs are computed for the loss (Batch.opp).
+    rollout_models  how many models its sampler runs at once: their weights are gathered together under
+               parallel: fsdp, and each holds a KV cache (bench/plan.py counts both).
     keys       the config keys it reads (the spec must declare them); needs_ref: it mixes in pi_ref.
     before_training(trainer, state, h)  after the iteration's rollout, before its optimizer steps.
     after_step(trainer, state, h)       after every optimizer step.
@@ -31,6 +33,7 @@ class Opponent:
     logps: bool = False
     keys: tuple = ()
     needs_ref: bool = False
+    rollout_models: int = 1
     before_training: Callable = None
     after_step: Callable = None
     doc: str = ""
@@ -64,7 +67,7 @@ OPPONENTS = {
         start=lambda log_pi, log_ref, h: (geometric_mixture(log_pi, log_ref, h.beta), None),
         tabular=lambda log_old, log_new, log_ref, memory, h: (geometric_mixture(log_new, log_ref, h.beta), None),
         sampler=lambda state, h: Mixture([state["policy"], state["ref"]], [1 - h.beta, h.beta]), keys=("beta",),
-        needs_ref=True,
+        needs_ref=True, rollout_models=2,
         doc="the geometric mixture pi^(1 - beta) pi_ref^beta"),
 }
 

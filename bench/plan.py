@@ -100,6 +100,9 @@ def plan(cfg, hf, blocks, root, world, device="cuda"):
         raise SystemExit("error: prompts_per_iteration 0 (the whole subset) and rollout_batch_size 0: one generate "
                          "call over the whole subset, whose KV cache this plan cannot bound; set rollout_batch_size")
     kv = L * 2 * kv_heads * head_dim * c * per * cfg["n_samples"] * T
+    if opp and opp.rollout_models > 1:  # its rollout: several models gathered together, a KV cache each
+        rollout_weights *= opp.rollout_models
+        kv *= opp.rollout_models
     tokens = cfg["micro_batch_size"] * T
     per_layer = tokens * c * (6 * H + 2 * kv_heads * head_dim + 4 * inter)  # saved tensors of one block
     logits = 4 * min(tokens, 1024) * V * 2  # the fused log-prob's fp32 chunk and its gradient
