@@ -323,7 +323,8 @@ def play(spec, game, cfg, gen):
     else:  # Mirror-Prox's rounds of its round_len; no rounds: one of cfg.iters iterations
         K = spec.round_len or cfg.iters
         iterations = cfg.iters * (spec.round_len or 1)
-    comal.check_spec(spec.doc or "the spec", spec)  # e.g. an opponent kind opponents.py does not define
+    name = next((n for n, s in comal.ALGOS.items() if s is spec), "(not in the table)")
+    comal.check_spec(name, spec)  # e.g. an opponent kind opponents.py does not define
     opp, h = OPPONENTS[spec.opponent], comal.hyper(spec, lm_config(spec, cfg), cfg.eta, cfg.tau)
     log_pi = game.log_init
     log_ref = game.log_init if spec.ref == "base" else None
