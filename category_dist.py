@@ -86,9 +86,17 @@ def vocab_fates(game, table, text, at_cap):
         fates[v] = game.outcome(text + table["cont"][v], at_cap)
     return fates
 
+class EnumerationError(ValueError):
+    """The enumeration of one prompt passed its budget of prefixes: one line naming the prompt and the fix."""
+
+
+class EnumerationStopped(Exception):
+    """should_stop() said so (a signal arrived) between two steps of the enumeration."""
+
+
 @torch.no_grad()
 def policy_distribution(game, model, tokenizer, prompt_ids, eos_token_ids, max_new_tokens=None, min_mass=1e-6,
-                        batch_size=256):
+                        batch_size=256, max_prefixes=None, should_stop=None, progress=False):
     """(B, C+1) exact category distribution of the policy's responses to each prompt ("none" last), and the
     (B,) mass left unsettled (the error bound, counted as "none", which can only raise exploitability).
 
@@ -102,19 +110,33 @@ def policy_distribution(game, model, tokenizer, prompt_ids, eos_token_ids, max_n
     after the first token); every decoded token checks it, and a prefix where it fails leaves its whole
     tail unsettled. Each prompt is prefilled once into a KV cache; the open prefixes of a step (all of
     one length) run as a batch over its copies (tested against brute-force enumeration).
+
+    A model that rarely ends its first word (an untrained one never does) opens ~V prefixes per step: past
+    max_prefixes expanded prefixes for one prompt, EnumerationError; should_stop() is asked before every
+    batch of forwards (EnumerationStopped); progress shows a bar over the prompts.
     """
+    from tqdm import tqdm
+
     C = len(game.categories)
     dist = torch.zeros(len(prompt_ids), C + 1, dtype=torch.float64)
     pruned = torch.zeros(len(prompt_ids), dtype=torch.float64)
-    for b, prompt in enumerate(prompt_ids):
-        prompt = [int(t) for t in prompt]
+    for b, prompt in enumerate(tqdm(prompt_ids, desc="exact category distribution", leave=False, disable=not progress)):
+        prompt, expanded = [int(t) for t in prompt], 0
         cache, first = prefill_prompt(model, prompt)
         table = token_table(game, tokenizer, len(first))  # built on the first call for this tokenizer
         eos_ids = torch.tensor(sorted(e for e in set(map(int, eos_token_ids)) if e < len(first)), dtype=torch.long)
         frontier = [([], "", 0.0)]  # (response prefix, its text, log-prob); all prefixes of a step have one length
         while frontier:
             nxt = []
+            expanded += len(frontier)
+            if max_prefixes is not None and expanded > max_prefixes:
+                raise EnumerationError(
+                    f"eval prompt {b}: the exact category enumeration passed {max_prefixes} prefixes (eval_max_prefixes)"
+                    f" at response length {len(frontier[0][0])}: the model rarely ends its first word (an untrained "
+                    "one never does); set eval_prompts=0 to train without exploitability, or raise eval_max_prefixes")
             for s in range(0, len(frontier), batch_size):
+                if should_stop is not None and should_stop():
+                    raise EnumerationStopped()
                 chunk = frontier[s:s + batch_size]
                 prefixes = [r for r, _, _ in chunk]
                 logp = next_logps(model, prompt, cache, prefixes) if prefixes[0] else first[None]  # (b, V)

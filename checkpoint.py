@@ -38,8 +38,8 @@ FORMAT = "comal-checkpoint-2"
 # Keys that may change when a run resumes: they do not change what the run computes (how the work is split
 # over devices, what is evaluated, where files go, how long it runs). Any other change must be named in
 # resume_changes.
-RESUMABLE = {"out_dir", "resume", "resume_changes", "iterations", "eval_prompts", "eval_prompt_file", "eval_winrate",
-             "keep_checkpoints", "checkpoint_every", "cache_dir", "bucket_mb", "micro_batch_size", "parallel",
+RESUMABLE = {"out_dir", "resume", "resume_changes", "iterations", "eval_prompts", "eval_prompt_file", "eval_max_prefixes",
+             "eval_winrate", "keep_checkpoints", "checkpoint_every", "cache_dir", "bucket_mb", "micro_batch_size", "parallel",
              "activation_checkpointing"}
 
 

@@ -429,7 +429,8 @@ def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
     lengths = samples.response_mask.sum(-1).float()
     return {"iteration": k, "loss": sum(step_losses) / len(step_losses), "response_length": float(lengths.mean()),
             "tokens_per_s": int(samples.response_mask.sum()) / max(sample_s, 1e-9), "sample_s": sample_s,
-            "judge_s": judge_s, "train_s": train_s, **peaks, **fit, "groups": groups}
+            "judge_s": judge_s, "train_s": train_s, **peaks, **fit, "groups": groups,
+            "preference_signal": trainer.all_reduce_sum(float(not bool((M == 0.5).all()))) > 0}
 
 
 def record_peak(peaks, name, device):

@@ -61,6 +61,9 @@ RUN_KEYS = {
     "oracle": Key({"kind": "category"}, "the preference oracle block (oracle.py; its keys are listed below)", mapping),
     "eval_prompts": Key(16, "held-out prompts for exact category-game exploitability each iteration (0 = off)",
                         integer(0)),
+    "eval_max_prefixes": Key(20000, "the exact category enumeration's budget: response prefixes expanded per eval "
+                             "prompt (the tiny default and SmolLM2 need ~1000); past it the run stops with one line",
+                             integer(1)),
     "eval_prompt_file": Key(None, "held-out prompts for eval_prompts (a prompts-like file, field prompt_field; "
                             "the first eval_prompts rows); null = synthetic instructions", optional(text)),
     "eval_winrate": Key(True, "log the win rate of the updated policy against mu's responses", flag),

@@ -231,12 +231,11 @@ class CategoryGame(Oracle):
             return C if c < 0 else c
         return C + 1 if self.could_still_match(text) else C
 
-    def policy_distribution(self, model, tokenizer, prompt_ids, eos_token_ids, max_new_tokens=None, min_mass=1e-6,
-                            batch_size=256):
+    def policy_distribution(self, model, tokenizer, prompt_ids, eos_token_ids, max_new_tokens=None, **kw):
         """(B, C+1) exact category distribution of the policy's responses to each prompt ("none" last) and the
-        (B,) mass left unsettled: category_dist.policy_distribution."""
+        (B,) mass left unsettled: category_dist.policy_distribution (kw: its budget, stop and progress)."""
         return category_dist.policy_distribution(self, model, tokenizer, prompt_ids, eos_token_ids, max_new_tokens,
-                                                 min_mass, batch_size)
+                                                 **kw)
 
     def exploitability(self, p):
         """max_c (E p)_c - 1/2 for a distribution p over the C categories (or C+1 with "none" last).

@@ -45,6 +45,7 @@ import comal
 import config
 import fsdp
 import oracle as oracle_lib
+from category_dist import EnumerationError, EnumerationStopped
 from opponents import OPPONENTS
 from config import ConfigError, check_config, encode_prompts, iteration_prompts, load_config, load_prompts
 
@@ -282,10 +283,18 @@ def make_buckets(params, cap_bytes):
 # ---------------------------------------------------------------------------
 
 
-def category_metrics(game, state, eval_ids, prev, max_new_tokens):
-    """Exact category distribution of the policy on the held-out prompts, its exploitability and win rate vs prev."""
+def category_metrics(game, state, eval_ids, prev, cfg, when, show=False):
+    """Exact category distribution of the policy on the held-out prompts, its exploitability and win rate vs prev.
+    The enumeration stops at a signal (Preempted, naming `when`) and past its budget (TrainingError)."""
     tok = state["tokenizer"]
-    dist_, pruned = game.policy_distribution(state["policy"], tok, eval_ids, [tok.eos_token_id], max_new_tokens)
+    try:
+        dist_, pruned = game.policy_distribution(state["policy"], tok, eval_ids, [tok.eos_token_id],
+                                                 cfg["max_new_tokens"], max_prefixes=cfg["eval_max_prefixes"],
+                                                 should_stop=lambda: STOP["signal"] is not None, progress=show)
+    except EnumerationStopped:
+        raise Preempted(f"the exploitability evaluation {when}") from None
+    except EnumerationError as e:
+        raise TrainingError(str(e)) from None
     mean = dist_.mean(0)
     out = {"exploitability": float(game.exploitability(dist_).mean()),
            "exploitability_of_mean": float(game.exploitability(mean)),
@@ -439,12 +448,15 @@ def run_iterations(cfg, state, trainer, oracle, start, say):
     prev = None  # the previous iterate's mean category distribution
     if game and start < cfg["iterations"]:  # every rank evaluates: with sharded weights each forward is a collective
         with trainer.gathered(policy):
-            m, prev = category_metrics(game, state, eval_ids, None, cfg["max_new_tokens"])
+            m, prev = category_metrics(game, state, eval_ids, None, cfg, "of the start (nothing to save yet: rerun "
+                                       "the same command)" if start == 0 else f"at the resume from iteration {start}",
+                                       show=rank == 0)
         if start == 0:
             log({"iteration": -1, **m})
         say(f"start: exploitability {m['exploitability']:.4f}  categories {m['category_dist']}")
     bar = tqdm(total=max(0, cfg["iterations"] - start), desc=cfg["algo"], disable=rank != 0, file=sys.stderr)
     current = {}  # iteration k: (start time, prompts, token ids), shared by prompts_for and after_iteration
+    silent, t_start, last = [], time.time(), {}  # iterations without preference signal; the last metrics
     copies = saved_copies(comal.ALGOS[cfg["algo"]])
 
     def prompts_for(k):
@@ -466,7 +478,9 @@ def run_iterations(cfg, state, trainer, oracle, start, say):
         m["seconds"] = time.time() - t0
         if game:
             with trainer.gathered(policy):
-                cm, prev = category_metrics(game, state, eval_ids, prev, cfg["max_new_tokens"])
+                cm, prev = category_metrics(game, state, eval_ids, prev, cfg, f"after iteration {k} (not saved: "
+                                            f"rerun the same command to redo it from {trainer.last_checkpoint})",
+                                            show=rank == 0)
             m.update(cm)
             # the categories of this iteration's samples (mu on the training prompts, all ranks): what the step
             # was computed from, next to the eval prompts' exact distribution of the same policy (iteration k-1)
@@ -477,7 +491,12 @@ def run_iterations(cfg, state, trainer, oracle, start, say):
         due = (k + 1) % cfg["checkpoint_every"] == 0 or k + 1 == cfg["iterations"] or stop
         m["checkpoint"] = checkpoint.save_checkpoint(out_dir, k, state, trainer, cfg, copies) if due else None
         log(m)
+        last.update(m)
         say(iteration_line(k, m, game))
+        if not m["preference_signal"]:
+            silent.append(k)
+            say(f"warning: iteration {k} had no preference signal: every win rate of its samples is 1/2 (e.g. every "
+                "response in no category), so its step moved the policy by nothing but its regularisers")
         bar.update(1)
         if stop:
             raise Preempted(f"the end of iteration {k}; rerun the same command to continue from {m['checkpoint']}")
@@ -486,7 +505,22 @@ def run_iterations(cfg, state, trainer, oracle, start, say):
         comal.run(state, trainer, cfg, oracle, prompts_for, start, after_iteration)
     finally:
         bar.close()  # before any final message
+    if last:
+        say(run_summary(cfg, last, start, time.time() - t_start, game, silent))
     return state
+
+
+def run_summary(cfg, m, start, seconds, game, silent):
+    """The run's last line: what it reached, how long it took, where its outputs are; and whether it learnt."""
+    done = cfg["iterations"] - start
+    reached = (f"exploitability {m['exploitability']:.4f}" if game else
+               f"win rate vs mu {m['winrate_vs_mu']:.3f}" if "winrate_vs_mu" in m else f"loss {m['loss']:.4f}")
+    line = (f"done: {done} iteration(s) in {seconds:.0f}s, {reached} after iteration {cfg['iterations'] - 1}; "
+            f"metrics.jsonl and checkpoints in {cfg['out_dir']}")
+    if len(silent) == done:
+        line += ("\nwarning: no iteration had a preference signal (every win rate 1/2): the policy learnt nothing "
+                 "from the oracle; check that its responses can win (the category game reads the first word)")
+    return line
 
 
 def winrate_vs_mu(state, trainer, cfg, oracle, k, x, x_ids, responses):
@@ -589,6 +623,10 @@ def cli(argv=None):
         if rank == "0":
             print(f"stopped by {STOP['signal']} at {e}", file=sys.stderr)
         return 0
+    except KeyboardInterrupt:  # SIGINT in any phase: checkpoints are written whole or not at all
+        if rank == "0":
+            print("interrupted (SIGINT): rerun the same command to continue from the newest checkpoint", file=sys.stderr)
+        return 130
     except (ConfigError, oracle_lib.OracleError, TrainingError, checkpoint.CheckpointError) as e:
         if rank == "0":
             print(f"error: {e}", file=sys.stderr)

@@ -166,6 +166,56 @@ def test_readme_own_model_and_prompts_run_as_written(base, tmp_path):
     assert "| mine |" in table and "| base |" in table and "row beats column" in r.stdout
 
 
+def lines_of(stderr):
+    """The lines a user reads on stderr: progress bars (carriage-return redraws) left out."""
+    return [x for x in stderr.replace("\r", "\n").splitlines() if x.strip() and "it/s]" not in x and "?it/s" not in x]
+
+
+@pytest.mark.slow
+def test_readme_own_model_command_on_an_untrained_model_never_hangs(tmp_path, monkeypatch, capsys):
+    """An untrained tiny model (random weights, its own tokenizer) never ends its first word, so the exact
+    category enumeration of the README's own-model command would grow ~V^d: the command stops within its
+    budget with one line; a SIGTERM during the enumeration stops it with one line and exit 0; without the
+    exploitability (eval_prompts=0) it trains, warns that no iteration had a preference signal, and ends with
+    its summary line."""
+    import subprocess
+    import signal
+    import time
+
+    import tiny
+
+    (block,) = section_blocks("### Your own model, prompts and oracle")
+    train = runnable(block.strip().splitlines()[0], tmp_path)
+    tiny.build_base(str(tmp_path / "my_model"), vocab=300, sft_steps=0, log=lambda m: None)
+    (tmp_path / "my_prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Pick a move for round {i}."}) + "\n"
+                                                       for i in range(10)))
+    t0 = time.time()
+    r = subprocess.run(train, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    said = lines_of(r.stderr)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert said[-1].startswith("error: eval prompt 0: the exact category enumeration passed 20000 prefixes"), said
+    assert "set eval_prompts=0" in said[-1] and time.time() - t0 < 120
+    err = tmp_path / "err.txt"
+    with open(err, "w") as f:  # no budget: the enumeration would run for hours; SIGTERM stops it
+        p = subprocess.Popen(train + ["eval_max_prefixes=1000000000", "out_dir=runs/term"], cwd=tmp_path, stderr=f)
+        while "exact category distribution" not in err.read_text() and p.poll() is None:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 0
+    said = lines_of(err.read_text())
+    assert said[-1] == ("stopped by SIGTERM at the exploitability evaluation of the start (nothing to save yet: rerun "
+                        "the same command)"), said
+    monkeypatch.chdir(tmp_path)  # the same command in this process (no interpreter start-up)
+    assert train_ddp.cli(train[2:] + ["eval_prompts=0", "out_dir=runs/silent"]) == 0
+    said = lines_of(capsys.readouterr().err)
+    assert said[-3].startswith("warning: iteration 1 had no preference signal")
+    assert said[-2].startswith("done: 2 iteration(s) in ") and said[-2].endswith("in runs/silent"), said
+    assert said[-1].startswith("warning: no iteration had a preference signal"), said
+    recs = [json.loads(x) for x in open(tmp_path / "runs" / "silent" / "metrics.jsonl") if '"train_s"' in x]
+    assert [x["preference_signal"] for x in recs] == [False, False]
+
+
 @pytest.mark.slow
 def test_ultrafeedback_prompts_script_feeds_the_recipes(tmp_path):
     import subprocess
