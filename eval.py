@@ -301,9 +301,18 @@ def line_plot(path, xs, series, ylabel, title, hline=None):
 # ---------------------------------------------------------------------------
 
 
-def settings_of(args, max_new_tokens):
+def settings_of(args, max_new_tokens, temperature=1.0):
+    """The sampling settings: the flags, else the run's response length and temperature (given here); --greedy
+    is one greedy response per prompt."""
     if args.max_new_tokens is None:
         args.max_new_tokens = max_new_tokens
+    if args.temperature is None:
+        args.temperature = 0.0 if args.greedy else temperature if temperature is not None else 1.0
+    if args.greedy:
+        if args.temperature != 0 or (args.samples or 1) > 1:
+            raise EvalError("--greedy is one response per prompt at temperature 0: drop --temperature / --samples")
+        args.samples = 1
+    args.samples = 4 if args.samples is None else args.samples
     if args.samples < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise EvalError("--samples, --max-new-tokens and --batch-size must be >= 1")
     if args.temperature < 0:
@@ -314,6 +323,25 @@ def settings_of(args, max_new_tokens):
             "max_prompt_tokens": args.max_prompt_tokens, "seed": args.seed, "batch_size": args.batch_size}
 
 
+def runs_max_new_tokens(models):
+    """(max_new_tokens of the train_ddp.py runs the checkpoints come from (CKPT/../../config.yaml) when they
+    agree, else 512; a line saying which)."""
+    import yaml
+
+    found = {}
+    for name, path in models.items():
+        cfg_path = os.path.join(path, "..", "..", "config.yaml")
+        if os.path.isfile(cfg_path):
+            with open(cfg_path) as f:
+                found[name] = (yaml.safe_load(f) or {}).get("max_new_tokens")
+    values = set(found.values()) - {None}
+    if len(values) == 1:
+        n, why = values.pop(), f"the max_new_tokens of the runs of {', '.join(found)}"
+    else:
+        n, why = 512, "the runs disagree" if values else "no checkpoint is in a train_ddp.py run"
+    return n, f"eval.py: --max-new-tokens {n} ({why}; set --max-new-tokens to choose)"
+
+
 def matrix_mode(args, device):
     models = parse_models(args.models)
     if not args.prompts:
@@ -322,7 +350,10 @@ def matrix_mode(args, device):
         raise EvalError("--oracle ORACLE.yaml is required with --models")
     prompts = load_prompt_file(args.prompts, args.prompt_field or config.RUN_KEYS["prompt_field"].default)
     block = oracle_lib.load_oracle_yaml(args.oracle)
-    settings = settings_of(args, 512)
+    chosen, said = runs_max_new_tokens(models) if args.max_new_tokens is None else (None, None)
+    settings = settings_of(args, chosen)
+    if said:  # after the flags are checked: a bad input stays one line
+        print(said, file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     oracle = oracle_lib.build_oracle(block, device=device)
     names = list(models)
@@ -366,18 +397,23 @@ def run_mode(args, device):
         prompts = tiny.synthetic_prompts(args.num_prompts, cfg.get("seed", 0) + 999)
     else:
         raise EvalError("--prompts is required for a run whose oracle is not the category game")
-    settings = settings_of(args, cfg.get("max_new_tokens", 512))  # the run's response length by default
+    settings = settings_of(args, cfg.get("max_new_tokens", 512), cfg.get("temperature", 1.0))  # the run's, by default
     out = args.out or os.path.join(run, "eval")
     os.makedirs(out, exist_ok=True)
     oracle = oracle_lib.build_oracle(block, device=device)
     paths = dict(base=base, **dict(zip(ckpts, finished)))
-    gens = {n: generate_for(n, paths[n], prompts, settings, os.path.join(out, "generations"), device) for n in paths}
+    gens = {n: generate_for(n, paths[n], prompts, settings, os.path.join(out, "generations"), device)
+            for n in progress(paths, "sampling")}
     rows = dynamics_rows(ckpts, gens, prompts, oracle, oracle_key(block), os.path.join(out, "judgments.json"))
-    if game:  # exact category distributions of each checkpoint (not from samples)
-        for row, c in zip(rows, ckpts):
-            d = exact_distribution(paths[c], prompts, oracle, settings, cfg.get("max_new_tokens"), device)
-            row["exploitability"] = float(oracle.exploitability(d).mean())
-            row["category_dist"] = [round(float(x), 5) for x in d.mean(0)]
+    if game:  # exact category distributions (not from samples): exploitability, exact win rates
+        exact = {n: exact_distribution(paths[n], prompts, oracle, settings, cfg.get("max_new_tokens"), device)
+                 for n in progress(paths, "exact distributions")}
+        E = oracle.extended_payoff()
+        win = lambda a, b: 100 * float(torch.einsum("pi,ij,pj->p", exact[a], E, exact[b]).mean())  # noqa: E731
+        for k, (row, c) in enumerate(zip(rows, ckpts)):
+            row["exploitability"] = float(oracle.exploitability(exact[c]).mean())
+            row["category_dist"] = [round(float(x), 5) for x in exact[c].mean(0)]
+            row["winrate_vs_base_exact"], row["winrate_vs_prev_exact"] = win(c, "base"), win(c, (["base"] + ckpts)[k])
     if world_info()[0] != 0:
         return None
     base_len = sum(map(sum, gens["base"][1])) / sum(map(len, gens["base"][1]))
@@ -385,6 +421,13 @@ def run_mode(args, device):
     dynamics_plots(out, rows, base_len, cfg.get("algo", "run"), oracle if game else None)
     print("\n".join(lines))
     return rows
+
+
+def progress(items, desc):
+    """A tqdm bar over items on rank 0 (stderr)."""
+    from tqdm import tqdm
+
+    return tqdm(list(items), desc=desc, leave=False, disable=world_info()[0] != 0, file=sys.stderr)
 
 
 def dynamics_rows(ckpts, gens, prompts, oracle, okey, jpath):
@@ -419,12 +462,15 @@ def write_dynamics(out, rows, base_len, game):
         w.writeheader()
         for r in rows:
             w.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
-    lines = ["| iteration | vs base (%) | vs previous (%) | mean length |" + (" exploitability |" if game else ""),
-             "|---|---|---|---|" + ("---|" if game else ""), f"| base | - | - | {base_len:.1f} |" + (" |" if game else "")]
+    extra = " vs base, exact | vs previous, exact | exploitability |" if game else ""
+    lines = ["| iteration | vs base (%) | vs previous (%) | mean length |" + extra,
+             "|---|---|---|---|" + ("---|---|---|" if game else ""),
+             f"| base | - | - | {base_len:.1f} |" + (" - | - | |" if game else "")]
     for r in rows:
         lines.append(f"| {r['iteration']} | {r['winrate_vs_base']:.1f} ± {r['se_vs_base']:.1f} | "
                      f"{r['winrate_vs_prev']:.1f} ± {r['se_vs_prev']:.1f} | {r['mean_length']:.1f} |" +
-                     (f" {r['exploitability']:.4f} |" if game else ""))
+                     (f" {r['winrate_vs_base_exact']:.1f} | {r['winrate_vs_prev_exact']:.1f} | "
+                      f"{r['exploitability']:.4f} |" if game else ""))
     with open(os.path.join(out, "dynamics.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return lines
@@ -527,25 +573,43 @@ def figure1_mode(args):
     return results
 
 
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where the default is 'not given' (None) and the help says why."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", help="NAME=CHECKPOINT_DIR ...")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsShown,
+                                epilog="Cost: --models samples every model on every prompt and judges every pair of "
+                                "models (K (K-1) / 2 x prompts x samples^2 oracle calls); --run does that for every "
+                                "checkpoint against the base and the previous one, plus, on the category game, the "
+                                "exact enumeration of each checkpoint (the tiny default's 30: about a minute on 2 "
+                                "CPU cores); --figure1 only reads metrics.jsonl.")
+    p.add_argument("--models", nargs="+", help="NAME=CHECKPOINT_DIR ...: a win-rate matrix")
     p.add_argument("--run", help="a train_ddp.py out_dir: training dynamics of its checkpoints")
     p.add_argument("--figure1", nargs="+", help="train_ddp.py out_dirs on the category game: Figure 1's layout")
-    p.add_argument("--prompts", help="JSONL/JSON/Parquet file or a datasets name")
+    p.add_argument("--prompts", help="JSONL/JSON/Parquet file or a datasets name (--run on the category game: "
+                   "synthetic prompts if not given)")
     p.add_argument("--prompt-field", default=None, help="the field holding the instruction (default: the run's "
                    f"prompt_field with --run, else {config.RUN_KEYS['prompt_field'].default!r}, as in training)")
     p.add_argument("--num-prompts", type=int, default=64, help="run mode on the category game: synthetic prompts")
-    p.add_argument("--oracle", help="YAML file with an oracle: block")
-    p.add_argument("--out", default=None)
-    p.add_argument("--samples", type=int, default=1, help="samples per prompt (n)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--oracle", help="YAML file with an oracle: block (--run: the run's oracle if not given)")
+    p.add_argument("--out", default=None, help="output directory (required with --models and --figure1; --run: "
+                   "RUN_DIR/eval)")
+    p.add_argument("--samples", type=int, default=None, help="samples per prompt (default 4); a win rate averages "
+                   "every pair of samples of a prompt, its standard error is over the prompts")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the run's with "
+                   "--run, else 1.0)")
+    p.add_argument("--greedy", action="store_true", help="one greedy response per prompt instead of samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="default: the run's max_new_tokens with --run, else 512")
-    p.add_argument("--max-prompt-tokens", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+                   help="default: the run's max_new_tokens (--models: the checkpoints' runs', else 512)")
+    p.add_argument("--max-prompt-tokens", type=int, default=1024, help="a longer prompt keeps its chat template "
+                   "and its instruction is cut from the left, as in training")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (per rank: seed * 1009 + rank)")
     args = p.parse_args(argv)
     if sum(map(bool, (args.models, args.run, args.figure1))) != 1:
         raise EvalError("give one of --models NAME=DIR ... (a win-rate matrix), --run RUN_DIR (training dynamics) "

@@ -131,7 +131,8 @@ def test_bad_input_fails_before_any_generation(base, tmp_path, capsys):
         (["--models", f"a={d / 'a'}", f"a={d / 'b'}"], "given twice"),
         (["--models", f"a={d / 'a'}", f"b={d / 'b'}", "--prompts", str(tmp_path / "nofield.jsonl")],
          "no string field 'prompt'"),
-        (["--models", f"a={d / 'a'}", f"b={d / 'b'}", "--samples", "4"], "needs --temperature > 0"),
+        (["--models", f"a={d / 'a'}", f"b={d / 'b'}", "--samples", "4", "--temperature", "0"], "needs --temperature > 0"),
+        (["--models", f"a={d / 'a'}", f"b={d / 'b'}", "--samples", "4", "--greedy"], "--greedy is one response"),
     ]
     for argv, needle in cases:
         full = argv + (["--prompts", str(d / "prompts.jsonl")] if "--prompts" not in argv else []) + \
@@ -154,12 +155,16 @@ def test_run_mode_follows_the_checkpoints(setup, tmp_path, monkeypatch):
     import sample
 
     asked, generate = set(), sample.generate
-    monkeypatch.setattr(sample, "generate", lambda *a, **kw: asked.add(kw["max_new_tokens"]) or generate(*a, **kw))
-    rows = ev.main(["--run", str(tmp_path / "run"), "--num-prompts", "16", "--samples", "4", "--temperature", "1"])
-    assert asked == {6}  # the run's max_new_tokens, not eval's own default (512)
+    monkeypatch.setattr(sample, "generate", lambda *a, **kw: asked.add((kw["max_new_tokens"], kw["temperature"], kw["n"]))
+                        or generate(*a, **kw))
+    rows = ev.main(["--run", str(tmp_path / "run"), "--num-prompts", "32"])
+    assert asked == {(6, 1.0, 4)}  # the run's max_new_tokens and temperature, 4 samples: not greedy, not 512 tokens
     assert [r["iteration"] for r in rows] == [0, 1]
     for r in rows:
         assert 0 <= r["winrate_vs_base"] <= 100 and 0 <= r["exploitability"] <= 0.5 and r["mean_length"] > 0
+        for vs in ("base", "prev"):  # the sampled win rate estimates the exact one (enumerated distributions)
+            gap = abs(r[f"winrate_vs_{vs}"] - r[f"winrate_vs_{vs}_exact"])
+            assert gap <= 2 * r[f"se_vs_{vs}"] and r[f"se_vs_{vs}"] > 0, (r, vs)
     assert rows[0]["winrate_vs_prev"] == rows[0]["winrate_vs_base"]  # the first iterate's previous is the base
     out = tmp_path / "run" / "eval"
     for png in ("winrate.png", "length.png", "exploitability.png", "simplex.png"):
@@ -178,7 +183,7 @@ def test_torchrun_splits_prompts_and_gives_the_single_process_matrix(setup):
     d = setup
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     common = ["--models", f"a={d / 'a'}", f"c={d / 'c'}", "--prompts", str(d / "prompts.jsonl"), "--oracle",
-              str(d / "oracle.yaml"), "--max-new-tokens", "8"]
+              str(d / "oracle.yaml"), "--max-new-tokens", "8", "--greedy"]
     single = ev.main(common + ["--out", str(d / "greedy1")])
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         os.path.join(root, "eval.py"), *common, "--out", str(d / "greedy2")],
