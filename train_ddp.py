@@ -312,7 +312,14 @@ def main(argv=None):
             print(config.help_text())
         return
     if not argv or argv[0].startswith("-"):
-        raise ConfigError("usage: train_ddp.py CONFIG.yaml [key=value ...] (--help lists every key)")
+        raise ConfigError("usage: train_ddp.py CONFIG.yaml [key=value ...] [--check [--world N] [--gpu-gib G]] "
+                          "(--help lists every key)")
+    if "--check" in argv:  # everything checkable without a GPU, all problems at once, and the plans
+        import preflight
+
+        flags = {a: argv[argv.index(a) + 1] for a in ("--world", "--gpu-gib") if a in argv[:-1]}
+        rest = [a for i, a in enumerate(argv) if a != "--check" and a not in flags and argv[i - 1] not in flags]
+        return preflight.check(rest, int(flags.get("--world", 1)), float(flags.get("--gpu-gib", 80)))
     distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", 0)) if distributed else 0
     world = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
@@ -618,7 +625,9 @@ def cli(argv=None):
     checkpoint or a run that cannot go on (the other ranks stop silently: every rank has the same error)."""
     rank = os.environ.get("RANK", "0")
     try:
-        main(argv)
+        status = main(argv)
+        if status:  # --check found problems
+            return status
     except Preempted as e:
         if rank == "0":
             print(f"stopped by {STOP['signal']} at {e}", file=sys.stderr)

@@ -1,119 +1,17 @@
-"""Per-rank memory plan of a training config on N ranks, from the model's architecture alone.
-
-python bench/plan.py CONFIG [key=value ...] --world N [--gpu-gib 80] [--arch llama3_8b|qwen25_7b|DIR] [--oracle-gib X]
+"""python bench/plan.py CONFIG [key=value ...] --world N [--gpu-gib 80] [--arch llama3_8b|qwen25_7b|DIR] [--oracle-gib X]
                      [--measured OUT_DIR/metrics.jsonl]
 
-The model is built on the meta device (no weights, no hub): --arch names one
-of the shipped recipes' architectures (their public config.json numbers,
-below) or a local directory with a config.json; default: the config's model.
-Printed per rank, in GiB: the persistent state (fp32 master weights or
-shards, gradients, AdamW moments, the gathered root, the frozen pi_ref /
-opponent) and the two peaks on top of it: the rollout (the gathered policy
-when rollout: gathered, the KV cache of prompts x n x (prompt + response)
-tokens) and one training micro-batch (activations with and without
-activation checkpointing, the fused log-prob's logits chunk, one gathered
-block and its fp32 gradient during the reduce-scatter). The state rows are
-exact parameter arithmetic, checked against the bytes the trainers hold
-(tests/test_sharded.py); activations are an estimate (saved tensors of a
-Llama-style block, in the compute dtype). The oracle's models are resident
-on every rank and are not derived here: --oracle-gib adds them (the paper
-recipes' two 8B reward models in bf16: 29.9). --measured prints the plan's
-two peaks next to the largest rollout_peak_gib / train_peak_gib that a CUDA
-run of the same config logged (torch.cuda.max_memory_allocated per phase).
+The per-rank memory plan of memory_plan.py (read its docstring) and the checkpoints' disk plan, printed;
+--measured compares the plan's two peaks with a CUDA run's logged ones.
 """
 import argparse
-import math
+import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import comal  # noqa: E402
 import config  # noqa: E402
-import fsdp  # noqa: E402
-from opponents import OPPONENTS  # noqa: E402
-
-# the public config.json numbers of the recipes' models (configs/llama3_8b_*.yaml, configs/qwen25_7b_*.yaml)
-ARCHS = {
-    "llama3_8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)),
-    "qwen25_7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)),
-}
-GIB = 2 ** 30
-
-
-def architecture(arch):
-    """(HF config, [parameters per transformer block], root parameters) of a meta-device model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if arch in ARCHS:
-        kind, kw = ARCHS[arch]
-        hf = AutoConfig.for_model(kind, **kw)
-    else:
-        hf = AutoConfig.from_pretrained(arch, local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf)
-
-    seen, blocks = set(), []
-    for block in fsdp.transformer_blocks(model):
-        ps = [p for p in block.parameters() if id(p) not in seen]
-        seen.update(id(p) for p in ps)
-        blocks.append(sum(p.numel() for p in ps))
-    root = sum(p.numel() for p in model.parameters() if id(p) not in seen)
-    return hf, blocks, root
-
-
-def plan(cfg, hf, blocks, root, world, device="cuda"):
-    """{row: bytes per rank}. The units of parallel: fsdp are the blocks and the root, each padded to N."""
-    c = 2 if device == "cuda" and cfg["dtype"] != "float32" else 4  # compute dtype bytes
-    spec = comal.ALGOS[cfg["algo"]]
-    P = sum(blocks) + root
-    shard = sum(math.ceil(n / world) for n in blocks + [root])  # this rank's entries over all units
-    opp = OPPONENTS[spec.opponent]  # a frozen copy of the policy for the opponent, in its dtype (opponents.py)
-    frozen = ([c] if spec.ref != "none" else []) + ([4 if opp.copy == "float32" else c] if opp and opp.copy else [])
-    rows = {}
-    if cfg["parallel"] == "fsdp":
-        rows["master shards (fp32)"] = 4 * shard
-        rows["gradient shards (fp32)"] = 4 * shard
-        rows["AdamW moments (fp32)"] = 8 * shard
-        rows["root, kept gathered"] = c * root
-        rows["frozen copies (shards)"] = sum(b * shard for b in frozen)
-        rollout_weights = c * P if cfg["rollout"] == "gathered" else c * max(blocks)
-        unit_transient = (c + 4 + 4) * max(blocks)  # gathered block, its full gradient, the flat being scattered
-    else:
-        rows["weights (fp32)"] = 4 * P
-        rows["gradients (fp32)"] = 4 * P
-        rows["AdamW moments (fp32)"] = 8 * P
-        rows["frozen copies"] = sum(b * P for b in frozen)
-        rollout_weights = 0
-        unit_transient = 4 * min(P, cfg["bucket_mb"] << 20) * 2  # a bucket and its all-reduced copy
-    H, L, V = hf.hidden_size, hf.num_hidden_layers, hf.vocab_size
-    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-    head_dim = getattr(hf, "head_dim", None) or H // hf.num_attention_heads
-    inter = getattr(hf, "intermediate_size", 4 * H)
-    T = cfg["max_prompt_tokens"] + cfg["max_new_tokens"]
-    # prompts in one generate call: rollout_batch_size, at most this rank's share (0 = the whole subset: unknown here)
-    per = min(filter(None, (cfg["rollout_batch_size"], cfg["prompts_per_iteration"] // world)), default=0)
-    if not per:
-        raise SystemExit("error: prompts_per_iteration 0 (the whole subset) and rollout_batch_size 0: one generate "
-                         "call over the whole subset, whose KV cache this plan cannot bound; set rollout_batch_size")
-    kv = L * 2 * kv_heads * head_dim * c * per * cfg["n_samples"] * T
-    if opp and opp.rollout_models > 1:  # its rollout: several models gathered together, a KV cache each
-        rollout_weights *= opp.rollout_models
-        kv *= opp.rollout_models
-    tokens = cfg["micro_batch_size"] * T
-    per_layer = tokens * c * (6 * H + 2 * kv_heads * head_dim + 4 * inter)  # saved tensors of one block
-    logits = 4 * min(tokens, 1024) * V * 2  # the fused log-prob's fp32 chunk and its gradient
-    rows_peak = {
-        "rollout: gathered weights": rollout_weights,
-        "rollout: KV cache": kv,
-        "training: activations, no checkpointing": per_layer * L + logits,
-        "training: activations, activation_checkpointing": tokens * c * H * L + per_layer + logits,
-        "training: gathered unit / gradient buckets": unit_transient,
-    }
-    return rows, rows_peak
+from memory_plan import ARCHS, GIB, architecture, disk, plan, report  # noqa: E402,F401 (the tests use plan)
 
 
 def main(argv=None):
@@ -128,24 +26,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = config.load_config(args.config, args.overrides)
     config.check_algorithm_keys(cfg)
-    hf, blocks, root = architecture(args.arch or cfg["model"])
-    rows, peaks = plan(cfg, hf, blocks, root, args.world)
-    rows["oracle models (--oracle-gib)"] = int(args.oracle_gib * GIB)
-    state = sum(rows.values())
-    print(f"{args.config} on {args.world} rank(s), parallel {cfg['parallel']}, {(sum(blocks) + root) / 1e9:.2f}B "
-          f"parameters, per rank (GiB):")
-    for k, v in {**rows, **peaks}.items():
-        print(f"  {k:50s} {v / GIB:8.2f}")
-    rollout = state + peaks["rollout: gathered weights"] + peaks["rollout: KV cache"]
-    train = {}
-    for ckpt in (False, True):
-        act = peaks["training: activations, activation_checkpointing" if ckpt else "training: activations, no checkpointing"]
-        train[ckpt] = state + act + peaks["training: gathered unit / gradient buckets"]
-        print(f"  peak, activation_checkpointing={str(ckpt).lower():5s}: rollout {rollout / GIB:.1f}, training "
-              f"{train[ckpt] / GIB:.1f} -> {'fits' if max(rollout, train[ckpt]) <= args.gpu_gib * GIB else 'does NOT fit'} "
-              f"in {args.gpu_gib:g} GiB")
+    lines, rollout, train = report(cfg, args.arch or cfg["model"], args.world, args.gpu_gib, args.oracle_gib)
+    print(f"{args.config}: " + lines[0])
+    print("\n".join(lines[1:] + ["  " + disk(cfg, args.arch or cfg["model"])[2]]))
     if args.measured:
-        import json
         logged = [json.loads(x) for x in open(args.measured) if '"train_peak_gib"' in x]
         if not logged:
             sys.exit(f"error: --measured {args.measured}: no iteration with train_peak_gib (not a CUDA run?)")

@@ -8,6 +8,7 @@ import sys
 import pytest
 import yaml
 
+import comal
 import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,3 +49,32 @@ def test_paper_recipes_fit_their_stated_hardware(path):
              + peaks["training: gathered unit / gradient buckets"]) / plan.GIB
     assert (round(rollout, 1), round(train, 1)) == (rollout_said, train_said)  # the header is the plan's
     assert max(rollout, train) <= gib
+    one, kept, _ = plan.disk(dict(cfg, **{k: v.default for k, v in comal.ALGOS[cfg["algo"]].key_defs().items()
+                                          if k not in cfg}), arch)
+    disk = re.search(r"# Disk .*?: (\d+) GB per checkpoint .*? x (\d+) kept = ([\d.]+) TB", text)
+    assert disk and (int(disk[1]), int(disk[2]), float(disk[3])) == (round(one / 1e9), kept, round(one * kept / 1e12, 2))
+
+
+def test_check_lists_every_missing_path_of_a_recipe_at_once(capsys):
+    import train_ddp
+
+    assert train_ddp.cli(["configs/llama3_8b_comal.yaml", "--check", "--world", "8"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("check: 4 problem(s) with configs/llama3_8b_comal.yaml:\n"), out
+    for needle in ("model: model directory /models/Meta-Llama-3-8B-Instruct does not exist",
+                   "prompts: /data/ultrafeedback/prompts.jsonl does not exist",
+                   "oracle.models[0]: model directory /models/Skywork-Reward-Llama-3.1-8B-v0.2 does not exist",
+                   "oracle.models[1]: model directory /models/ArmoRM-Llama3-8B-v0.1 does not exist"):
+        assert f"\n  - {needle}" in out, needle
+
+
+def test_check_on_a_ready_config_prints_the_plans(base, capsys):
+    import train_ddp
+
+    assert train_ddp.cli(["configs/tiny.yaml", f"model={base}", "--check", "--world", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("check: configs/tiny.yaml is ready to run on 2 rank(s)\nmemory on 2 rank(s), parallel ddp")
+    assert "peak, activation_checkpointing=false" in out and "\ndisk: " in out and "x 30 kept" in out
+    assert train_ddp.cli(["configs/tiny.yaml", f"model={base}", "lr=-1", "n_samples=1", "--check"]) == 2
+    out = capsys.readouterr().out  # every bad value at once
+    assert "check: 2 problem(s)" in out and "  - n_samples must be an int >= 2" in out and "  - lr must be" in out
