@@ -283,14 +283,16 @@ def make_buckets(params, cap_bytes):
 # ---------------------------------------------------------------------------
 
 
-def category_metrics(game, state, eval_ids, prev, cfg, when, show=False):
+def category_metrics(game, state, eval_ids, prev, cfg, when=None, show=False):
     """Exact category distribution of the policy on the held-out prompts, its exploitability and win rate vs prev.
-    The enumeration stops at a signal (Preempted, naming `when`) and past its budget (TrainingError)."""
+    The enumeration stops past its budget (TrainingError) and, when `when` names the evaluation, at a signal
+    (Preempted). After an iteration it runs on: the iteration is done, and is saved before the stop."""
     tok = state["tokenizer"]
     try:
         dist_, pruned = game.policy_distribution(state["policy"], tok, eval_ids, [tok.eos_token_id],
                                                  cfg["max_new_tokens"], max_prefixes=cfg["eval_max_prefixes"],
-                                                 should_stop=lambda: STOP["signal"] is not None, progress=show)
+                                                 should_stop=when and (lambda: STOP["signal"] is not None),
+                                                 progress=show)
     except EnumerationStopped:
         raise Preempted(f"the exploitability evaluation {when}") from None
     except EnumerationError as e:
@@ -485,9 +487,7 @@ def run_iterations(cfg, state, trainer, oracle, start, say):
         m["seconds"] = time.time() - t0
         if game:
             with trainer.gathered(policy):
-                cm, prev = category_metrics(game, state, eval_ids, prev, cfg, f"after iteration {k} (not saved: "
-                                            f"rerun the same command to redo it from {trainer.last_checkpoint})",
-                                            show=rank == 0)
+                cm, prev = category_metrics(game, state, eval_ids, prev, cfg, show=rank == 0)
             m.update(cm)
             # the categories of this iteration's samples (mu on the training prompts, all ranks): what the step
             # was computed from, next to the eval prompts' exact distribution of the same policy (iteration k-1)
