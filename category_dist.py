@@ -8,6 +8,7 @@ table (token_table, tail_fates) built once per tokenizer. Tested against brute-f
 """
 import collections
 import copy
+import hashlib
 import math
 import string
 
@@ -24,6 +25,10 @@ def token_table(game, tokenizer, vocab_size):
     cached = game.token_table_cache  # (tokenizer, vocab_size, table): the last one built for this game
     if cached is not None and cached[0] is tokenizer and cached[1] == vocab_size:  # holds the tokenizer: its id
         return cached[2]                                                            # is not reused
+    key = table_key(game, tokenizer, vocab_size)
+    if key is not None and key in TABLES:  # the same tokenizer, loaded again, and the same game
+        game.token_table_cache = (tokenizer, vocab_size, TABLES[key])
+        return TABLES[key]
     anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
     head = tokenizer.decode([anchor], skip_special_tokens=True)
     first = tokenizer.batch_decode([[v] for v in range(vocab_size)], skip_special_tokens=True)
@@ -42,7 +47,29 @@ def token_table(game, tokenizer, vocab_size):
         "bad": torch.tensor(["\ufffd" in s for s in cont]),
         "by_char": {c: torch.tensor(v) for c, v in by_char.items()}}
     game.token_table_cache = (tokenizer, vocab_size, table)
+    if key is not None:
+        if len(TABLES) >= 4:
+            TABLES.pop(next(iter(TABLES)))  # the oldest
+        TABLES[key] = table
     return table
+
+
+TABLES = {}  # table_key -> token table: the 4 newest, across CategoryGame objects and tokenizer loads
+
+
+def table_key(game, tokenizer, vocab_size):
+    """What a token table depends on, for a fast tokenizer: its whole serialisation (vocabulary, merges, added
+    tokens, normaliser, decoder), its decode options, the vocabulary size and the game's class and rule
+    (categories, case). None otherwise: the table is then built per game."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    h = hashlib.sha256(backend.to_str().encode())
+    h.update(repr((type(tokenizer).__name__, getattr(tokenizer, "clean_up_tokenization_spaces", None), vocab_size,
+                   type(game).__module__, type(game).__qualname__, tuple(game.categories),
+                   game.case_sensitive)).encode())
+    return h.hexdigest()
+
 
 def tail_fates(game, table, text, depth, idx, at_cap):
     """(len(idx),) outcome() of prefix text `text` (depth tokens, first word still open) followed by each

@@ -366,3 +366,9 @@ def test_policy_distribution_honours_max_new_tokens_against_brute_force(base):
             want = torch.tensor([game.outcome(text + s, at_cap) for s in table["cont"]])
             for _ in range(2):  # computed, then from the memo
                 assert torch.equal(category_dist.tail_fates(game, table, text, 1, every, at_cap), want), (text, at_cap)
+    # the table is shared with a game of the same rule whose tokenizer is loaded again, and with no other rule
+    assert category_dist.token_table(oracle.CategoryGame(), AutoTokenizer.from_pretrained(base), len(first)) is table
+    two = oracle.CategoryGame(categories=["rock", "paper"])
+    other = category_dist.token_table(two, tok, len(first))
+    assert other is not table
+    assert torch.equal(other["fate_cont"][0], torch.tensor([two.outcome(s, False) for s in other["cont"]]))
