@@ -72,9 +72,9 @@ def table_key(game, tokenizer, vocab_size):
 
 
 def tail_fates(game, table, text, depth, idx, at_cap):
-    """(len(idx),) outcome() of prefix text `text` (depth tokens, first word still open) followed by each
-    token of idx, from the token table: the response is text + that token's text (checked by the caller
-    on every token it decodes). Tokens whose text is not a whole character stay "open" (unsettled).
+    """outcome() of prefix text `text` (depth tokens, first word still open) followed by each token of idx
+    (token ids, or a (V,) bool mask), from the token table: the response is text + that token's text
+    (checked by the caller on every token it decodes). Tokens whose text is not a whole character stay "open" (unsettled).
     The fates of the whole vocabulary after a text are kept (the last 4096 texts): the same prefix texts
     ("Rock", "Sc", "I") recur across prompts and iterations."""
     if depth == 0:
@@ -194,12 +194,12 @@ def settle(game, tokenizer, table, eos_ids, r, text, total, at_cap, min_mass):
         seq = r + [v]
         new = tokenizer.decode(seq, skip_special_tokens=True)
         concatenates &= new == (text + table["cont"][v] if r else table["first"][v])
-        fates[v] = game.outcome(new, at_cap)
-        if fates[v] == C + 1:
+        fates[v] = fate = game.outcome(new, at_cap)
+        if fate == C + 1:
             opened.append((seq, new, float(total[v])))
-    tail = (~big).nonzero().squeeze(-1)
-    tail = tail[~torch.isin(tail, eos_ids)]
     if concatenates:
+        tail = ~big  # (V,) bool: the tokens not decoded one by one, EOS aside
+        tail[eos_ids] = False
         fates[tail] = tail_fates(game, table, text, len(r), tail, at_cap)
     fates[big & (fates == C + 1)] = C + 2  # expanded: counted at the next step
     return torch.zeros(C + 3, dtype=torch.float64).index_add_(0, fates, total.exp()), opened

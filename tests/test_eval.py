@@ -157,7 +157,7 @@ def test_run_mode_follows_the_checkpoints(setup, tmp_path, monkeypatch):
     asked, generate = set(), sample.generate
     monkeypatch.setattr(sample, "generate", lambda *a, **kw: asked.add((kw["max_new_tokens"], kw["temperature"], kw["n"]))
                         or generate(*a, **kw))
-    rows = ev.main(["--run", str(tmp_path / "run"), "--num-prompts", "32"])
+    rows = ev.main(["--run", str(tmp_path / "run"), "--num-prompts", "16"])
     assert asked == {(6, 1.0, 4)}  # the run's max_new_tokens and temperature, 4 samples: not greedy, not 512 tokens
     assert [r["iteration"] for r in rows] == [0, 1]
     for r in rows:

@@ -138,7 +138,7 @@ def test_readme_quick_start_runs(torchrun_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_readme_own_model_and_prompts_run_as_written(base, tmp_path):
+def test_readme_own_model_and_prompts_run_as_written(base, tmp_path, monkeypatch, capsys):
     (block,) = section_blocks("### Your own model, prompts and oracle")
     train, evaluate = block.strip().splitlines()
     (oracle_yaml,) = section_blocks("### Your own model, prompts and oracle", "yaml")
@@ -147,23 +147,27 @@ def test_readme_own_model_and_prompts_run_as_written(base, tmp_path):
                                                        for i in range(10)))
     shutil.copytree(base, tmp_path / "my_model")  # stands in for your model
     fast = ["n_samples=4", "max_new_tokens=6", "batch_size=16", "micro_batch_size=8", "eval_prompts=2"]
-    # without the README's subset overrides, the tiny config's subsets are too small for 10 prompts: the
-    # message is the one docs/troubleshooting.md lists (its P, S, N, K as numbers)
-    import subprocess
+    run_ok(runnable(train, tmp_path) + fast, tmp_path)  # the command as a user types it
+    iters = [json.loads(x) for x in open(tmp_path / "runs" / "mine" / "metrics.jsonl") if '"train_s"' in x]
+    assert [r["iteration"] for r in iters] == [0, 1]
+    # the evaluation, and the training without the README's subset overrides, in this process (same argv)
+    import eval as ev
 
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert ev.cli(runnable(evaluate, tmp_path)[2:] + ["--max-new-tokens", "8"]) == 0
+    table = (tmp_path / "runs" / "mine_eval" / "winrate.md").read_text()
+    assert "| mine |" in table and "| base |" in table and "row beats column" in capsys.readouterr().out
+    # the tiny config's subsets are too small for 10 prompts: the message is the one docs/troubleshooting.md
+    # lists (its P, S, N, K as numbers)
     argv = [a for a in runnable(train, tmp_path) if not a.startswith(("num_subsets", "prompts_per_iteration"))]
-    r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
+    assert train_ddp.cli(argv[2:] + ["out_dir=runs/subsets"]) == 2
     listed = re.search(r"\| `(prompts_per_iteration P > [^`]*)`", open(os.path.join(ROOT, "docs", "troubleshooting.md")).read())
     pattern = re.escape(listed.group(1))
     for letter in "PSNK":
         pattern = re.sub(rf"\b{letter}\b", r"\\d+", pattern)
-    assert r.returncode == 2 and re.search(pattern, r.stderr), (pattern, r.stderr)
-    run_ok(runnable(train, tmp_path) + fast, tmp_path)
-    iters = [json.loads(x) for x in open(tmp_path / "runs" / "mine" / "metrics.jsonl") if '"train_s"' in x]
-    assert [r["iteration"] for r in iters] == [0, 1]
-    r = run_ok(runnable(evaluate, tmp_path) + ["--max-new-tokens", "8"], tmp_path)
-    table = (tmp_path / "runs" / "mine_eval" / "winrate.md").read_text()
-    assert "| mine |" in table and "| base |" in table and "row beats column" in r.stdout
+    err = capsys.readouterr().err
+    assert re.search(pattern, err), (pattern, err)
 
 
 def lines_of(stderr):
@@ -189,12 +193,12 @@ def test_readme_own_model_command_on_an_untrained_model_never_hangs(tmp_path, mo
     tiny.build_base(str(tmp_path / "my_model"), vocab=300, sft_steps=0, log=lambda m: None)
     (tmp_path / "my_prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Pick a move for round {i}."}) + "\n"
                                                        for i in range(10)))
+    monkeypatch.chdir(tmp_path)  # the same command in this process (no interpreter start-up)
     t0 = time.time()
-    r = subprocess.run(train, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    said = lines_of(r.stderr)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert train_ddp.cli(train[2:]) == 2 and time.time() - t0 < 120
+    said = lines_of(capsys.readouterr().err)
     assert said[-1].startswith("error: eval prompt 0: the exact category enumeration passed 20000 prefixes"), said
-    assert "set eval_prompts=0" in said[-1] and time.time() - t0 < 120
+    assert "set eval_prompts=0" in said[-1]
     err = tmp_path / "err.txt"
     with open(err, "w") as f:  # no budget: the enumeration would run for hours; SIGTERM stops it
         p = subprocess.Popen(train + ["eval_max_prefixes=1000000000", "out_dir=runs/term"], cwd=tmp_path, stderr=f)
@@ -206,7 +210,6 @@ def test_readme_own_model_command_on_an_untrained_model_never_hangs(tmp_path, mo
     said = lines_of(err.read_text())
     assert said[-1] == ("stopped by SIGTERM at the exploitability evaluation of the start (nothing to save yet: rerun "
                         "the same command)"), said
-    monkeypatch.chdir(tmp_path)  # the same command in this process (no interpreter start-up)
     assert train_ddp.cli(train[2:] + ["eval_prompts=0", "out_dir=runs/silent"]) == 0
     said = lines_of(capsys.readouterr().err)
     assert said[-3].startswith("warning: iteration 1 had no preference signal")

@@ -21,7 +21,8 @@ PROMPTS = ["What is the capital of France?", "Give two tips for sleeping better.
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    return smollm2.convert(str(tmp_path_factory.mktemp("smol") / "smollm2"), log=lambda m: None)
+    with smollm2.gguf_parsed_once(smollm2.gguf_path()):  # one parse for the conversion and the reference model
+        yield smollm2.convert(str(tmp_path_factory.mktemp("smol") / "smollm2"), log=lambda m: None)
 
 
 def greedy_hf(model, ids, new):
@@ -35,8 +36,7 @@ def greedy_hf(model, ids, new):
 
 def test_converted_checkpoint_equals_the_gguf_model_and_the_sampler_equals_generate(converted):
     folder, name = os.path.split(smollm2.gguf_path())
-    with smollm2.gguf_parsed_once(smollm2.gguf_path()):  # the reference (needs accelerate)
-        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()  # the reference (accelerate)
     model = AutoModelForCausalLM.from_pretrained(converted).eval()
     tok = AutoTokenizer.from_pretrained(converted)
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
