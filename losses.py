@@ -72,10 +72,13 @@ def _regularized_gain(winrate, mu, ref, tau):
 def sppo_loss(pi, mu, winrate, eta, ref=None, tau=0.0):
     """SPPO (App. F) and Reg-SPPO (Alg. 6).
 
-    Regresses log(pi/mu) on eta*(g^tau - 1/2): SPPO replaces log Z of the exact
-    prox step by eta/2, off by O(eta^2) because E_mu[g_mu] = 1/2 in a symmetric
-    game; the fitted policy is then within O(eta^3) of Prox(mu, eta g). (App. F prints '- eta g - eta/2'; Alg. 6 has the sign
-    that makes the minimiser approach Prox(mu, eta g^tau), used here.)
+    Regresses log(pi/mu) on eta*(g^tau - 1/2): log Z of the exact prox step is
+    replaced by eta/2. Without tau, E_mu[g_mu] = 1/2 in a symmetric game, so
+    log Z - eta/2 = O(eta^2) and the fitted policy is O(eta^3) from Prox(mu, eta g).
+    With tau, E_mu[g^tau] = 1/2 - tau KL(mu || pi_ref): the gap is O(eta^2 tau)
+    (tests/test_exactness.py measures both). App. F prints '- eta g - eta/2';
+    Alg. 6 has the sign that makes the minimiser approach Prox(mu, eta g^tau),
+    used here.
     """
     target = eta * (_regularized_gain(winrate, mu, ref, tau) - 0.5)  # (B,)
     return ((pi - mu) - target) ** 2  # (B,)

@@ -48,8 +48,9 @@ def groups_of(log_p, n):
     return Y, log_p[Y].sum(-1).exp()
 
 
-def expected_lm_objective(name, n, spec=None, pair_selection="all", log_mu=LOG_MU, log_ref=LOG_REF):
-    """theta -> E_groups[ sum_examples weight * loss ], through examples.make_examples and examples.batch_loss."""
+def expected_lm_objective(name, n, spec=None, pair_selection="all", log_mu=LOG_MU, log_ref=LOG_REF, payoff=A, eta=ETA):
+    """theta -> E_groups[ sum_examples weight * loss ], through examples.make_examples and examples.batch_loss,
+    with the oracle's preference P(a > b) = payoff[a, b] (the paper's game by default)."""
     spec = spec or comal.ALGOS[name]
     sampler = log_ref if spec.sampler == "ref" else log_mu
     Y, q = groups_of(sampler, n)
@@ -58,8 +59,8 @@ def expected_lm_objective(name, n, spec=None, pair_selection="all", log_mu=LOG_M
         Yo, qo = groups_of(log_opp_of(spec), n)
         G, Go = len(Y), len(Yo)
         Y, Yo, q = Y.repeat_interleave(Go, 0), Yo.repeat(G, 1), q.repeat_interleave(Go) * qo.repeat(G)
-        M_opp = A[Y[:, :, None], Yo[:, None, :]]
-    M = A[Y[:, :, None], Y[:, None, :]]  # what the category oracle returns for these groups
+        M_opp = payoff[Y[:, :, None], Yo[:, None, :]]
+    M = payoff[Y[:, :, None], Y[:, None, :]]  # what the oracle returns for these groups
     cfg = {"pair_selection": pair_selection, "n_samples": n, "max_new_tokens": 1, "clip_eps": 0.2, "kappa": 0.1}
     ex = examples.make_examples(spec, M, cfg, M_opp)
     actions = Y.flatten()  # row p * n + i is response i of group p
@@ -70,7 +71,7 @@ def expected_lm_objective(name, n, spec=None, pair_selection="all", log_mu=LOG_M
         seq["opp"] = LOG_OPP[actions]
     ones = torch.ones(len(actions), 1, dtype=D)  # one-token responses
     frozen = examples.frozen_fields(spec, seq, ones[:, 0], {k: v[:, None] for k, v in seq.items()}, ones)
-    h = comal.hyper(spec, dict({k: d.default for k, d in spec.key_defs().items()}, **cfg), ETA, TAU if spec.tau else None)
+    h = comal.hyper(spec, dict({k: d.default for k, d in spec.key_defs().items()}, **cfg), eta, TAU if spec.tau else None)
     idx, rows = torch.arange(len(ex["weight"])), torch.arange(len(actions))
 
     def objective(theta):
@@ -96,25 +97,48 @@ def tabular_step(name):
                            log_opp_of(spec))
 
 
-def prox(center, gain):
-    return torch.log_softmax(center + ETA * gain, -1)
+def prox(center, gain, eta=ETA):
+    return torch.log_softmax(center + eta * gain, -1)
 
 
 g_mu, g_ref, g_opp = A @ LOG_MU.exp(), A @ LOG_REF.exp(), A @ LOG_OPP.exp()
-BY_HAND = {  # the step of App. F / H / Alg. 2, written out independently of comal's prox_gain
-    "ipo": prox(LOG_REF, g_ref),  # offline: samples from pi_ref, step from pi_ref
-    "iter_ipo": prox(LOG_MU, g_mu),
-    "inpo": prox(LOG_MU, g_mu - TAU * (LOG_MU - LOG_REF)),
-    "comal": prox(LOG_MU, g_mu - TAU * (LOG_MU - LOG_REF)),
-    "mirror_prox": prox(LOG_REF, g_mu),  # second half-step: centre pi^k = pi_ref, gain at mu = pi^{k+1/2}
-    "rebel": prox(LOG_MU, g_mu),
-    "comal_rebel": prox(LOG_MU, g_mu - TAU * (LOG_MU - LOG_REF)),
-    "dro": prox(LOG_MU, g_mu),
-    "comal_dro": prox(LOG_MU, g_mu - TAU * (LOG_MU - LOG_REF)),
-    "omwu": prox(LOG_MU, 2 * g_mu - g_opp),
+g_tau = g_mu - TAU * (LOG_MU - LOG_REF)  # Alg. 2's regularised gain at mu
+BY_HAND = {  # eta -> the step of App. F / H / Alg. 2, written out independently of comal's prox_gain
+    "ipo": lambda eta: prox(LOG_REF, g_ref, eta),  # offline: samples from pi_ref, step from pi_ref
+    "iter_ipo": lambda eta: prox(LOG_MU, g_mu, eta),
+    "inpo": lambda eta: prox(LOG_MU, g_tau, eta),
+    "comal": lambda eta: prox(LOG_MU, g_tau, eta),
+    "mirror_prox": lambda eta: prox(LOG_REF, g_mu, eta),  # second half-step: centre pi^k = pi_ref, gain at mu
+    "rebel": lambda eta: prox(LOG_MU, g_mu, eta),
+    "comal_rebel": lambda eta: prox(LOG_MU, g_tau, eta),
+    "dro": lambda eta: prox(LOG_MU, g_mu, eta),
+    "comal_dro": lambda eta: prox(LOG_MU, g_tau, eta),
+    "omwu": lambda eta: prox(LOG_MU, 2 * g_mu - g_opp, eta),
 }
+# DPO is exact where its model holds: under a Bradley-Terry oracle P(a > b) = sigmoid(r_a - r_b) the expected
+# minimiser is Prox(centre, eta r) (App. F), from pi_ref (offline) or from mu (iterative).
+R_BT = torch.tensor([0.9, -0.4, 0.2], dtype=D)
+A_BT = torch.sigmoid(R_BT[:, None] - R_BT[None, :])
+BRADLEY_TERRY = {"dpo": lambda eta: prox(LOG_REF, R_BT, eta), "iter_dpo": lambda eta: prox(LOG_MU, R_BT, eta)}
+
+
+def alg6_step(tau, eta=ETA):
+    """SPPO / Reg-SPPO's population step, Alg. 6 written out: argmin_pi E_{y~mu}[(log pi(y)/mu(y) - eta (g^tau(y)
+    - 1/2))^2] over the simplex, g^tau = g_mu - tau log(mu / pi_ref) (an unbiased estimate of g only adds a
+    constant to the expected loss)."""
+    mu, target = LOG_MU.exp(), eta * (g_mu - tau * (LOG_MU - LOG_REF) - 0.5)
+    theta = tg.fit_logits(lambda th: (mu * (torch.log_softmax(th, -1) - LOG_MU - target) ** 2).sum(), LOG_MU)
+    return torch.log_softmax(theta, -1)
+
+
+ALG6 = {"sppo": lambda eta: alg6_step(0.0, eta), "comal_sppo": lambda eta: alg6_step(TAU, eta)}
+PAYOFF = {"dpo": A_BT, "iter_dpo": A_BT}  # the oracle each minimised step is checked under (default: the game)
+REFERENCE = {**BY_HAND, **BRADLEY_TERRY, **ALG6}  # eta -> the expected minimiser, without comal's losses
+TOLERANCE = {"dpo": 1e-5, "iter_dpo": 1e-5}  # the logistic loss is flat near its minimum: Newton stops ~1e-6 off
 MINIMISED = [name for name, spec in comal.ALGOS.items() if not spec.surrogate]
 GROUP = {"omwu": 4}  # n = 5 elsewhere; with an opponent 4 (81 x 81 group pairs)
+
+
 def dist(a, b):
     return float((a - b).abs().max())
 
@@ -124,35 +148,58 @@ def test_expected_language_model_step_equals_the_tabular_step(name):
     got = lm_step(name, GROUP.get(name, 5))
     want = tabular_step(name)
     assert dist(got, want) < 1e-6, (name, dist(got, want))
-    if name in BY_HAND:  # exact algorithms: the tabular step is the prox step of the paper
-        assert dist(want, BY_HAND[name]) < 1e-10, name
     assert dist(got, LOG_MU) > 0.05  # the step moved
 
 
-def test_every_algorithm_is_covered():
-    covered = set(MINIMISED) | set(SURROGATES)
-    assert covered == set(comal.ALGOS)
+@pytest.mark.parametrize("name", MINIMISED)
+def test_expected_language_model_step_equals_the_papers_step_and_no_scaled_one(name):
+    """The reference is written from the paper, not from comal's losses: the prox step (exact algorithms), DPO's
+    under a Bradley-Terry oracle, Alg. 6's population regression (SPPO). A step 0.8x or 1.25x as long (eta
+    scaled) is far outside the tolerance, so a scale planted in a loss or its table entry cannot pass."""
+    got = lm_step(name, GROUP.get(name, 5), payoff=PAYOFF.get(name, A))
+    tol, ref = TOLERANCE.get(name, 1e-6), REFERENCE[name]
+    assert dist(got, ref(ETA)) < tol, (name, dist(got, ref(ETA)))
+    for scale in (0.8, 1.25):
+        assert dist(got, ref(scale * ETA)) > 100 * tol, (name, scale)
+
+
+def test_every_algorithm_has_a_reference_of_its_own():
+    assert set(REFERENCE) == set(MINIMISED) and set(HAND_GRADIENT) == set(SURROGATES)
+    assert set(MINIMISED) | set(SURROGATES) == set(comal.ALGOS)
     exact = {name for name, spec in comal.ALGOS.items() if spec.prox_gain is not None}
     assert exact == set(BY_HAND)  # every claim of exactness is checked against the hand-written step
+    for name in BY_HAND:  # and comal's prox_gain states the same step as the tabular game plays
+        assert dist(tabular_step(name), BY_HAND[name](ETA)) < 1e-10, name
 
 
-def test_inexact_by_design_sppo_and_dpo():
-    """SPPO replaces log Z by eta/2 and DPO assumes a Bradley-Terry oracle: both equal their tabular (population)
-    loss step (above), which is not the prox step; SPPO's distance is O(eta^3) (tests/test_toy_game.py checks the
-    rate), bounded here by eta^3 Var(g) with Var(g) <= 1/4."""
+def test_sppo_is_near_the_prox_step_by_its_stated_orders():
+    """SPPO replaces log Z by eta/2: its step is O(eta^3) from Prox(mu, eta g) (measured 6.2e-4 eta^3 at eta 0.8,
+    6.4e-4 eta^3 at 0.1). Reg-SPPO (comal_sppo) also misses E_mu[g^tau] = 1/2 - tau KL(mu || pi_ref): O(eta^2 tau)
+    (measured 0.049 eta^2 tau at eta 0.8, 0.062 at 0.1; KL(mu || pi_ref) = 0.25 here). Each bound is 2x the
+    measured distance and below the distance of a 0.8x step."""
     sppo = lm_step("sppo", 5)
-    assert 1e-4 < dist(sppo, prox(LOG_MU, g_mu)) < ETA**3 / 4
+    assert 3e-4 * ETA**3 < dist(sppo, prox(LOG_MU, g_mu)) < 1.2e-3 * ETA**3
+    reg = lm_step("comal_sppo", 5)
+    assert 0.025 * ETA**2 * TAU < dist(reg, prox(LOG_MU, g_tau)) < 0.1 * ETA**2 * TAU
+    assert dist(prox(LOG_MU, g_mu, 0.8 * ETA), prox(LOG_MU, g_mu)) > 1.2e-3 * ETA**3
+    assert dist(prox(LOG_MU, g_tau, 0.8 * ETA), prox(LOG_MU, g_tau)) > 0.1 * ETA**2 * TAU
+
+
+def test_dpo_is_not_the_prox_step_of_a_game_that_is_not_bradley_terry():
     dpo = lm_step("iter_dpo", 5)
-    assert dist(dpo, prox(LOG_MU, g_mu)) > 1e-2  # the 3x3 game is not Bradley-Terry
+    assert dist(dpo, prox(LOG_MU, g_mu)) > 1e-2
 
 
 def test_best_worst_pairs_are_not_the_prox_step_but_move_towards_it():
-    """The paper's best/worst selection changes which pairs are seen: its expected minimiser differs from
-    the prox step (stated bound: KL(prox || best_worst) < 0.1 here), while all pairs are exact."""
+    """The paper's best/worst selection changes which pairs are seen: its expected minimiser differs from the
+    prox step. Measured KL(prox || best_worst) = 1.52e-3 (KL(prox || mu) = 0.018); the band (1.1e-3, 2.2e-3)
+    excludes a 0.8x step (6.8e-4) and a 1.25x step (5.5e-3)."""
+    want = BY_HAND["comal"](ETA)
+    kl = lambda eta: float((want.exp() * (want - lm_step("comal", 5, pair_selection="best_worst", eta=eta))).sum())  # noqa: E731
+    assert 1.1e-3 < kl(ETA) < 2.2e-3, kl(ETA)
+    for scale in (0.8, 1.25):
+        assert not 1.1e-3 < kl(scale * ETA) < 2.2e-3, scale
     bw = lm_step("comal", 5, pair_selection="best_worst")
-    want = BY_HAND["comal"]
-    kl = float((want.exp() * (want - bw)).sum())
-    assert 1e-3 < kl < 0.1, kl
     assert torch.sign(bw - LOG_MU).tolist() == torch.sign(want - LOG_MU).tolist()  # same direction per action
 
 
@@ -189,12 +236,33 @@ def hand_gradient(name):
         f = -(p * (A @ mix)).sum() + TAU / BETA * (p * (lp - torch.log(mix))).sum()
     elif name in ("grpo", "comal_grpo", "dr_grpo", "comal_dr_grpo"):  # eq. 15 at ratio 1: -E_mu[ratio A] + tau k3
         adv = g_mu - 0.5
-        if name in ("grpo", "comal_grpo"):
+        if name in ("grpo", "comal_grpo"):  # the population std
             adv = adv / (mu * adv**2).sum().sqrt()
         lr = torch.log(ratio) + LOG_MU - LOG_REF  # log pi / ref
         f = -(mu * ratio * adv).sum() + TAU * (mu * (torch.exp(-lr) - 1 + lr)).sum()
     else:
         raise KeyError(f"{name}: no hand-written gradient for this surrogate; write its paper objective here")
+    (grad,) = torch.autograd.grad(f, theta)
+    return grad
+
+
+def eq15_gradient(n, scale_by_std, alg5_rewards=True):
+    """Eq. 15's expected gradient in the logits at pi = mu (ratio 1, inside the clip), every group of n samples
+    from mu enumerated here: rewards r_i = mean_j P(y_i > y_j) (Alg. 5, its diagonal 1/2 included; with
+    alg5_rewards=False the leave-one-out mean over j != i), advantages r_i - mean r, divided by the group's
+    (unbiased) std for GRPO (0 when the group ties), minus tau times the k3 estimate of KL(pi || pi_ref)."""
+    Y, q = groups_of(LOG_MU, n)  # (G, n), (G,)
+    M = A[Y[:, :, None], Y[:, None, :]]  # (G, n, n)
+    r = M.mean(-1) if alg5_rewards else (M.sum(-1) - 0.5) / (n - 1)
+    adv = r - r.mean(-1, keepdim=True)
+    if scale_by_std:
+        std = r.std(-1, keepdim=True)
+        adv = torch.where(std > 0, adv / std.clamp(min=1e-300), torch.zeros_like(adv))
+    theta = LOG_MU.clone().requires_grad_(True)
+    lp = torch.log_softmax(theta, -1)[Y]  # (G, n)
+    ratio, log_ratio_ref = torch.exp(lp - LOG_MU[Y]), lp - LOG_REF[Y]
+    k3 = torch.exp(-log_ratio_ref) - 1 + log_ratio_ref
+    f = -(q[:, None] * (ratio * adv - TAU * k3)).sum() / n
     (grad,) = torch.autograd.grad(f, theta)
     return grad
 
@@ -215,28 +283,67 @@ def toy_gradient(name):
 
 SURROGATES = [name for name, spec in comal.ALGOS.items() if spec.surrogate]
 spec_of = comal.ALGOS.get
-EXACT_GRADIENT = ["dr_grpo", "comal_dr_grpo", "nashmp", "nash_md"]
+# n -> the expected gradient each surrogate has, written here without comal's losses. Dr.GRPO and NashMP /
+# Nash-MD estimate their population objective without bias (leave-one-out rewards / baselines): its gradient.
+# GRPO divides by each group's std: eq. 15 over every group.
+HAND_GRADIENT = {"grpo": lambda n: eq15_gradient(n, True), "comal_grpo": lambda n: eq15_gradient(n, True),
+                 **{name: lambda n, name=name: hand_gradient(name) for name in ("dr_grpo", "comal_dr_grpo", "nashmp",
+                                                                               "nash_md")}}
+# comal adds 1e-6 to the std (examples.response_examples): 3.6e-6 relative here, 0 with the same eps; else 1e-9
+GRADIENT_TOLERANCE = {"grpo": 8e-6, "comal_grpo": 8e-6}
+
+
+def centre(v):
+    return v - v.mean()  # logits are defined up to a constant
+
+
+def rel(a, b):
+    return float((centre(a) - centre(b)).norm() / centre(b).norm())
 
 
 @pytest.mark.parametrize("name", SURROGATES)
-def test_surrogate_gradients(name):
-    """Dr.GRPO (leave-one-out win-rate rewards) and NashMP (leave-one-out baseline): the expected gradient
-    equals the tabular one exactly. GRPO divides by each group's std instead of the population std (groups of
-    n = 5 often tie, small stds inflate the rest): inexact by design; stated bound at n = 5 on this policy:
-    the direction within cos > 0.95 (measured 0.979) and the length 0.3-1x the tabular (measured 0.49x)."""
+def test_surrogate_gradients_equal_the_papers_and_no_scaled_one(name):
+    """The expected gradient of each surrogate through the training code equals the one written here (HAND_GRADIENT),
+    and not 0.8x or 1.25x of it; the tabular game (toy_game.py) follows the population objective."""
     n = 3 if spec_of(name).opponent != "none" else 5  # with an opponent: 27 x 27 group pairs
-    got, want = lm_gradient(name, n), hand_gradient(name)
-    toy = toy_gradient(name)
-    centre = lambda v: v - v.mean()  # noqa: E731  logits are defined up to a constant
+    got, want, tol = lm_gradient(name, n), HAND_GRADIENT[name](n), GRADIENT_TOLERANCE.get(name, 1e-9)
     assert float(want.abs().max()) > 1e-2
-    assert dist(centre(toy), centre(want)) < 1e-3 * float(want.abs().max()) + 1e-9  # one step of lr 1e-3: O(lr) off
-    got, want = centre(got), centre(want)
-    rel = float((got - want).norm() / want.norm())
-    if name in EXACT_GRADIENT:
-        assert rel < 1e-6, (name, rel)
-    else:
-        cos = float(got @ want / (got.norm() * want.norm()))
-        assert cos > 0.95 and 0.3 < float(got.norm() / want.norm()) < 1, (name, cos)
+    assert rel(got, want) < tol, (name, rel(got, want))
+    for scale in (0.8, 1.25):
+        assert rel(got, scale * want) > 100 * tol
+    population = hand_gradient(name)
+    toy = toy_gradient(name)
+    assert dist(centre(toy), centre(population)) < 1e-3 * float(population.abs().max()) + 1e-9  # lr 1e-3: O(lr) off
+
+
+def test_grpo_is_near_the_population_gradient_by_its_stated_measure():
+    """GRPO divides by each group's std, not the population's (groups of n = 5 often tie, small stds inflate the
+    rest): inexact by design. Measured at n = 5 on this policy against the population objective's gradient:
+    cosine 0.979, length 0.49x; the bands are tight around both."""
+    got, pop = centre(lm_gradient("grpo", 5)), centre(hand_gradient("grpo"))
+    cos, length = float(got @ pop / (got.norm() * pop.norm())), float(got.norm() / pop.norm())
+    assert 0.97 < cos < 0.99 and 0.44 < length < 0.54, (cos, length)
+
+
+@pytest.mark.parametrize("name", ["dr_grpo", "comal_dr_grpo"])
+def test_dr_grpo_rewards_are_leave_one_out_n_over_n_minus_1_of_alg5s(name):
+    """comal's Dr.GRPO advantage is the leave-one-out win rate minus 1/2, unbiased for g_mu(y) - 1/2: its gradient
+    is the population objective's. Alg. 5's rewards include the diagonal P(y_i > y_i) = 1/2, which makes the
+    advantage exactly (n-1)/n of this one: Alg. 5 at tau equals comal's step at tau n/(n-1), scaled by (n-1)/n."""
+    n = 5
+    got = lm_gradient(name, n)
+    assert rel(got, eq15_gradient(n, False, alg5_rewards=False)) < 1e-9  # leave-one-out, enumerated
+    alg5 = eq15_gradient(n, False)
+    assert rel(alg5, (n - 1) / n * (got - tau_part()) + tau_part()) < 1e-9, rel(alg5, got)
+    assert rel(alg5, got) > 0.05  # the two differ (7.6% of the gradient here)
+
+
+def tau_part():
+    """The KL term's gradient alone (tau k3 at pi = mu), by hand."""
+    theta = LOG_MU.clone().requires_grad_(True)
+    lr = torch.log_softmax(theta, -1) - LOG_REF
+    (grad,) = torch.autograd.grad(TAU * (LOG_MU.exp() * (torch.exp(-lr) - 1 + lr)).sum(), theta)
+    return grad
 
 
 def test_nash_md_samples_the_opponent_its_tabular_step_plays():
