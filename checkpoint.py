@@ -132,12 +132,20 @@ def save_checkpoint(out_dir, k, state, trainer, cfg, copies):
         write_manifest(tmp, k, cfg)
         replace_dir(tmp, path)
         if cfg["keep_checkpoints"]:
-            for old in list_checkpoints(out_dir)[:-cfg["keep_checkpoints"]]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune(out_dir, k, cfg["keep_checkpoints"])
     if trainer.world > 1:
         dist.barrier()
     trainer.last_checkpoint = path
     return path
+
+
+def prune(out_dir, k, keep):
+    """keep_checkpoints: after iteration k's checkpoint is written, delete all but the newest `keep` finished
+    checkpoints up to k (k's among them). Later ones (damaged, skipped by the resume) are left for the run to
+    overwrite: ordering by name alone would keep them and delete the checkpoint just written."""
+    older = [p for p in list_checkpoints(out_dir) if int(p[-5:]) < k]
+    for old in older[:max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_manifest(path, k, cfg):

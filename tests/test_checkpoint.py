@@ -264,6 +264,33 @@ def test_a_bad_newest_checkpoint_is_named_and_the_previous_one_resumes(base, run
     assert sorted(os.listdir(out / "checkpoints")) == ["iter-00000", "iter-00001", "iter-00002"]
 
 
+def test_keep_checkpoints_keeps_the_newest_and_never_the_one_just_written(base, run3, tmp_path, monkeypatch):
+    """keep_checkpoints: 1 on a run whose iterations 1 and 2 were damaged: it resumes from iteration 0; after
+    iteration 1 only iter-00001 of the checkpoints up to it remains (the damaged iter-00002 waits to be
+    overwritten: it is not newer than what was just written), after iteration 2 only iter-00002."""
+    out = tmp_path / "out"
+    shutil.copytree(run3, out)
+    for k in (1, 2):
+        truncate(os.path.join(checkpoint.checkpoint_dir(str(out), k), "model.safetensors"))
+    after, prune = [], checkpoint.prune
+    names = lambda: [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))]  # noqa: E731
+    monkeypatch.setattr(checkpoint, "prune", lambda *a: (prune(*a), after.append(names())))
+    train(cfg3(base, out, keep_checkpoints=1))
+    assert after == [["iter-00001", "iter-00002"], ["iter-00002"]], after
+    assert_same_weights(checkpoint.checkpoint_dir(str(out), 2), checkpoint.checkpoint_dir(str(run3), 2))
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3, 7])
+def test_prune_keeps_exactly_the_newest_checkpoints(tmp_path, keep):
+    for k in (0, 1, 2, 3, 5, 9):  # 9: a later, damaged one the run will overwrite
+        os.makedirs(tmp_path / "checkpoints" / f"iter-{k:05d}")
+        (tmp_path / "checkpoints" / f"iter-{k:05d}" / "manifest.json").write_text("{}")
+    os.makedirs(tmp_path / "checkpoints" / "iter-00004")  # unfinished (no manifest): not a checkpoint to count
+    checkpoint.prune(str(tmp_path), 5, keep)
+    left = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert left == sorted(["iter-00004", "iter-00009"] + [f"iter-{k:05d}" for k in (0, 1, 2, 3, 5)][-keep:]), left
+
+
 def test_no_good_checkpoint_stops_with_one_line(base, run3, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(run3, out)

@@ -26,11 +26,11 @@ from test_train import ddp_model, global_batches, micro_losses, small_cfg
 
 ITERATIONS = 4
 SETTINGS = {  # name: the config of an ITERATIONS-iteration run
-    "comal_K2": dict(algo="comal", ref_update_every=2),
+    "comal_K2": dict(algo="comal", ref_update_every=2, warmup_ratio=0.4),  # 6 steps an iteration, 3 of warmup
     "comal_K3": dict(algo="comal", ref_update_every=3),
     "mirror_prox": dict(algo="mirror_prox"),
     "omwu": dict(algo="omwu"),
-    "nashmp": dict(algo="nashmp", kappa=0.5, epochs=1, batch_size=32, micro_batch_size=16),
+    "nashmp": dict(algo="nashmp", kappa=0.3, epochs=1, batch_size=32, micro_batch_size=16),  # 0.5: a swap unseen
 }
 
 
@@ -106,9 +106,10 @@ def test_omwu_plays_against_the_previous_iterate(base, runs):
 
 def test_nashmp_target_is_the_ema_of_every_optimizer_step(base, runs):
     """NashMP's target network: after every optimizer step, target <- kappa theta + (1 - kappa) target, from
-    target = pi^0; recomputed here from the recorded per-step weights."""
+    target = pi^0; recomputed here from the recorded per-step weights (kappa 0.3: kappa and 1 - kappa swapped
+    would not pass)."""
     out, steps = runs("nashmp")
-    kappa = 0.5
+    kappa = SETTINGS["nashmp"]["kappa"]
     target = {n: v.float() for n, v in policy_at(out, -1, base).items()}
     per_iteration = len(steps) // ITERATIONS
     assert per_iteration >= 1 and len(steps) == per_iteration * ITERATIONS
@@ -119,6 +120,27 @@ def test_nashmp_target_is_the_ema_of_every_optimizer_step(base, runs):
         for n in saved:
             assert torch.allclose(saved[n], target[n], atol=1e-6, rtol=0), (k, n)
     assert not equal(copy_at(out, ITERATIONS - 1, "opponent"), policy_at(out, ITERATIONS - 1, base))
+
+
+def test_the_lr_schedule_warms_up_decays_and_restarts_every_iteration(base, runs):
+    """The lr of every optimizer step (metrics.jsonl) against the schedule written out: in each iteration of S
+    steps, W = ceil(warmup_ratio S) steps of linear warmup lr (i + 1) / W, then a cosine from lr to 0 over the
+    other S - W steps; the next iteration starts again at step 0."""
+    import json
+    import math
+
+    out, _ = runs("comal_K2")
+    cfg = cfg_of(base, out, "comal_K2")
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl") if '"step"' in x]
+    assert sorted({r["iteration"] for r in rows}) == list(range(ITERATIONS))
+    for k in range(ITERATIONS):
+        lrs = [r["lr"] for r in rows if r["iteration"] == k]
+        S = len(lrs)
+        W = math.ceil(cfg["warmup_ratio"] * S)
+        assert S >= 4 and W >= 2, (S, W)
+        want = [cfg["lr"] * (i + 1) / W for i in range(W)]
+        want += [cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (i - W) / (S - W))) for i in range(W, S)]
+        assert lrs == pytest.approx(want, rel=1e-12, abs=0), (k, lrs, want)
 
 
 # ---------------------------------------------------------------------------
@@ -227,6 +249,72 @@ def test_two_rank_gradient_before_the_optimizer_equals_one_process_autograd(tmp_
         assert max(float((final[n] - start[n]).abs().max()) for n in final) > 1e-4
         for n in final:  # plain SGD: a constant factor on the gradient would show here
             assert torch.allclose(got["final"][n], final[n], atol=tol, rtol=0), (parallel, clip, n)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_ema_weights_is_kappa_policy_plus_one_minus_kappa_target(parallel):
+    """Trainer.ema_weights, the target network's update, in both parallel modes at kappa 0.3, by hand."""
+    kappa = 0.3
+    models = [ddp_model(torch.float32), ddp_model(torch.float32)]  # the policy, the target: every weight differs
+    with torch.no_grad():
+        for p in models[1].parameters():
+            p.mul_(-0.5).add_(0.25)
+    want = {n: kappa * p + (1 - kappa) * models[1].state_dict()[n] for n, p in models[0].state_dict().items()}
+    if parallel == "fsdp":
+        for m in models:
+            fsdp.shard_model(m, 0, 1, torch.float32)
+    trainer = train_ddp.trainer_for(models[0], dict(config.load_config(None, []), bucket_mb=1), 0, 1)
+    trainer.ema_weights(models[1], models[0], kappa)
+    if parallel == "fsdp":
+        got = {n: t for u in models[1].flat_units for n, t in u.split(u.gathered_fp32()).items()}
+    else:
+        got = models[1].state_dict()
+    for n, t in got.items():
+        assert torch.allclose(t, want[n], atol=1e-6, rtol=0), n
+
+
+def samples_worker(rank, world, init_file, base, out, prompts):
+    """One iteration on every rank, both ranks dealt the same prompts (each appears twice in a row); the groups
+    each rank samples are written to out/<run>-rank<r>.json, first with the run's seeds, then with the rank
+    left out of the sampling seed."""
+    import json
+
+    import comal
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    real_groups, real_seed = comal.sample_groups, comal.seed_for
+    for run, seed_for in (("seeded", real_seed), ("same_seed", lambda seed, purpose, k=0, r=0: real_seed(seed, purpose, k))):
+        drawn = []
+        comal.sample_groups = lambda *a, **kw: drawn.append(real_groups(*a, **kw)) or drawn[-1]
+        comal.seed_for = seed_for
+        cfg = small_cfg(base, os.path.join(out, run), algo="iter_ipo", iterations=1, prompts=prompts, num_subsets=1,
+                        prompts_per_iteration=0, eval_prompts=0, eval_winrate=False)
+        cfg = config.check_config(cfg, world)
+        train_ddp.train(cfg, rank, world, torch.device("cpu"))
+        with open(os.path.join(out, f"{run}-rank{rank}.json"), "w") as f:
+            json.dump([groups for _, groups in drawn], f)
+    comal.sample_groups, comal.seed_for = real_groups, real_seed
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_draw_their_own_samples_of_the_same_prompt(base, tmp_path):
+    """The sampling seed holds the rank (comal.seed_for): two ranks given the same prompts draw different
+    samples; with the rank left out of the seed they draw the same ones (so the difference is the seed's)."""
+    import json
+
+    import tiny
+
+    prompts = tmp_path / "twice.jsonl"
+    texts = tiny.synthetic_prompts(4, 11)
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts for _ in range(2)))
+    spawn(samples_worker, args=(2, str(tmp_path / "init"), base, str(tmp_path), str(prompts)), nprocs=2)
+    got = {(run, r): json.loads((tmp_path / f"{run}-rank{r}.json").read_text()) for run in ("seeded", "same_seed")
+           for r in (0, 1)}
+    assert len(got["seeded", 0][0]) == 4  # each rank: the 4 distinct prompts, n samples each
+    assert got["seeded", 0] != got["seeded", 1]
+    assert got["same_seed", 0] == got["same_seed", 1]
 
 
 # ---------------------------------------------------------------------------
