@@ -295,16 +295,15 @@ def resume_refusal(resume, saved, cfg):
     return None
 
 
-def start_segment(out_dir, cfg, resume, start):
+def start_segment(out_dir, cfg, resume, start, warn=print):
     """Rank 0, before iteration `start`: metrics.jsonl keeps only the iterations before it (a run that never
-    finished an iteration starts it over); config.yaml is the first segment's config, and each resumed
-    segment gets its own config-resumed-at-KKKKK.yaml."""
+    finished an iteration starts it over; a torn last line is dropped with a warning); config.yaml is the first
+    segment's config, and each resumed segment gets its own config-resumed-at-KKKKK.yaml."""
     import yaml
 
     metrics = os.path.join(out_dir, "metrics.jsonl")
     if resume is not None and os.path.isfile(metrics):  # drop what the interrupted iteration logged
-        with open(metrics) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("iteration", -1) < start]
+        kept = [line for line, r in metrics_lines(metrics, warn) if r.get("iteration", -1) < start]
         with open(metrics, "w") as f:
             f.writelines(kept)
     elif os.path.isfile(metrics):
@@ -314,6 +313,39 @@ def start_segment(out_dir, cfg, resume, start):
     for name in names:
         with open(os.path.join(out_dir, name), "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
+
+
+def metrics_lines(path, warn=print):
+    """[(line, record)] of a metrics.jsonl, oldest first. A last line that is not a whole JSON record (its write
+    was cut by a full disk or a kill) is dropped with one warning naming the file and line; an earlier one is a
+    CheckpointError naming it (the file was edited or damaged: nothing is guessed)."""
+    with open(path) as f:
+        lines = [(i + 1, line) for i, line in enumerate(f) if line.strip()]
+    out = []
+    for j, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            assert isinstance(record, dict) and line.endswith("\n")
+        except (ValueError, AssertionError):
+            if j < len(lines) - 1:
+                raise CheckpointError(f"{path} line {number} is not a JSON record ({line.strip()[:60]!r}); "
+                                      "fix or delete that line") from None
+            warn(f"warning: dropped the torn last line {number} of {path} ({line.strip()[:60]!r})")
+            continue
+        out.append((line, record))
+    return out
+
+
+def append_metrics(path, record):
+    """One record as one line, written by one os.write (a line is never interleaved with another; a write cut
+    short by a full disk is an OSError here and a torn last line that metrics_lines drops on resume)."""
+    data = (json.dumps(json_safe(record), allow_nan=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.write(fd, data) != len(data):
+            raise OSError(28, "No space left on device (a short write)", path)
+    finally:
+        os.close(fd)
 
 
 def load_optimizer(optimizer, path, params=None, units=None):

@@ -512,8 +512,11 @@ def category_run(run, flag):
     game = oracle_lib.build_oracle(oracle_lib.check_oracle_config(cfg["oracle"]))
     if not isinstance(game, oracle_lib.CategoryGame):
         raise EvalError(f"{flag} {run}: needs a run on the category game")
-    with open(metrics) as f:
-        recs = sorted((r for r in map(json.loads, f) if "category_dist" in r), key=lambda r: r["iteration"])
+    try:
+        lines = checkpoint.metrics_lines(metrics, lambda msg: print(msg, file=sys.stderr))
+    except checkpoint.CheckpointError as e:
+        raise EvalError(f"{flag} {run}: {e}") from None
+    recs = sorted((r for _, r in lines if "category_dist" in r), key=lambda r: r["iteration"])
     if not recs:
         raise EvalError(f"{flag} {run}: no exploitability in metrics.jsonl (eval_prompts: 0?)")
     return cfg, game, recs

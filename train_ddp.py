@@ -24,7 +24,6 @@ checkpoint, bitwise as if never stopped.
 """
 import contextlib
 import datetime
-import json
 import math
 import os
 import signal
@@ -428,8 +427,7 @@ def train_locked(cfg, rank, world, device, say):
 
     def log(record):
         if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(checkpoint.json_safe(record), allow_nan=False) + "\n")
+            checkpoint.append_metrics(metrics_path, record)
 
     trainer.log = log
     if trainer.describe():
@@ -440,7 +438,7 @@ def train_locked(cfg, rank, world, device, say):
         start = saved["iteration"] + 1
         say(f"resumed from {resume}: iteration {start}" + (" (the run is finished)" if start >= cfg["iterations"] else ""))
     if master:
-        checkpoint.start_segment(out_dir, cfg, resume, start)
+        checkpoint.start_segment(out_dir, cfg, resume, start, say)
     return run_iterations(cfg, state, trainer, oracle, start, say)
 
 

@@ -291,6 +291,29 @@ def test_prune_keeps_exactly_the_newest_checkpoints(tmp_path, keep):
     assert left == sorted(["iter-00004", "iter-00009"] + [f"iter-{k:05d}" for k in (0, 1, 2, 3, 5)][-keep:]), left
 
 
+def test_a_torn_last_metrics_line_is_dropped_and_an_earlier_bad_line_is_named(base, run3, tmp_path, capsys):
+    """A full disk while a step row is appended leaves a torn last line: the rerun drops it with one warning
+    and resumes bitwise; a bad line that is not the last is an error naming the file and line."""
+    out = tmp_path / "out"
+    shutil.copytree(run3, out)
+    shutil.rmtree(checkpoint.checkpoint_dir(str(out), 2))  # killed in iteration 2, after two step rows
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    logged = [x for x in lines if json.loads(x)["iteration"] < 2] + [x for x in lines if '"iteration": 2, "step"' in x][:2]
+    torn = '{"iteration": 2, "step": 2, "loss": 0.69'
+    (out / "metrics.jsonl").write_text("".join(logged) + torn)
+    capsys.readouterr()
+    train(cfg3(base, out))
+    err = capsys.readouterr().err
+    assert f"warning: dropped the torn last line {len(logged) + 1} of {out / 'metrics.jsonl'}" in err, err
+    assert_same_weights(checkpoint.checkpoint_dir(str(out), 2), checkpoint.checkpoint_dir(str(run3), 2))
+    assert log_lines(out) == log_lines(run3)
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:3] + [torn + "\n"] + lines[3:]))
+    shutil.rmtree(checkpoint.checkpoint_dir(str(out), 2))
+    with pytest.raises(checkpoint.CheckpointError, match=r"metrics.jsonl line 4 is not a JSON record .*fix or delete"):
+        train(cfg3(base, out))
+
+
 def test_no_good_checkpoint_stops_with_one_line(base, run3, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(run3, out)
