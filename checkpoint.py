@@ -31,7 +31,6 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
 
 FORMAT = "comal-checkpoint-2"
 
@@ -96,47 +95,89 @@ def save_checkpoint(out_dir, k, state, trainer, cfg, copies):
     """Write iteration k's checkpoint (every rank calls this; rank 0 writes). Refuses non-finite weights.
 
     copies: the names in `state` of the frozen models that are state of the run ("ref", "opponent").
-    Sharded runs gather one unit at a time, so no rank ever holds the whole model or optimizer state.
+    Sharded runs gather one unit at a time, so no rank ever holds the whole model or optimizer state. A write
+    that fails (a full disk, a read-only out_dir) stops every rank together with one CheckpointError; the
+    unfinished <checkpoint>.tmp is ignored by the resume and replaced by the next attempt.
     """
-    from safetensors.torch import save_file
-
     models = [state["policy"]] + [state[key] for key in copies]
     moments = cfg["optimizer_reset"] == "never"  # otherwise Trainer.step zeroes them before they are used again
     if not trainer.weights_finite(models):  # collective: every rank agrees
         raise CheckpointError(f"iteration {k}: the weights are not finite; nothing was saved "
                               f"(last good checkpoint: {trainer.last_checkpoint or 'none'})")
     path = checkpoint_dir(out_dir, k)
-    tmp, master = path + ".tmp", trainer.rank == 0
-    if master:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        state["tokenizer"].save_pretrained(tmp)
+    tmp, writes = path + ".tmp", Writes(trainer.rank == 0)
+    writes(start_dir, tmp, state["tokenizer"])
+    optimizer = trainer.optimizer if moments else None
     if hasattr(state["policy"], "flat_units"):  # parallel: fsdp (fsdp.shard_model)
-        save_sharded(state["policy"], tmp, trainer.rank, trainer.optimizer if moments else None)
+        save_sharded(state["policy"], tmp, writes, optimizer)
         for key in copies:
-            save_sharded(state[key], os.path.join(tmp, key), trainer.rank)
-    elif master:
-        state["policy"].save_pretrained(tmp)
-        for key in copies:
-            state[key].save_pretrained(os.path.join(tmp, key))
-        if moments:
-            names = {id(p): n for n, p in state["policy"].named_parameters()}
-            tensors = {f"{names[id(p)]}.{field}": v.detach().cpu().clone().contiguous()
-                       for p, st in trainer.optimizer.state.items() for field, v in st.items()}
-            save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-    if master:
-        write_json(os.path.join(tmp, "trainer_state.json"), {
-            "format": FORMAT, "iteration": k, "world": trainer.world, "parallel": cfg["parallel"], "copies": copies,
-            "rng": "none: every generator is seeded by comal.seed_for(seed, purpose, iteration, rank)",
-            "config": cfg, "config_sha256": config_sha256(cfg)})
-        write_manifest(tmp, k, cfg)
-        replace_dir(tmp, path)
-        if cfg["keep_checkpoints"]:
-            prune(out_dir, k, cfg["keep_checkpoints"])
-    if trainer.world > 1:
-        dist.barrier()
+            save_sharded(state[key], os.path.join(tmp, key), writes)
+    else:
+        writes(save_whole, tmp, state, copies, optimizer)
+    writes(write_json, os.path.join(tmp, "trainer_state.json"), {
+        "format": FORMAT, "iteration": k, "world": trainer.world, "parallel": cfg["parallel"], "copies": copies,
+        "rng": "none: every generator is seeded by comal.seed_for(seed, purpose, iteration, rank)",
+        "config": cfg, "config_sha256": config_sha256(cfg)})
+    writes(write_manifest, tmp, k, cfg)
+    writes(replace_dir, tmp, path)
+    if cfg["keep_checkpoints"]:
+        writes(prune, out_dir, k, cfg["keep_checkpoints"])
+    if trainer.all_reduce_sum(float(writes.error is not None)):  # every rank waits for rank 0's writes
+        raise CheckpointError(f"iteration {k}: its checkpoint could not be written to {tmp} "
+                              f"({os_problem(writes.error) if writes.error else 'on rank 0'}); nothing of it is "
+                              f"saved; last good checkpoint: {trainer.last_checkpoint or 'none'}")
     trainer.last_checkpoint = path
     return path
+
+
+class Writes:
+    """Rank 0's file writes of one checkpoint: fn(*a) until one fails with an OS error, then nothing, so every
+    rank still takes part in the sharded gathers between the writes and all stop together afterwards."""
+
+    def __init__(self, master):
+        self.master, self.error = master, None
+
+    def __call__(self, fn, *a):
+        if self.master and self.error is None:
+            try:
+                fn(*a)
+            except Exception as e:
+                if not is_os_error(e):
+                    raise
+                self.error = e
+
+
+def is_os_error(e):
+    """An OSError, or a Rust library's report of one (safetensors' SafetensorError, tokenizers' Exception:
+    '... (os error 28)')."""
+    return isinstance(e, OSError) or bool(re.search(r"\(os error \d+\)", str(e)))
+
+
+def os_problem(e):
+    """One phrase for an OS-level error: its path and cause (safetensors' errors carry the cause in the text)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+def start_dir(tmp, tokenizer):
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    tokenizer.save_pretrained(tmp)
+
+
+def save_whole(tmp, state, copies, optimizer):
+    """ddp: the policy and its copies as HF directories, the AdamW moments by parameter name."""
+    from safetensors.torch import save_file
+
+    state["policy"].save_pretrained(tmp)
+    for key in copies:
+        state[key].save_pretrained(os.path.join(tmp, key))
+    if optimizer is not None:
+        names = {id(p): n for n, p in state["policy"].named_parameters()}
+        tensors = {f"{names[id(p)]}.{field}": v.detach().cpu().clone().contiguous()
+                   for p, st in optimizer.state.items() for field, v in st.items()}
+        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
 
 
 def prune(out_dir, k, keep):
@@ -169,40 +210,42 @@ def replace_dir(tmp, path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_sharded(model, path, rank, optimizer=None):
-    """Stream a sharded model to an HF directory, one unit (and its Adam moments) gathered at a time."""
+def save_sharded(model, path, writes, optimizer=None):
+    """Stream a sharded model to an HF directory, one unit (and its Adam moments) gathered at a time: every rank
+    takes part in the gathers, rank 0 writes (through `writes`, a Writes)."""
     from safetensors.torch import save_file
 
     units = model.flat_units
-    if rank == 0:
-        os.makedirs(path, exist_ok=True)
+    writes(os.makedirs, path, 0o777, True)
     weight_map, total = {}, 0
     for i, u in enumerate(units):
-        full = u.gathered_fp32()  # collective: every rank takes part, rank 0 writes
-        if rank == 0:
-            tensors = {name: t.clone() for name, t in u.split(full).items()}
-            fname = f"model-{i + 1:05d}-of-{len(units):05d}.safetensors"
-            save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
-            weight_map.update({name: fname for name in tensors})
-            total += 4 * u.total
-        del full
+        full = u.gathered_fp32()  # collective
+        fname = f"model-{i + 1:05d}-of-{len(units):05d}.safetensors"
+        tensors = u.split(full)
+        writes(lambda: save_file({name: t.clone() for name, t in tensors.items()}, os.path.join(path, fname),
+                                 metadata={"format": "pt"}))
+        weight_map.update({name: fname for name in tensors})
+        total += 4 * u.total
+        full = tensors = None  # the gathered unit is freed before the next one
         if optimizer is not None and optimizer.state.get(u.shard):
             st = optimizer.state[u.shard]
             moments = {key: u.gathered_fp32(st[key]).clone() for key in ("exp_avg", "exp_avg_sq")}
-            if rank == 0:
-                os.makedirs(os.path.join(path, "optimizer"), exist_ok=True)
-                save_file({"step": st["step"].detach().cpu().reshape(()).clone(), **{k: v.cpu() for k, v in moments.items()}},
-                          os.path.join(path, "optimizer", f"unit-{i:05d}.safetensors"))
-    if rank == 0:
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-        config = model.config
-        dtype = getattr(config, "dtype", None)
-        config.dtype = torch.float32  # the master weights are saved
-        config.save_pretrained(path)
-        config.dtype = dtype
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(path)
+            writes(os.makedirs, os.path.join(path, "optimizer"), 0o777, True)
+            writes(save_file, {"step": st["step"].detach().cpu().reshape(()).clone(), **{k: v.cpu() for k, v in moments.items()}},
+                   os.path.join(path, "optimizer", f"unit-{i:05d}.safetensors"))
+    writes(write_json, os.path.join(path, "model.safetensors.index.json"),
+           {"metadata": {"total_size": total}, "weight_map": weight_map})
+    writes(save_hf_config, model, path)
+
+
+def save_hf_config(model, path):
+    config = model.config
+    dtype = getattr(config, "dtype", None)
+    config.dtype = torch.float32  # the master weights are saved
+    config.save_pretrained(path)
+    config.dtype = dtype
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
 
 
 # ---------------------------------------------------------------------------
@@ -393,9 +436,13 @@ def lock_out_dir(out_dir):
     """
     import fcntl
 
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "run.lock")
-    f = open(path, "a+")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        what = "is a file, not a directory" if os.path.isfile(out_dir) else f"cannot be written ({os_problem(e)})"
+        raise CheckpointError(f"out_dir {out_dir} {what}; choose another out_dir") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

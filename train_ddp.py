@@ -79,6 +79,7 @@ class Trainer:
         self.device = torch.device(device)
         self.log = log or (lambda *a, **k: None)
         self.last_checkpoint = None
+        self.io_error = None  # rank 0's failed metrics write, raised on every rank at the iteration's end (io_check)
         self.lockstep = True  # whether forwards are collectives the ranks must run together (sharded)
         self.init_optimizer()
 
@@ -378,6 +379,8 @@ def on_rank0(fn, world, device):
             result = fn() or ""
         except (checkpoint.CheckpointError, ConfigError) as e:
             error = e
+        except OSError as e:  # out_dir or the disk: one line, on every rank's exit
+            error = checkpoint.CheckpointError(checkpoint.os_problem(e))
     if world == 1:
         if error:
             raise error
@@ -425,9 +428,12 @@ def train_locked(cfg, rank, world, device, say):
     oracle = oracle_lib.build_oracle(cfg["oracle"], device=device)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
 
-    def log(record):
-        if master:
-            checkpoint.append_metrics(metrics_path, record)
+    def log(record):  # rank 0; a failed write (a full disk) stops every rank at the iteration's end (io_check)
+        if master and trainer.io_error is None:
+            try:
+                checkpoint.append_metrics(metrics_path, record)
+            except OSError as e:
+                trainer.io_error = e
 
     trainer.log = log
     if trainer.describe():
@@ -437,8 +443,7 @@ def train_locked(cfg, rank, world, device, say):
         trainer.load_optimizer(resume)
         start = saved["iteration"] + 1
         say(f"resumed from {resume}: iteration {start}" + (" (the run is finished)" if start >= cfg["iterations"] else ""))
-    if master:
-        checkpoint.start_segment(out_dir, cfg, resume, start, say)
+    on_rank0(lambda: checkpoint.start_segment(out_dir, cfg, resume, start, say), world, device)
     return run_iterations(cfg, state, trainer, oracle, start, say)
 
 
@@ -492,6 +497,7 @@ def run_iterations(cfg, state, trainer, oracle, start, say):
             cats = game.category([y for g in groups for y in g])
             m["sample_category_counts"] = [int(trainer.all_reduce_sum(float((cats == c).sum())))
                                            for c in [*range(len(game.categories)), -1]]
+        io_check(trainer, k)
         stop = k + 1 < cfg["iterations"] and trainer.all_reduce_sum(float(STOP["signal"] is not None)) > 0
         due = (k + 1) % cfg["checkpoint_every"] == 0 or k + 1 == cfg["iterations"] or stop
         m["checkpoint"] = checkpoint.save_checkpoint(out_dir, k, state, trainer, cfg, copies) if due else None
@@ -510,9 +516,21 @@ def run_iterations(cfg, state, trainer, oracle, start, say):
         comal.run(state, trainer, cfg, oracle, prompts_for, start, after_iteration)
     finally:
         bar.close()  # before any final message
+    if trainer.io_error is not None:  # the last iteration's record (no collective left: rank 0 alone)
+        raise checkpoint.CheckpointError(f"metrics.jsonl: {checkpoint.os_problem(trainer.io_error)}; the checkpoints "
+                                         f"are complete (last: {trainer.last_checkpoint})")
     if last:
         say(run_summary(cfg, last, start, time.time() - t_start, game, silent))
     return state
+
+
+def io_check(trainer, k):
+    """Collective, at the end of iteration k: rank 0's metrics writes failed (trainer.io_error) -> every rank
+    stops with one CheckpointError (rank 0 prints it), before the iteration's checkpoint."""
+    if trainer.all_reduce_sum(float(trainer.io_error is not None)):
+        cause = checkpoint.os_problem(trainer.io_error) if trainer.io_error is not None else "on rank 0"
+        raise checkpoint.CheckpointError(f"iteration {k}: metrics.jsonl could not be written ({cause}); nothing of "
+                                         f"iteration {k} is saved; last good checkpoint: {trainer.last_checkpoint or 'none'}")
 
 
 def run_summary(cfg, m, start, seconds, game, silent):

@@ -569,6 +569,121 @@ def test_sigterm_under_torchrun_stops_both_ranks_and_resumes_bitwise(torchrun_ru
     assert log_lines(part) == log_lines(full)
 
 
+FULL_DISK = """
+import resource, signal, sys
+sys.path.insert(0, {root!r})
+import checkpoint, train_ddp
+
+save = checkpoint.save_checkpoint
+
+
+def full_disk_at(out_dir, k, *a):  # from iteration {k}'s checkpoint on, every write past 4 KiB fails (EFBIG)
+    if k >= {k}:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return save(out_dir, k, *a)
+
+
+checkpoint.save_checkpoint = full_disk_at
+sys.exit(train_ddp.cli())
+"""
+
+
+def test_a_full_disk_during_a_checkpoint_stops_with_one_line(base, run3, tmp_path, monkeypatch):
+    """In one process: the write of iteration 1's checkpoint fails (a file size limit: EFBIG from the kernel,
+    through Python's and safetensors' writes alike); one CheckpointError names the cause and the last good
+    checkpoint; the .tmp is left, ignored by the rerun, which then ends as the uninterrupted run."""
+    import resource
+
+    out, limit, save = tmp_path / "out", resource.getrlimit(resource.RLIMIT_FSIZE), checkpoint.save_checkpoint
+
+    def full_disk_at_1(out_dir, k, *a):
+        if k == 1:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
+        try:
+            return save(out_dir, k, *a)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk_at_1)
+    try:
+        with pytest.raises(checkpoint.CheckpointError, match=r"iteration 1: its checkpoint could not be written to .*"
+                           r"iter-00001.tmp \(.*File too large.*\); nothing of it is saved; last good checkpoint: "
+                           r".*iter-00000$"):
+            train(cfg3(base, out))
+    finally:
+        signal.signal(signal.SIGXFSZ, handler)
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))] == ["iter-00000"]
+    assert os.path.isdir(checkpoint.checkpoint_dir(str(out), 1) + ".tmp")
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    train(cfg3(base, out))
+    assert_same_weights(checkpoint.checkpoint_dir(str(out), 2), checkpoint.checkpoint_dir(str(run3), 2))
+    assert log_lines(out) == log_lines(run3)
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_torchrun_fsdp_prints_one_line_from_rank_0(torchrun_run, tmp_path):
+    """Two sharded ranks (every rank gathers, rank 0 writes): the disk fills at iteration 1's checkpoint; the
+    ranks stay in step through the gathers and stop together; one line, from rank 0, and no rank's traceback."""
+    from conftest import torchrun_cmd
+
+    wrapper = tmp_path / "full_disk.py"
+    wrapper.write_text(FULL_DISK.format(root=ROOT, k=1))
+    out = tmp_path / "out"
+    cmd = [str(wrapper) if a.endswith("train_ddp.py") else a
+           for a in torchrun_cmd(torchrun_run[3], out, extra=["iterations=2", "parallel=fsdp"])]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    ours = [x for x in r.stderr.splitlines() if x.startswith("error")]
+    assert len(ours) == 1 and "iteration 1: its checkpoint could not be written" in ours[0], r.stderr[-3000:]
+    assert "File too large" in ours[0] and ours[0].endswith("last good checkpoint: " + checkpoint.checkpoint_dir(str(out), 0))
+    assert "exitcode  : 2" in r.stderr and 'train_ddp.py", line' not in r.stderr and 'checkpoint.py", line' not in r.stderr
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))] == ["iter-00000"]
+
+
+def test_a_full_disk_while_a_step_row_is_appended_stops_at_the_iteration_end(base, run3, tmp_path, monkeypatch):
+    """The write of a step row of iteration 1 is cut short (half the line reaches the file, then ENOSPC): the
+    run finishes nothing of iteration 1, stops with one line naming metrics.jsonl and the last good
+    checkpoint; the rerun drops the torn line and ends as the uninterrupted run."""
+    out, append = tmp_path / "out", checkpoint.append_metrics
+
+    def disk_fills(path, record):
+        if record.get("iteration") == 1 and record.get("step") == 2:
+            line = json.dumps(record)
+            with open(path, "a") as f:
+                f.write(line[:len(line) // 2])
+            raise OSError(28, "No space left on device", path)
+        append(path, record)
+
+    monkeypatch.setattr(checkpoint, "append_metrics", disk_fills)
+    with pytest.raises(checkpoint.CheckpointError, match=r"iteration 1: metrics.jsonl could not be written \(.*"
+                       r"metrics.jsonl: No space left on device\); nothing of iteration 1 is saved; last good "
+                       r"checkpoint: .*iter-00000$"):
+        train(cfg3(base, out))
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))] == ["iter-00000"]
+    monkeypatch.setattr(checkpoint, "append_metrics", append)
+    train(cfg3(base, out))
+    assert_same_weights(checkpoint.checkpoint_dir(str(out), 2), checkpoint.checkpoint_dir(str(run3), 2))
+    assert log_lines(out) == log_lines(run3)
+
+
+def test_an_unusable_out_dir_is_one_line(base, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(checkpoint.CheckpointError, match=r"out_dir .*/file is a file, not a directory; choose another"):
+        train(cfg3(base, tmp_path / "file"))
+    real = open
+
+    def read_only(path, *a, **kw):  # a read-only mount: creating the lock file fails
+        if str(path).endswith("run.lock"):
+            raise OSError(30, "Read-only file system", str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    with pytest.raises(checkpoint.CheckpointError, match=r"out_dir .*/ro cannot be written \(.*run.lock: Read-only file "
+                                                          r"system\); choose another out_dir"):
+        train(cfg3(base, tmp_path / "ro"))
+
+
 @pytest.mark.slow
 def test_config_errors_under_torchrun_print_one_line_from_rank_0(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

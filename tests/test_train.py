@@ -554,7 +554,7 @@ def fsdp_worker(rank, world, init_file, ckpt):
     batches = global_batches()
     for step, ids in enumerate(batches[:2]):
         trainer.step(micro_losses(model, ids.chunk(world)[rank]), 0, step, len(batches))
-    checkpoint.save_sharded(model, ckpt, rank, trainer.optimizer)  # streamed, one unit at a time
+    checkpoint.save_sharded(model, ckpt, checkpoint.Writes(rank == 0), trainer.optimizer)  # streamed, one unit at a time
     out = generate(model, sample_prompts(rank), n=3, max_new_tokens=12, temperature=1.0,
                    generator=torch.Generator().manual_seed(rank), eos_token_ids=[7], all_done=trainer.all_done)
     if rank == 0:
