@@ -266,14 +266,32 @@ def verify(path):
         assert manifest["format"] == FORMAT and isinstance(files, dict) and "trainer_state.json" in files
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         return "manifest.json is unreadable or not this format"
+    root = os.path.realpath(path)
     for rel, entry in files.items():
         f = os.path.join(path, rel)
+        if os.path.isabs(rel) or ".." in rel.split("/") or not os.path.realpath(f).startswith(root + os.sep):
+            return f"manifest entry {rel!r} is outside the checkpoint"
         if not os.path.isfile(f):
             return f"{rel} is missing"
         if os.path.getsize(f) != entry["bytes"]:
             return f"{rel} has {os.path.getsize(f)} bytes, the manifest says {entry['bytes']}"
         if sha256_file(f) != entry["sha256"]:
             return f"{rel} does not match its sha256 in the manifest"
+    return iteration_problem(path, manifest)
+
+
+def iteration_problem(path, manifest):
+    """The iteration a checkpoint says it is, by its directory name (iter-KKKKK), its manifest and its
+    trainer_state.json, must agree: a checkpoint renamed or edited into another place of the run is refused."""
+    try:
+        said = {"manifest.json": manifest["iteration"], "trainer_state.json": read_state(path)["iteration"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return "trainer_state.json is unreadable or not this format"
+    name = os.path.basename(os.path.normpath(path))
+    if re.fullmatch(r"iter-\d{5}", name):
+        said["the directory name"] = int(name[5:])
+    if len(set(map(repr, said.values()))) > 1:
+        return "its iteration disagrees: " + ", ".join(f"{what} says {k!r}" for what, k in said.items())
     return None
 
 

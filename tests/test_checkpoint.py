@@ -314,6 +314,45 @@ def test_a_torn_last_metrics_line_is_dropped_and_an_earlier_bad_line_is_named(ba
         train(cfg3(base, out))
 
 
+def rehash(ckpt, rel):
+    """Update the manifest entry of `rel` after an edit (what a doctored checkpoint would do)."""
+    m = json.loads((ckpt / "manifest.json").read_text())
+    f = ckpt / rel
+    m["files"][rel] = {"bytes": os.path.getsize(f), "sha256": checkpoint.sha256_file(str(f))}
+    (ckpt / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("said", [99, 1])
+def test_a_checkpoint_whose_iteration_disagrees_is_skipped(base, run3, tmp_path, capsys, said):
+    """trainer_state.json of iter-00002 edited to iteration 99 (would end the run) or 1 (would redo iteration 2
+    from iteration 3's weights), its manifest hash updated: the three iterations disagree, the checkpoint is
+    skipped with the usual warning and the run redoes iteration 2 from iter-00001, as the uninterrupted run."""
+    out = tmp_path / "out"
+    shutil.copytree(run3, out)
+    ckpt = out / "checkpoints" / "iter-00002"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    (ckpt / "trainer_state.json").write_text(json.dumps(dict(state, iteration=said)))
+    rehash(ckpt, "trainer_state.json")
+    capsys.readouterr()
+    train(cfg3(base, out))
+    err = capsys.readouterr().err
+    assert (f"warning: skipped {ckpt}: its iteration disagrees: manifest.json says 2, trainer_state.json says "
+            f"{said}, the directory name says 2; resuming from {out / 'checkpoints' / 'iter-00001'}") in err, err
+    assert_same_weights(str(ckpt), checkpoint.checkpoint_dir(str(run3), 2))
+    assert log_lines(out) == log_lines(run3)
+
+
+@pytest.mark.parametrize("entry", ["../../../../../../etc/hostname", "/etc/hostname", "link"])
+def test_manifest_entries_outside_the_checkpoint_are_refused(run3, tmp_path, entry):
+    ckpt = tmp_path / "iter-00002"
+    shutil.copytree(checkpoint.checkpoint_dir(str(run3), 2), ckpt)
+    os.symlink("/etc/hostname", ckpt / "link")
+    m = json.loads((ckpt / "manifest.json").read_text())
+    m["files"][entry] = {"bytes": os.path.getsize("/etc/hostname"), "sha256": checkpoint.sha256_file("/etc/hostname")}
+    (ckpt / "manifest.json").write_text(json.dumps(m))
+    assert checkpoint.verify(str(ckpt)) == f"manifest entry {entry!r} is outside the checkpoint"
+
+
 def test_no_good_checkpoint_stops_with_one_line(base, run3, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(run3, out)
