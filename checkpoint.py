@@ -21,6 +21,7 @@ a directory of the same iteration already there (a redone iteration) is moved
 aside first and deleted after. Resume verifies the newest checkpoint against its
 manifest and falls back, saying so in one line, to the newest good one.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -183,10 +184,35 @@ def save_whole(tmp, state, copies, optimizer):
 def prune(out_dir, k, keep):
     """keep_checkpoints: after iteration k's checkpoint is written, delete all but the newest `keep` finished
     checkpoints up to k (k's among them). Later ones (damaged, skipped by the resume) are left for the run to
-    overwrite: ordering by name alone would keep them and delete the checkpoint just written."""
-    older = [p for p in list_checkpoints(out_dir) if int(p[-5:]) < k]
-    for old in older[:max(0, len(older) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+    overwrite: ordering by name alone would keep them and delete the checkpoint just written. Nothing is
+    deleted while eval.py reads the checkpoints (readers_lock)."""
+    import fcntl
+
+    with open(os.path.join(out_dir, "checkpoints", "readers.lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # eval.py --run is reading them (readers_lock): pruned after a later checkpoint
+            return
+        older = [p for p in list_checkpoints(out_dir) if int(p[-5:]) < k]
+        for old in older[:max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def readers_lock(out_dir):
+    """A shared lock that eval.py --run holds while it reads a run's checkpoints: prune deletes nothing while
+    any reader holds it. Where the lock file cannot be made (no checkpoints yet, a copy on a read-only mount:
+    nothing prunes it there) the block runs without it."""
+    import fcntl
+
+    try:
+        f = open(os.path.join(out_dir, "checkpoints", "readers.lock"), "a")
+    except OSError:
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_SH)
+        yield
 
 
 def write_manifest(path, k, cfg):

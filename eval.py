@@ -375,14 +375,20 @@ def run_mode(args, device):
     length and, on the category game, its exact exploitability; dynamics.csv / .md and plots in --out."""
     import yaml
 
-    import tiny
-
     run = args.run
     cfg_path = os.path.join(run, "config.yaml")
     if not os.path.isfile(cfg_path):
         raise EvalError(f"--run {run} has no config.yaml: not a train_ddp.py output directory")
     with open(cfg_path) as f:
         cfg = yaml.safe_load(f)
+    with checkpoint.readers_lock(run):  # a training still running prunes none of its checkpoints until this ends
+        return run_dynamics(args, run, cfg, device)
+
+
+def run_dynamics(args, run, cfg, device):
+    """run_mode's work on the run's checkpoints, listed once."""
+    import tiny
+
     finished = checkpoint.list_checkpoints(run)
     ckpts = [os.path.basename(p) for p in finished]
     if not ckpts:

@@ -287,7 +287,7 @@ def test_prune_keeps_exactly_the_newest_checkpoints(tmp_path, keep):
         (tmp_path / "checkpoints" / f"iter-{k:05d}" / "manifest.json").write_text("{}")
     os.makedirs(tmp_path / "checkpoints" / "iter-00004")  # unfinished (no manifest): not a checkpoint to count
     checkpoint.prune(str(tmp_path), 5, keep)
-    left = sorted(os.listdir(tmp_path / "checkpoints"))
+    left = sorted(d for d in os.listdir(tmp_path / "checkpoints") if d.startswith("iter-"))
     assert left == sorted(["iter-00004", "iter-00009"] + [f"iter-{k:05d}" for k in (0, 1, 2, 3, 5)][-keep:]), left
 
 
@@ -351,6 +351,29 @@ def test_manifest_entries_outside_the_checkpoint_are_refused(run3, tmp_path, ent
     m["files"][entry] = {"bytes": os.path.getsize("/etc/hostname"), "sha256": checkpoint.sha256_file("/etc/hostname")}
     (ckpt / "manifest.json").write_text(json.dumps(m))
     assert checkpoint.verify(str(ckpt)) == f"manifest entry {entry!r} is outside the checkpoint"
+
+
+@pytest.mark.slow
+def test_eval_run_holds_off_pruning_while_it_reads_the_checkpoints(base, run3, tmp_path, monkeypatch):
+    """keep_checkpoints prunes while eval.py --run reads the run (here: as eval starts sampling each model):
+    nothing is deleted while eval holds its readers' lock, eval reads every checkpoint it listed, and the
+    next prune after it ends deletes them."""
+    import eval as ev
+
+    out = tmp_path / "out"
+    shutil.copytree(run3, out)
+    generate = ev.generate_for
+
+    def trainer_prunes_meanwhile(name, *a, **kw):
+        checkpoint.prune(str(out), 2, 1)
+        return generate(name, *a, **kw)
+
+    monkeypatch.setattr(ev, "generate_for", trainer_prunes_meanwhile)
+    rows = ev.main(["--run", str(out), "--num-prompts", "2", "--samples", "1"])
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert len(checkpoint.list_checkpoints(str(out))) == 3
+    checkpoint.prune(str(out), 2, 1)
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))] == ["iter-00002"]
 
 
 def test_no_good_checkpoint_stops_with_one_line(base, run3, tmp_path):
