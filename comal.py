@@ -40,10 +40,10 @@ from sample import cat_samples, generate, sequence_logprobs
 # ---------------------------------------------------------------------------
 
 KEYS = {
-    "eta": Key(2.0, "mirror-descent step size eta (paper: eta^-1 = 0.002 -> 500); a list is a per-round schedule",
-               schedule(lo_ok=False)),
-    "tau": Key(0.1, "KL strength tau of J_tau (eq. 2) towards pi_ref; a list is a per-round schedule",
-               schedule(lo_ok=True)),
+    "eta": Key(2.0, "mirror-descent step size eta in (0, 1e6] (paper: eta^-1 = 0.002 -> 500); a list is a "
+               "per-round schedule", schedule(lo_ok=False, hi=1e6)),
+    "tau": Key(0.1, "KL strength tau of J_tau (eq. 2) towards pi_ref, in [0, 1e3]; a list is a per-round schedule",
+               schedule(lo_ok=True, hi=1e3)),
     "eta_tau": Key(None, "if set, tau = eta_tau / eta in every round (paper: 1/3); replaces tau",
                    optional(number(0, 1, lo_open=True, hi_open=True,
                                    why=": Alg. 2's step mixes mu^(1 - eta tau) pi_ref^(eta tau)"))),

@@ -12,7 +12,7 @@ import examples
 import oracle as oracle_lib
 import smollm2  # noqa: F401 -- adds the offline demo's oracle kind, minilm_rubrics, to oracle.KINDS
 from keys import ConfigError  # noqa: F401 -- config.ConfigError, as callers name it
-from keys import Key, flag, help_lines, integer, mapping, number, one_of, optional, positive, problem, strings, text
+from keys import Key, flag, help_lines, integer, mapping, number, one_of, optional, problem, strings, text
 
 # The run's keys (keys.Key: default, meaning, check). The keys an algorithm reads (eta, tau, eta_tau,
 # ref_update_every, pair_selection, clip_eps, kappa, ...) are not here: each algorithm's spec lists them
@@ -43,11 +43,12 @@ RUN_KEYS = {
     "num_subsets": Key(6, "the prompts are split into this many parts, used in turn (paper: 6)", integer(1)),
     "prompts_per_iteration": Key(32, "prompts used per iteration, from the iteration's subset (0 = all of it)",
                                  integer(0)),
-    "lr": Key(5e-7, "AdamW peak learning rate (paper: 5e-7)", positive),
+    "lr": Key(5e-7, "AdamW peak learning rate, in (0, 1] (paper: 5e-7)", number(0, 1, lo_open=True)),
     "warmup_ratio": Key(0.1, "linear warmup fraction of each iteration's steps, then cosine to 0 (paper: 10%)",
                         number(0, 1, hi_open=True)),
     "weight_decay": Key(0.0, "AdamW weight decay", number(0)),
-    "batch_size": Key(32, "global examples per optimizer step (paper: 32)", integer(1)),
+    "batch_size": Key(32, "global examples per optimizer step, at most an iteration's examples (paper: 32)",
+                      integer(1)),
     "micro_batch_size": Key(8, "examples per forward/backward on one rank", integer(1)),
     "epochs": Key(1, "passes over each iteration's examples (paper: 1)", integer(1)),
     "grad_clip": Key(1.0, "max global gradient norm (0 = off)", number(0)),
@@ -231,6 +232,10 @@ def check_config(cfg, world):
     # reads the prompts: a missing field or subsets too small for the world size are reported now
     per_iteration = len(iteration_prompts(load_prompts(cfg), cfg, 0, 0, world)) * world
     n_examples = per_iteration * examples.examples_per_group(spec, cfg)
+    if cfg["batch_size"] > n_examples:  # each step is divided by batch_size: a larger one would shrink every step
+        raise ConfigError(f"batch_size {cfg['batch_size']} is larger than an iteration's {n_examples} examples "
+                          f"({per_iteration} prompts x {n_examples // per_iteration} per group of n_samples "
+                          f"{cfg['n_samples']}); set batch_size <= {n_examples}")
     if spec.on_policy and (cfg["epochs"] != 1 or cfg["batch_size"] < n_examples):
         raise ConfigError(f"algo {cfg['algo']} learns on-policy (REINFORCE on y ~ pi): one optimizer step per "
                           f"iteration, so epochs must be 1 and batch_size >= the iteration's {n_examples} examples "

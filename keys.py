@@ -84,13 +84,14 @@ def strings(v):
     return None if isinstance(v, list) and all(isinstance(x, str) for x in v) else "must be a list of strings"
 
 
-def schedule(lo_ok):
-    """A number, or a non-empty per-round list of numbers; >= 0 (lo_ok) or > 0."""
+def schedule(lo_ok, hi):
+    """A number, or a non-empty per-round list of numbers, in [0, hi] (lo_ok) or (0, hi]."""
     def check(v):
         vs = v if isinstance(v, list) else [v]
-        if vs and all(is_number(x) and (x > 0 or lo_ok and x == 0) for x in vs):
+        if vs and all(is_number(x) and (x > 0 or lo_ok and x == 0) and x <= hi for x in vs):
             return None
-        return f"must be {'>= 0' if lo_ok else '> 0'} (a number, or a non-empty per-round list of numbers)"
+        return (f"must be in {'[' if lo_ok else '('}0, {hi:g}] (a number, or a non-empty per-round list of "
+                "numbers)")
     return check
 
 

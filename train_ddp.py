@@ -230,7 +230,13 @@ class Trainer:
         if not math.isfinite(grad_norm):  # e.g. finite gradients whose sum overflows; equal on every rank
             raise TrainingError(f"non-finite gradient norm ({grad_norm}) at iteration {k} step {step} on every "
                                 f"rank; the weights were not updated; {last}")
-        self.update(lr, norm)
+        try:
+            self.update(lr, norm)
+        except RuntimeError as e:  # e.g. a learning rate or moment that overflows the parameters' dtype in AdamW
+            if "overflow" not in str(e):
+                raise
+            raise TrainingError(f"the optimizer step overflowed at iteration {k} step {step} ({str(e).splitlines()[0]}); "
+                                f"the weights are damaged and nothing more is saved; {last}") from None
         loss = float(status[0]) / W
         self.log({"iteration": k, "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
         return loss

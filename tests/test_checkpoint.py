@@ -209,6 +209,19 @@ def test_a_nan_gradient_mid_run_leaves_the_last_good_checkpoint_and_the_run_resu
     assert log_lines(out) == log_lines(run3)
 
 
+def test_an_optimizer_overflow_stops_like_a_non_finite_gradient(base, tmp_path, monkeypatch):
+    """A learning rate past what AdamW can apply (1e300, set behind the config's back): one TrainingError naming
+    the iteration, the step and the last good checkpoint; nothing of the iteration is saved."""
+    lr_at = train_ddp.Trainer.lr_at
+    monkeypatch.setattr(train_ddp.Trainer, "lr_at", lambda self, step, steps: 1e300 if self.last_checkpoint else
+                        lr_at(self, step, steps))
+    out = tmp_path / "out"
+    with pytest.raises(train_ddp.TrainingError, match=r"the optimizer step overflowed at iteration 1 step 0 \(.*overflow"
+                       r".*\); the weights are damaged and nothing more is saved; last good checkpoint: .*iter-00000"):
+        train(cfg3(base, out))
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))] == ["iter-00000"]
+
+
 def test_non_finite_weights_are_never_saved(base, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -597,8 +610,7 @@ def test_sigterm_stops_at_the_next_step_and_the_rerun_is_bitwise(base, run3, tmp
     expect = stopped_where(err.strip().splitlines()[-1], out)
     assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))] == expect
     assert not (out / "checkpoints" / "iter-00001.tmp").exists()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr
+    train(config.check_config(config.load_config(str(cfg_file), [f"out_dir={out}"]), 1))  # the same command, rerun
     assert_same_weights(checkpoint.checkpoint_dir(str(out), 2), checkpoint.checkpoint_dir(str(run3), 2))
     assert log_lines(out) == log_lines(run3)
 
@@ -753,5 +765,5 @@ def test_config_errors_under_torchrun_print_one_line_from_rank_0(tmp_path):
            f"out_dir={tmp_path}"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     ours = [x for x in r.stderr.splitlines() if x.startswith("error")]
-    assert ours == ["error: lr must be a finite number > 0, got -1"], r.stderr
+    assert ours == ["error: lr must be a finite number in (0, 1], got -1"], r.stderr
     assert "exitcode  : 2" in r.stderr  # torchrun reports rank 0's exit status 2 as the root cause

@@ -120,7 +120,7 @@ def run_ok(argv, cwd):
 
 
 @pytest.mark.slow
-def test_readme_quick_start_runs(torchrun_run, tmp_path):
+def test_readme_quick_start_runs(torchrun_run, tmp_path, capsys):
     from conftest import QUICK_START
 
     (block,) = section_blocks("## Quick start")
@@ -132,9 +132,11 @@ def test_readme_quick_start_runs(torchrun_run, tmp_path):
     assert [r["iteration"] for r in records if "exploitability" in r] == [-1, 0, 1, 2]
     assert "runs/tiny" in evaluate
     shutil.copytree(out, tmp_path / "tiny")  # eval.py writes into the run; the shared one stays as it was
-    r = run_ok([a.replace("runs/tiny", str(tmp_path / "tiny")) for a in runnable(evaluate, ROOT)] + ["--num-prompts", "4"],
-               ROOT)
-    assert "exploitability" in r.stdout and (tmp_path / "tiny" / "eval" / "dynamics.csv").is_file()
+    import eval as ev  # the evaluation command's arguments, in this process
+
+    argv = [a.replace("runs/tiny", str(tmp_path / "tiny")) for a in runnable(evaluate, ROOT)]
+    assert argv[1].endswith("eval.py") and ev.cli(argv[2:] + ["--num-prompts", "4"]) == 0
+    assert "exploitability" in capsys.readouterr().out and (tmp_path / "tiny" / "eval" / "dynamics.csv").is_file()
 
 
 @pytest.mark.slow

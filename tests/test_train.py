@@ -218,11 +218,12 @@ def frozen_copy(model):
 @pytest.mark.parametrize("algo", list(comal.ALGOS))
 def test_each_algorithm_runs_and_lowers_its_loss(base, algo, tmp_path):
     spec = comal.ALGOS[algo]
-    kw = dict(algo=algo, epochs=6, batch_size=512, micro_batch_size=512, warmup_ratio=0.0, lr=3e-4,
+    E = 6 * examples.examples_per_group(spec, {"n_samples": 4, "pair_selection": "all"})  # all in one step
+    kw = dict(algo=algo, epochs=6, batch_size=E, micro_batch_size=E, warmup_ratio=0.0, lr=3e-4,
               prompts_per_iteration=6, n_samples=4)
     kw.update({k: v for k, v in dict(eta=1.0, tau=0.2).items() if k in spec.keys})
     if spec.on_policy:  # one step per iteration: the loss is then checked over 6 iterations on fixed prompts
-        kw.update(epochs=1, batch_size=32, micro_batch_size=32, **({"kappa": 1.0} if "kappa" in spec.keys else {}))
+        kw.update(epochs=1, **({"kappa": 1.0} if "kappa" in spec.keys else {}))
     cfg = small_cfg(base, tmp_path, **kw)
     policy = AutoModelForCausalLM.from_pretrained(base)
     tok = AutoTokenizer.from_pretrained(base)
@@ -397,15 +398,25 @@ def test_fit_gap_is_the_weighted_least_squares_minimum_and_the_trainers_own_loss
 
 
 def test_invalid_config_values_name_the_key(base, tmp_path):
-    assert "lr must be a finite number > 0" in config_error(base, tmp_path, lr=0.0)
-    assert "lr must be a finite number > 0" in config_error(base, tmp_path, lr=-1e-6)
+    assert "lr must be a finite number in (0, 1]" in config_error(base, tmp_path, lr=0.0)
+    assert "lr must be a finite number in (0, 1]" in config_error(base, tmp_path, lr=-1e-6)
     assert "eta * tau" in config_error(base, tmp_path, eta=10.0, tau=0.1)
     assert "eta * tau" in config_error(base, tmp_path, eta=[1.0, 20.0], tau=0.1)
     assert "eta_tau" in config_error(base, tmp_path, eta_tau=1.0)
-    assert "eta must be > 0" in config_error(base, tmp_path, eta=0.0)
+    assert "eta must be in (0, 1e+06]" in config_error(base, tmp_path, eta=0.0)
+    assert "eta must be in (0, 1e+06]" in config_error(base, tmp_path, eta=1e7)
+    assert "tau must be in [0, 1000]" in config_error(base, tmp_path, tau=[0.1, 1e4])
+    assert "lr must be a finite number in (0, 1], got 1e+300" in config_error(base, tmp_path, lr=1e300)
+    # a batch larger than the iteration: each step would be divided by the batch size, not the examples
+    import re
+
+    msg = config_error(base, tmp_path, batch_size=2**20, micro_batch_size=8)
+    m = re.search(r"batch_size 1048576 is larger than an iteration's (\d+) examples \((\d+) prompts x (\d+) per group "
+                  r"of n_samples (\d+)\); set batch_size <= (\d+)$", msg)
+    assert m and int(m[1]) == int(m[2]) * int(m[3]) == int(m[5]), msg
     assert "batch_size 32 is not divisible by world size 2 x micro_batch_size 12" in config_error(
         base, tmp_path, world=2, batch_size=32, micro_batch_size=12)
-    assert "lr must be a finite number > 0, got 'fast'" in config_error(base, tmp_path, lr="fast")
+    assert "lr must be a finite number in (0, 1], got 'fast'" in config_error(base, tmp_path, lr="fast")
     assert "iterations must be an int >= 1, got 2.5" in config_error(base, tmp_path, iterations=2.5)
     assert "eval_winrate must be true or false" in config_error(base, tmp_path, eval_winrate="yes")
     assert "algo: unknown algorithm 'ppo'" in config_error(base, tmp_path, algo="ppo")
@@ -468,7 +479,7 @@ def test_prompt_files_load_and_cli_prints_one_line(base, tmp_path):
     bad.write_text("lr: -1\n")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train_ddp.py"), str(bad)], capture_output=True, text=True,
                        cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.strip() == "error: lr must be a finite number > 0, got -1"
+    assert r.returncode == 2 and r.stderr.strip() == "error: lr must be a finite number in (0, 1], got -1"
 
 
 def test_rps_prompt_set_is_deterministic_and_names_every_option(tmp_path):
