@@ -643,26 +643,6 @@ def test_sigterm_under_torchrun_stops_both_ranks_and_resumes_bitwise(torchrun_ru
     assert log_lines(part) == log_lines(full)
 
 
-FULL_DISK = """
-import resource, signal, sys
-sys.path.insert(0, {root!r})
-import checkpoint, train_ddp
-
-save = checkpoint.save_checkpoint
-
-
-def full_disk_at(out_dir, k, *a):  # from iteration {k}'s checkpoint on, every write past 4 KiB fails (EFBIG)
-    if k >= {k}:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    return save(out_dir, k, *a)
-
-
-checkpoint.save_checkpoint = full_disk_at
-sys.exit(train_ddp.cli())
-"""
-
-
 def test_a_full_disk_during_a_checkpoint_stops_with_one_line(base, run3, tmp_path, monkeypatch):
     """In one process: the write of iteration 1's checkpoint fails (a file size limit: EFBIG from the kernel,
     through Python's and safetensors' writes alike); one CheckpointError names the cause and the last good
@@ -696,22 +676,50 @@ def test_a_full_disk_during_a_checkpoint_stops_with_one_line(base, run3, tmp_pat
     assert log_lines(out) == log_lines(run3)
 
 
-@pytest.mark.slow
-def test_a_full_disk_under_torchrun_fsdp_prints_one_line_from_rank_0(torchrun_run, tmp_path):
-    """Two sharded ranks (every rank gathers, rank 0 writes): the disk fills at iteration 1's checkpoint; the
-    ranks stay in step through the gathers and stop together; one line, from rank 0, and no rank's traceback."""
-    from conftest import torchrun_cmd
+def full_disk_worker(rank, world, port, argv, logs):
+    """One rank of `train_ddp.py ARGV` as torchrun starts it (its environment, train_ddp.cli), its stderr to
+    logs/rank<r>.txt; from iteration 1's checkpoint on, every write past 4 KiB fails (EFBIG, as a full disk)."""
+    import resource
 
-    wrapper = tmp_path / "full_disk.py"
-    wrapper.write_text(FULL_DISK.format(root=ROOT, k=1))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    save = checkpoint.save_checkpoint
+
+    def full_disk_at_1(out_dir, k, *a):
+        if k == 1:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        return save(out_dir, k, *a)
+
+    checkpoint.save_checkpoint = full_disk_at_1
+    with open(os.path.join(logs, f"rank{rank}.txt"), "w") as err:
+        sys.stderr = err
+        status = train_ddp.cli(argv)
+    with open(os.path.join(logs, f"rank{rank}.status"), "w") as f:
+        f.write(str(status))
+
+
+@pytest.mark.slow
+def test_a_full_disk_with_two_sharded_ranks_prints_one_line_from_rank_0(base, tmp_path):
+    """Two fsdp ranks (every rank gathers, rank 0 writes): the disk fills at iteration 1's checkpoint; the ranks
+    stay in step through the gathers and stop together with exit status 2; rank 0 prints one line, rank 1
+    nothing."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
     out = tmp_path / "out"
-    cmd = [str(wrapper) if a.endswith("train_ddp.py") else a
-           for a in torchrun_cmd(torchrun_run[3], out, extra=["iterations=2", "parallel=fsdp"])]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    ours = [x for x in r.stderr.splitlines() if x.startswith("error")]
-    assert len(ours) == 1 and "iteration 1: its checkpoint could not be written" in ours[0], r.stderr[-3000:]
-    assert "File too large" in ours[0] and ours[0].endswith("last good checkpoint: " + checkpoint.checkpoint_dir(str(out), 0))
-    assert "exitcode  : 2" in r.stderr and 'train_ddp.py", line' not in r.stderr and 'checkpoint.py", line' not in r.stderr
+    argv = [os.path.join(ROOT, "configs", "tiny.yaml"), f"model={base}", f"out_dir={out}", "iterations=2",
+            "prompts_per_iteration=8", "n_samples=4", "batch_size=16", "micro_batch_size=8", "eval_prompts=0",
+            "parallel=fsdp"]
+    spawn(full_disk_worker, args=(2, port, argv, str(tmp_path)), nprocs=2)
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert [(tmp_path / f"rank{r}.status").read_text() for r in (0, 1)] == ["2", "2"]
+    last = said[0].strip().splitlines()[-1]
+    assert last.startswith("error: iteration 1: its checkpoint could not be written to ") and "File too large" in last
+    assert last.endswith("last good checkpoint: " + checkpoint.checkpoint_dir(str(out), 0)), last
+    assert "Traceback" not in said[0] and said[1].strip() == "", said
     assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))] == ["iter-00000"]
 
 
