@@ -18,6 +18,38 @@ def spawn(fn, args, nprocs):
     """torch.multiprocessing.spawn(fn, args, nprocs) with its ranks forked from the preloaded server."""
     mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
 
+
+def cli_rank(rank, world, port, module, argv, logs, patch):
+    """One rank of `python MODULE.py ARGV` as torchrun starts it (its environment variables, MODULE.cli), its
+    stderr to logs/rank<r>.txt, stdout to logs/rank<r>.out, exit status to logs/rank<r>.status; patch(rank),
+    if given, first."""
+    import importlib
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if patch is not None:
+        patch(rank)
+    with open(os.path.join(logs, f"rank{rank}.txt"), "w") as err, open(os.path.join(logs, f"rank{rank}.out"), "w") as out:
+        sys.stderr, sys.stdout = err, out
+        status = importlib.import_module(module).cli(argv)
+    with open(os.path.join(logs, f"rank{rank}.status"), "w") as f:
+        f.write(str(status))
+
+
+def launch(module, argv, logs, nprocs=2, patch=None):
+    """What `torchrun --nproc_per_node N MODULE.py ARGV` runs, with the ranks forked from the preloaded server
+    (no interpreter start-up): ([exit status], [stderr], [stdout]) of each rank. The launcher itself is tested
+    by the shared torchrun run."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    os.makedirs(logs, exist_ok=True)
+    spawn(cli_rank, (nprocs, port, module, argv, str(logs), patch), nprocs)
+    read = lambda name: [open(os.path.join(logs, name.format(r))).read() for r in range(nprocs)]  # noqa: E731
+    return [int(x) for x in read("rank{}.status")], read("rank{}.txt"), read("rank{}.out")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -617,7 +617,7 @@ def test_sigterm_stops_at_the_next_step_and_the_rerun_is_bitwise(base, run3, tmp
 
 @pytest.mark.slow
 def test_sigterm_under_torchrun_stops_both_ranks_and_resumes_bitwise(torchrun_run, tmp_path):
-    from conftest import torchrun_cmd
+    from conftest import launch, torchrun_cmd
 
     def torchrun(out):
         return subprocess.Popen(torchrun_cmd(torchrun_run[3], out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -637,8 +637,10 @@ def test_sigterm_under_torchrun_stops_both_ranks_and_resumes_bitwise(torchrun_ru
     assert "Traceback" not in err
     stop = [x for x in err.splitlines() if x.startswith("stopped by")][0]
     assert [os.path.basename(c) for c in checkpoint.list_checkpoints(str(part))] == stopped_where(stop, part)
-    p = torchrun(part)
-    assert p.wait(timeout=300) == 0, p.communicate()
+    cmd = torchrun_cmd(torchrun_run[3], part)  # the same command again, its ranks forked (conftest.launch)
+    status, said, _ = launch("train_ddp", cmd[next(i for i, a in enumerate(cmd) if a.endswith("train_ddp.py")) + 1:],
+                             tmp_path / "logs")
+    assert status == [0, 0], said
     assert_same_weights(checkpoint.checkpoint_dir(str(part), 2), checkpoint.checkpoint_dir(str(full), 2))
     assert log_lines(part) == log_lines(full)
 
@@ -676,27 +678,19 @@ def test_a_full_disk_during_a_checkpoint_stops_with_one_line(base, run3, tmp_pat
     assert log_lines(out) == log_lines(run3)
 
 
-def full_disk_worker(rank, world, port, argv, logs):
-    """One rank of `train_ddp.py ARGV` as torchrun starts it (its environment, train_ddp.cli), its stderr to
-    logs/rank<r>.txt; from iteration 1's checkpoint on, every write past 4 KiB fails (EFBIG, as a full disk)."""
+def full_disk_at_iteration_1(rank):
+    """From iteration 1's checkpoint on, every write past 4 KiB fails (EFBIG from the kernel, as a full disk)."""
     import resource
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     save = checkpoint.save_checkpoint
 
-    def full_disk_at_1(out_dir, k, *a):
+    def full_disk(out_dir, k, *a):
         if k == 1:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
         return save(out_dir, k, *a)
 
-    checkpoint.save_checkpoint = full_disk_at_1
-    with open(os.path.join(logs, f"rank{rank}.txt"), "w") as err:
-        sys.stderr = err
-        status = train_ddp.cli(argv)
-    with open(os.path.join(logs, f"rank{rank}.status"), "w") as f:
-        f.write(str(status))
+    checkpoint.save_checkpoint = full_disk
 
 
 @pytest.mark.slow
@@ -704,18 +698,14 @@ def test_a_full_disk_with_two_sharded_ranks_prints_one_line_from_rank_0(base, tm
     """Two fsdp ranks (every rank gathers, rank 0 writes): the disk fills at iteration 1's checkpoint; the ranks
     stay in step through the gathers and stop together with exit status 2; rank 0 prints one line, rank 1
     nothing."""
-    import socket
+    from conftest import launch
 
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "out"
     argv = [os.path.join(ROOT, "configs", "tiny.yaml"), f"model={base}", f"out_dir={out}", "iterations=2",
             "prompts_per_iteration=8", "n_samples=4", "batch_size=16", "micro_batch_size=8", "eval_prompts=0",
             "parallel=fsdp"]
-    spawn(full_disk_worker, args=(2, port, argv, str(tmp_path)), nprocs=2)
-    said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
-    assert [(tmp_path / f"rank{r}.status").read_text() for r in (0, 1)] == ["2", "2"]
+    status, said, _ = launch("train_ddp", argv, tmp_path / "logs", patch=full_disk_at_iteration_1)
+    assert status == [2, 2]
     last = said[0].strip().splitlines()[-1]
     assert last.startswith("error: iteration 1: its checkpoint could not be written to ") and "File too large" in last
     assert last.endswith("last good checkpoint: " + checkpoint.checkpoint_dir(str(out), 0)), last

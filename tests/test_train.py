@@ -189,15 +189,17 @@ def test_torchrun_two_ranks_end_to_end_ddp(torchrun_run):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_end_to_end_fsdp_with_winrates(base, tmp_path):
+def test_two_ranks_end_to_end_fsdp_with_winrates(base, tmp_path):
+    """`torchrun --nproc_per_node 2 train_ddp.py ...` with parallel fsdp, its ranks forked (conftest.launch)."""
+    from conftest import launch
+
     out = tmp_path / "fsdp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(ROOT, "train_ddp.py"),
-           os.path.join(ROOT, "configs", "tiny.yaml"), f"model={base}", f"out_dir={out}", "iterations=2",
-           "prompts_per_iteration=8", "n_samples=4", "batch_size=16", "micro_batch_size=8", "eval_prompts=2",
-           "parallel=fsdp", "activation_checkpointing=true"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    check_torchrun_output(out, r.stderr, 2)
+    argv = [os.path.join(ROOT, "configs", "tiny.yaml"), f"model={base}", f"out_dir={out}", "iterations=2",
+            "prompts_per_iteration=8", "n_samples=4", "batch_size=16", "micro_batch_size=8", "eval_prompts=2",
+            "parallel=fsdp", "activation_checkpointing=true"]
+    status, said, _ = launch("train_ddp", argv, tmp_path / "logs")
+    assert status == [0, 0], said
+    check_torchrun_output(out, said[0] + said[1], 2)
     assert all(0 <= x["winrate_vs_mu"] <= 1 for x in map(json.loads, open(out / "metrics.jsonl")) if "train_s" in x)
 
 
