@@ -463,15 +463,7 @@ def run_iterations(cfg, state, trainer, oracle, start, say):
     prompts = load_prompts(cfg)
     game = oracle if isinstance(oracle, oracle_lib.CategoryGame) and cfg["eval_prompts"] else None
     eval_ids = encode_prompts(tokenizer, config.eval_prompt_texts(cfg), cfg["max_prompt_tokens"]) if game else None
-    prev = None  # the previous iterate's mean category distribution
-    if game and start < cfg["iterations"]:  # every rank evaluates: with sharded weights each forward is a collective
-        with trainer.gathered(policy):
-            m, prev = category_metrics(game, state, eval_ids, None, cfg, "of the start (nothing to save yet: rerun "
-                                       "the same command)" if start == 0 else f"at the resume from iteration {start}",
-                                       show=rank == 0)
-        if start == 0:
-            log({"iteration": -1, **m})
-        say(f"start: exploitability {m['exploitability']:.4f}  categories {m['category_dist']}")
+    prev = start_metrics(game, state, trainer, eval_ids, cfg, start, say)  # the previous iterate's distribution
     bar = tqdm(total=max(0, cfg["iterations"] - start), desc=cfg["algo"], disable=rank != 0, file=sys.stderr)
     current = {}  # iteration k: (start time, prompts, token ids), shared by prompts_for and after_iteration
     silent, t_start, last = [], time.time(), {}  # iterations without preference signal; the last metrics
@@ -522,12 +514,25 @@ def run_iterations(cfg, state, trainer, oracle, start, say):
         comal.run(state, trainer, cfg, oracle, prompts_for, start, after_iteration)
     finally:
         bar.close()  # before any final message
-    if trainer.io_error is not None:  # the last iteration's record (no collective left: rank 0 alone)
-        raise checkpoint.CheckpointError(f"metrics.jsonl: {checkpoint.os_problem(trainer.io_error)}; the checkpoints "
-                                         f"are complete (last: {trainer.last_checkpoint})")
+    io_check_last(trainer)
     if last:
         say(run_summary(cfg, last, start, time.time() - t_start, game, silent))
     return state
+
+
+def start_metrics(game, state, trainer, eval_ids, cfg, start, say):
+    """The start's exact exploitability on the category game (logged as iteration -1 on a fresh run); returns the
+    start's mean category distribution (None without a game or when the run is finished)."""
+    if not game or start >= cfg["iterations"]:
+        return None
+    with trainer.gathered(state["policy"]):  # every rank evaluates: with sharded weights each forward is a collective
+        m, prev = category_metrics(game, state, eval_ids, None, cfg, "of the start (nothing to save yet: rerun the "
+                                   "same command)" if start == 0 else f"at the resume from iteration {start}",
+                                   show=trainer.rank == 0)
+    if start == 0:
+        trainer.log({"iteration": -1, **m})
+    say(f"start: exploitability {m['exploitability']:.4f}  categories {m['category_dist']}")
+    return prev
 
 
 def io_check(trainer, k):
@@ -537,6 +542,13 @@ def io_check(trainer, k):
         cause = checkpoint.os_problem(trainer.io_error) if trainer.io_error is not None else "on rank 0"
         raise checkpoint.CheckpointError(f"iteration {k}: metrics.jsonl could not be written ({cause}); nothing of "
                                          f"iteration {k} is saved; last good checkpoint: {trainer.last_checkpoint or 'none'}")
+
+
+def io_check_last(trainer):
+    """After the last iteration (its record may have failed): rank 0 alone, no collective left."""
+    if trainer.io_error is not None:
+        raise checkpoint.CheckpointError(f"metrics.jsonl: {checkpoint.os_problem(trainer.io_error)}; the checkpoints "
+                                         f"are complete (last: {trainer.last_checkpoint})")
 
 
 def run_summary(cfg, m, start, seconds, game, silent):

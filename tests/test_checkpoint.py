@@ -645,6 +645,7 @@ def test_sigterm_under_torchrun_stops_both_ranks_and_resumes_bitwise(torchrun_ru
     assert log_lines(part) == log_lines(full)
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint_stops_with_one_line(base, run3, tmp_path, monkeypatch):
     """In one process: the write of iteration 1's checkpoint fails (a file size limit: EFBIG from the kernel,
     through Python's and safetensors' writes alike); one CheckpointError names the cause and the last good
@@ -713,6 +714,7 @@ def test_a_full_disk_with_two_sharded_ranks_prints_one_line_from_rank_0(base, tm
     assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))] == ["iter-00000"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_a_step_row_is_appended_stops_at_the_iteration_end(base, run3, tmp_path, monkeypatch):
     """The write of a step row of iteration 1 is cut short (half the line reaches the file, then ENOSPC): the
     run finishes nothing of iteration 1, stops with one line naming metrics.jsonl and the last good
