@@ -68,7 +68,8 @@ RUN_KEYS = {
     "eval_prompt_file": Key(None, "held-out prompts for eval_prompts (a prompts-like file, field prompt_field; "
                             "the first eval_prompts rows); null = synthetic instructions", optional(text)),
     "eval_winrate": Key(True, "log the win rate of the updated policy against mu's responses", flag),
-    "dtype": Key("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16; master weights stay fp32",
+    "dtype": Key("auto", "auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16 (any device: autocast, frozen "
+                 "copies and fsdp's gathered weights in bf16); master weights, AdamW and gradient reduction stay fp32",
                  one_of("auto", "float32", "bfloat16")),
     "bucket_mb": Key(25, "gradient all-reduce bucket size in MiB", integer(1)),
     "parallel": Key("ddp", "ddp (replicated weights, bucketed all-reduce) or fsdp (flat shards per block, "

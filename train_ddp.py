@@ -116,8 +116,9 @@ class Trainer:
                 dist.broadcast(p.data, 0)
 
     def autocast(self):
-        use_bf16 = self.cfg["dtype"] == "bfloat16" or (self.cfg["dtype"] == "auto" and self.device.type == "cuda")
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        if compute_dtype(self.cfg, self.device) == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def gathered(self, *models):
@@ -608,6 +609,14 @@ def saved_copies(spec):
     return [key for key, used in (("ref", spec.ref == "rounds"), ("opponent", bool(opp and opp.copy))) if used]
 
 
+def compute_dtype(cfg, device):
+    """The dtype the forwards run in, on every device alike: bf16 for dtype bfloat16 (and auto on CUDA), else
+    fp32. In bf16: autocast, frozen copies and fsdp's gathered weights in bf16; the master weights, AdamW state
+    and the gradients' reduction (DDP buckets, fsdp's reduce-scatter) stay fp32."""
+    bf16 = cfg["dtype"] == "bfloat16" or (cfg["dtype"] == "auto" and torch.device(device).type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def load_models(cfg, spec, base_path, resume, rank, world, device):
     """(state, trainer): the policy (from the checkpoint when resuming, checked to give the log-probs of its own
     logits: sample.check_logprob_path) and the spec's frozen copies pi_ref and opponent. A checkpoint is read
@@ -620,7 +629,7 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
     tokenizer = AutoTokenizer.from_pretrained(start_path, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    compute_dtype = torch.bfloat16 if device.type == "cuda" and cfg["dtype"] != "float32" else torch.float32
+    dtype = compute_dtype(cfg, device)
     cls = ShardedTrainer if cfg["parallel"] == "fsdp" else Trainer  # its load_policy / load_frozen
 
     def load(path, dtype, frozen=True):
@@ -629,7 +638,7 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
         m.config.pad_token_id = tokenizer.pad_token_id
         return m
 
-    policy = load(start_path, compute_dtype, frozen=False)
+    policy = load(start_path, dtype, frozen=False)
     try:  # once: pi_ref and the opponent are copies of the same architecture
         sample.check_logprob_path(policy)
     except sample.UnsupportedModel as e:
@@ -645,12 +654,12 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
         return start_path
 
     if spec.ref == "base":
-        state["ref"] = load(base_path, compute_dtype)
+        state["ref"] = load(base_path, dtype)
     elif spec.ref == "rounds":
-        state["ref"] = load(saved("ref"), compute_dtype)
+        state["ref"] = load(saved("ref"), dtype)
     opp = OPPONENTS[spec.opponent]
     if opp and opp.copy:  # the opponent's own copy (opponents.py), in its dtype
-        state["opponent"] = load(saved("opponent"), torch.float32 if opp.copy == "float32" else compute_dtype)
+        state["opponent"] = load(saved("opponent"), torch.float32 if opp.copy == "float32" else dtype)
     return state, cls(policy, cfg, rank, world, device)
 
 

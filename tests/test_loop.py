@@ -317,6 +317,68 @@ def test_ranks_draw_their_own_samples_of_the_same_prompt(base, tmp_path):
     assert got["same_seed", 0] == got["same_seed", 1]
 
 
+def bf16_case(rank, world, parallel):
+    """STEPS SGD steps of the global batches with dtype bfloat16 (the path 8 GPUs take, on CPU): DDP's fp32
+    weights under bf16 autocast, or fsdp's bf16 gathered weights over fp32 master shards; the gradients the
+    optimizer gets and the final weights, whole."""
+    model = ddp_model(torch.float32)
+    if parallel == "fsdp":
+        fsdp.shard_model(model, rank, world, torch.bfloat16)
+    cfg = dict(config.load_config(None, []), lr=0.1, warmup_ratio=0.0, bucket_mb=1, grad_clip=0.0, dtype="bfloat16")
+    trainer = train_ddp.trainer_for(model, cfg, rank, world)
+    trainer.optimizer = torch.optim.SGD(trainer.params, lr=0.1)
+    trainer.lr_at = lambda step, steps: 0.1
+    seen, real = [], trainer.optimizer.step
+
+    def full(tensor_of):
+        if not isinstance(trainer, train_ddp.ShardedTrainer):
+            return {n: tensor_of(p).detach().float().clone() for n, p in model.named_parameters()}
+        return {name: t.float() for u in trainer.units for name, t in u.split(u.gathered_fp32(tensor_of(u.shard))).items()}
+
+    def step(*a, **kw):
+        seen.append(full(lambda p: p.grad.detach()))
+        return real(*a, **kw)
+
+    def losses(ids):
+        with trainer.autocast():
+            yield from micro_losses(model, ids.chunk(world)[rank])
+
+    trainer.optimizer.step = step
+    for s, ids in enumerate(global_batches(STEPS)):
+        trainer.step(losses(ids), 0, s, STEPS)
+    return {"grads": seen, "final": full(lambda p: p.detach())}
+
+
+def bf16_worker(rank, world, init_file, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {parallel: bf16_case(rank, world, parallel) for parallel in ("ddp", "fsdp")}
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_bf16_ddp_and_fsdp_agree_with_each_other_and_with_fp32(tmp_path):
+    """The bf16 path on 2 gloo ranks: DDP and fsdp give the fp32 reference's gradients and weights within a bf16
+    tolerance, 2% of each tensor's largest entry (measured: gradients 0.8-1.3% off fp32, DDP vs fsdp 1.4%, final
+    weights 0.4% / 0.9%), and differ from it (the bf16 path was taken). The reduction itself is checked exactly
+    by tests/test_train.py::test_fsdp_reduces_bf16_gradients_in_fp32."""
+    out = str(tmp_path / "bf16.pt")
+    spawn(bf16_worker, args=(2, str(tmp_path / "init"), out), nprocs=2)
+    got = torch.load(out)
+    grads, _, final = reference(0.0, 0.1, torch.float32)
+
+    def rel(a, b):  # the largest entry's error, relative to the tensor's scale
+        return max(float((a[n] - b[n]).abs().max()) / max(float(b[n].abs().max()), 1e-6) for n in b)
+
+    for s in range(STEPS):
+        assert rel(got["ddp"]["grads"][s], grads[s]) < 2e-2 and rel(got["fsdp"]["grads"][s], grads[s]) < 2e-2, s
+        assert rel(got["ddp"]["grads"][s], got["fsdp"]["grads"][s]) < 2e-2, s
+        assert rel(got["fsdp"]["grads"][s], grads[s]) > 1e-5  # not the fp32 numbers: bf16 was used
+    assert rel(got["ddp"]["final"], final) < 2e-2 and rel(got["fsdp"]["final"], final) < 2e-2
+
+
 # ---------------------------------------------------------------------------
 # The minibatch order and the frozen log-probs of only the rows the examples use
 # ---------------------------------------------------------------------------

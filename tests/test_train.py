@@ -255,6 +255,52 @@ def test_each_algorithm_runs_and_lowers_its_loss(base, algo, tmp_path):
     assert m["response_length"] > 0
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_bfloat16_on_cpu_takes_the_gpu_path(base, tmp_path, parallel):
+    """dtype bfloat16 makes on CPU the choices it makes on CUDA (train_ddp.compute_dtype): pi_ref in bf16 (fsdp:
+    its shards too), the policy's master weights fp32 (fsdp: its gathered weights bf16), forwards under bf16
+    autocast; dtype float32 keeps everything fp32."""
+    for dtype, want in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        cfg = small_cfg(base, tmp_path / dtype, algo="comal", dtype=dtype, parallel=parallel)
+        state, trainer = train_ddp.load_models(cfg, comal.ALGOS["comal"], base, None, 0, 1, torch.device("cpu"))
+        if parallel == "fsdp":
+            assert {u.shard.dtype for u in state["policy"].flat_units} == {torch.float32}
+            assert {u.full.dtype for u in state["policy"].flat_units} == {want}
+            assert {u.shard.dtype for u in state["ref"].flat_units} == {want}
+        else:
+            assert {p.dtype for p in state["policy"].parameters()} == {torch.float32}
+            assert {p.dtype for p in state["ref"].parameters()} == {want}
+        with trainer.autocast():
+            assert torch.is_autocast_enabled("cpu") == (want == torch.bfloat16)
+            if want == torch.bfloat16:
+                assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def reduce_worker(rank, world, init_file, out):
+    """Each rank's bf16 gradient of every weight: 1 on rank 0, 2^-8 on rank 1. Reduced in fp32 their mean is
+    (1 + 2^-8) / 2; summed in bf16 first, 1 + 2^-8 rounds to 1 (bf16 keeps 8 significant bits)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = ddp_model(torch.float32)
+    fsdp.shard_model(model, rank, world, torch.bfloat16)
+    unit = model.flat_units[0]
+    unit.gather()
+    for p in unit.params:
+        p.grad = torch.full_like(p, 1.0 if rank == 0 else 2.0**-8)
+    unit.reduce_scatter_grads()
+    torch.save({"dtype": str(unit.shard.grad.dtype), "values": unit.shard.grad[:unit.total // world].unique()}, out + str(rank))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_reduces_bf16_gradients_in_fp32(tmp_path):
+    out = str(tmp_path / "grads")
+    spawn(reduce_worker, args=(2, str(tmp_path / "init"), out), nprocs=2)
+    for r in (0, 1):
+        got = torch.load(out + str(r))
+        assert got["dtype"] == "torch.float32" and got["values"].tolist() == [(1 + 2.0**-8) / 2], got
+
+
 def test_pairs_and_winrates_are_what_the_paper_says():
     M = torch.tensor([[[0.5, 0.1, 0.8], [0.9, 0.5, 0.1], [0.2, 0.9, 0.5]],
                       [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]])
