@@ -50,13 +50,14 @@ class ShardedMethods:
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg["lr"], weight_decay=0.0)
 
     @contextlib.contextmanager
-    def gathered(self, *models):
+    def gathered(self, *models, whole=False):
         """Forwards without collectives (rollout: gathered, the default): every unit of the sharded `models`
         gathered once, in the compute dtype, kept for the block and freed after, so sampling and the frozen
         log-probs run as on a plain model and the ranks need not decode in lockstep. rollout: sharded keeps
-        the per-block gathers inside every forward (for models too large to gather whole)."""
-        units = [u for m in models if m is not None for u in m.flat_units]
-        local = self.cfg["rollout"] == "gathered"  # every unit gathered: forwards need no collective
+        the per-block gathers inside every forward (for models too large to gather whole); whole=True (the
+        oracle's models while they score: each rank its own responses) gathers every unit regardless."""
+        units = [u for m in models if m is not None for u in getattr(m, "flat_units", [])]  # unsharded: none
+        local = whole or self.cfg["rollout"] == "gathered"  # every unit gathered: forwards need no collective
         if not local:  # per-block gathers stay (ranks in lockstep); a frozen model's root is gathered here only
             units = [u for u in units if u is u.root and not u.keep_gathered]
         if not units:
@@ -380,15 +381,16 @@ def checkpoint_blocks(model):
 
 
 def load_sharded(path, rank, world, device, compute_dtype, master_dtype=torch.float32, frozen=False,
-                 activation_checkpointing=False):
+                 activation_checkpointing=False, model_class=None):
     """A sharded model straight from a checkpoint directory: a meta-device skeleton (no weights), whose units
     each rank fills with its own slices of the safetensors files; non-persistent buffers (rotary inv_freq) are
-    rebuilt by the model's own initialiser. At no time does a rank hold more than its shards and one unit."""
+    rebuilt by the model's own initialiser. At no time does a rank hold more than its shards and one unit.
+    model_class: an Auto class (default AutoModelForCausalLM; the oracle's reward models: ...SequenceClassification)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = (model_class or AutoModelForCausalLM).from_config(config, dtype=torch.float32)
     if frozen:
         model.eval()
         for p in model.parameters():

@@ -63,6 +63,12 @@ class Oracle:
     def from_config(cls, cfg, device):
         raise NotImplementedError
 
+    SHARDABLE = False  # from_config(cfg, device, load=...) loads its models through `load` (train_ddp, fsdp)
+
+    def models(self):
+        """The torch modules the oracle holds (sharded under fsdp: gathered while it scores)."""
+        return []
+
     def prob(self, prompts, responses_a, responses_b):
         raise NotImplementedError
 
@@ -353,21 +359,25 @@ class RewardModel:
     """One sequence-classification reward model with its own tokenizer and chat template."""
 
     def __init__(self, path, device, dtype=None, batch_size=8, max_length=4096, use_chat_template=None,
-                 reward_index=0, trust_remote_code=False):
+                 reward_index=0, trust_remote_code=False, load=None):
         from transformers import AutoModelForSequenceClassification
 
         self.path, self.device, self.batch_size, self.max_length = path, device, batch_size, max_length
         self.use_chat_template, self.reward_index = use_chat_template, reward_index
         self.tokenizer = load_tokenizer(path, f"reward model {path}")
         self.tokenizer.padding_side = "right"
-        self.model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=model_dtype(device, dtype), local_files_only=True, output_loading_info=True,
-            trust_remote_code=trust_remote_code)  # custom reward heads (e.g. ArmoRM's gating head) ship their code
-        if info["missing_keys"]:
-            raise OracleError(f"reward model {path}: weights missing from the checkpoint "
-                              f"({', '.join(sorted(info['missing_keys'])[:3])}): it has no trained reward head")
+        if load is not None and not trust_remote_code:  # sharded (train_ddp under fsdp): a missing head fails there
+            self.model = load(path, AutoModelForSequenceClassification, model_dtype(device, dtype))
+        else:
+            self.model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=model_dtype(device, dtype), local_files_only=True, output_loading_info=True,
+                trust_remote_code=trust_remote_code)  # custom reward heads (e.g. ArmoRM's gating head) ship code
+            if info["missing_keys"]:
+                raise OracleError(f"reward model {path}: weights missing from the checkpoint "
+                                  f"({', '.join(sorted(info['missing_keys'])[:3])}): it has no trained reward head")
+            self.model.to(device)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id  # rows end at their last non-pad token
-        self.model.to(device).eval()
+        self.model.eval()
         self.calls = 0  # number of sequences scored, for tests and logging
 
     @torch.no_grad()
@@ -431,12 +441,18 @@ class BTMixture(Oracle):
         check_weights([m.get("weight", 1.0 / len(models)) for m in models], "oracle.models")
         return dict(block)
 
+    SHARDABLE = True
+
     @classmethod
-    def from_config(cls, cfg, device):
+    def from_config(cls, cfg, device, load=None):
         common = {k: cfg[k] for k in ("dtype", "batch_size", "max_length") if k in cfg}
         keys = ("use_chat_template", "reward_index", "max_length", "trust_remote_code")
-        rms = [RewardModel(m["path"], device, **dict(common, **{k: m[k] for k in keys if k in m})) for m in cfg["models"]]
+        rms = [RewardModel(m["path"], device, load=load, **dict(common, **{k: m[k] for k in keys if k in m}))
+               for m in cfg["models"]]
         return cls(rms, [m.get("weight", 1.0 / len(cfg["models"])) for m in cfg["models"]])
+
+    def models(self):
+        return [rm.model for rm in self.reward_models if isinstance(getattr(rm, "model", None), torch.nn.Module)]
 
     def rewards(self, prompts, responses):
         """(K, B) rewards; each distinct (prompt, response) is scored once per reward model."""
@@ -480,7 +496,7 @@ class PairwiseJudge(Oracle):
     """
 
     def __init__(self, path, device, template=DEFAULT_JUDGE_TEMPLATE, answer_a="Output (a)", answer_b="Output (b)",
-                 dtype=None, batch_size=8, max_length=4096, use_chat_template=None):
+                 dtype=None, batch_size=8, max_length=4096, use_chat_template=None, load=None):
         from transformers import AutoModelForCausalLM
 
         check_template(template)
@@ -488,8 +504,12 @@ class PairwiseJudge(Oracle):
         self.batch_size, self.max_length, self.use_chat_template = batch_size, max_length, use_chat_template
         self.tokenizer = load_tokenizer(path, f"judge {path}")
         self.prefix_ids, self.token_a, self.token_b = answer_tokens(self.tokenizer, answer_a, answer_b)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype(device, dtype), local_files_only=True)
-        self.model.to(device).eval()
+        if load is not None:  # sharded (train_ddp under fsdp)
+            self.model = load(path, AutoModelForCausalLM, model_dtype(device, dtype))
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype(device, dtype),
+                                                              local_files_only=True).to(device)
+        self.model.eval()
         self.calls = 0
 
     KEYS = {
@@ -515,10 +535,15 @@ class PairwiseJudge(Oracle):
                 raise OracleError(f"oracle.path: {block['path']} is a {', '.join(archs)}, not a causal LM judge")
         return dict(block)
 
+    SHARDABLE = True
+
     @classmethod
-    def from_config(cls, cfg, device):
+    def from_config(cls, cfg, device, load=None):
         keys = ("template", "answer_a", "answer_b", "use_chat_template", "dtype", "batch_size", "max_length")
-        return cls(cfg["path"], device, **{k: cfg[k] for k in keys if k in cfg})
+        return cls(cfg["path"], device, load=load, **{k: cfg[k] for k in keys if k in cfg})
+
+    def models(self):
+        return [self.model]
 
     def judge_ids(self, prompt, first, second):
         text = self.template.format(instruction=prompt, output_a=first, output_b=second)
@@ -640,10 +665,12 @@ def load_payoff_file(path):
         raise OracleError(f"oracle.payoff: {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
-def build_oracle(block=None, device=None):
-    """An Oracle from a config block (default: the category game of App. I)."""
+def build_oracle(block=None, device=None, load=None):
+    """An Oracle from a config block (default: the category game of App. I). load(path, auto_class, dtype) ->
+    model: how a kind whose SHARDABLE is set loads its models (train_ddp under fsdp: sharded; default whole)."""
     cfg = check_oracle_config(block if block is not None else {"kind": "category"})
-    return KINDS[cfg["kind"]].from_config(cfg, torch.device(device) if device is not None else default_device())
+    kind, device = KINDS[cfg["kind"]], torch.device(device) if device is not None else default_device()
+    return kind.from_config(cfg, device, load=load) if load is not None and kind.SHARDABLE else kind.from_config(cfg, device)
 
 
 def load_oracle_yaml(path):

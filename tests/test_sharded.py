@@ -205,3 +205,87 @@ def test_gloo_reduce_scatter_by_all_to_all_equals_reduce_scatter(tmp_path, world
             assert torch.equal(g["ours"], g["gloo"])
         else:
             torch.testing.assert_close(g["ours"], g["gloo"], rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# The oracle's models under fsdp: sharded like the frozen copies, gathered whole only while they score
+# ---------------------------------------------------------------------------
+
+
+def oracle_worker(rank, world, init_file, blocks, pairs, out):
+    """Each rank builds the mixture and the judge through train_ddp.oracle_loader (fsdp), records what it holds
+    outside scoring, and scores its own share of the pairs (every world-th: the ranks score different numbers
+    of batches, so their forwards must need no collective)."""
+    from types import SimpleNamespace
+
+    import oracle as oracle_lib
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cfg = dict(config.load_config(None, []), parallel="fsdp")
+    load = train_ddp.oracle_loader(cfg, rank, world, torch.device("cpu"))
+    gatherer = SimpleNamespace(cfg=cfg, lockstep=True)  # what fsdp.ShardedMethods.gathered reads of a trainer
+    result = {}
+    for name, block in blocks.items():
+        o = oracle_lib.build_oracle(block, "cpu", load=load)
+        units = [u for m in o.models() for u in m.flat_units]
+        result[name] = {"held": sum(u.shard.numel() * u.shard.element_size() for u in units),
+                        "total": sum(u.total * u.shard.element_size() for u in units),
+                        "allocated": sum(u.full.untyped_storage().size() for u in units)}
+        xs, a, b = (v[rank::world] for v in pairs)
+        with fsdp.ShardedMethods.gathered(gatherer, *o.models(), whole=True):
+            result[name]["prob"] = o.prob(xs, a, b)
+        result[name]["allocated_after"] = sum(u.full.untyped_storage().size() for u in units)
+    torch.save(result, f"{out}{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_oracle_scores_as_the_whole_one_and_holds_a_shard(tmp_path):
+    """A Bradley-Terry mixture of two tiny reward models and a tiny pairwise judge under fsdp on 2 gloo ranks:
+    each rank holds 1/2 of their parameters outside scoring (no gathered buffer), and its scores of its own
+    pairs equal the unsharded oracle's to 1e-5 (fp32)."""
+    import oracle as oracle_lib
+    from test_oracle import PROMPTS, RESPONSES, all_pairs, save_judge, save_reward_model
+
+    rm1, rm2 = save_reward_model(tmp_path / "rm1", 1, 300, chat=True), save_reward_model(tmp_path / "rm2", 2, 420, chat=False)
+    blocks = {"mixture": {"kind": "bt_mixture", "models": [{"path": rm1, "weight": 0.7}, {"path": rm2, "weight": 0.3}],
+                          "dtype": "float32"},
+              "judge": {"kind": "pairwise_judge", "path": save_judge(tmp_path / "judge"), "dtype": "float32"}}
+    pairs = all_pairs(PROMPTS, RESPONSES)
+    spawn(oracle_worker, args=(2, str(tmp_path / "init"), blocks, pairs, str(tmp_path / "rank")), nprocs=2)
+    for name, block in blocks.items():
+        whole = oracle_lib.build_oracle(block, "cpu").prob(*pairs)
+        for r in (0, 1):
+            got = torch.load(tmp_path / f"rank{r}")[name]
+            assert got["allocated"] == 0 and got["allocated_after"] == 0, got  # nothing gathered outside scoring
+            assert got["total"] / 2 <= got["held"] <= got["total"] / 2 + 64 * len(block.get("models", [0])) * 8, got
+            assert torch.allclose(got["prob"].double(), whole[r::2].double(), atol=1e-5, rtol=0), (name, r)
+        assert float((whole - 0.5).abs().max()) > 1e-3  # the scores say something
+
+
+@pytest.mark.slow
+def test_training_with_a_sharded_reward_model_oracle_equals_ddp(base, tmp_path):
+    """One COMAL iteration on 2 ranks with a Bradley-Terry mixture of two tiny reward models: under fsdp the
+    oracle's models are sharded and gathered only while they score (comal.iteration, winrate_vs_mu); the logged
+    loss and win rate equal the DDP run's, whose ranks hold the reward models whole."""
+    import yaml
+
+    from conftest import launch
+    from test_oracle import save_reward_model
+
+    rms = [save_reward_model(tmp_path / f"rm{i}", i, 300, chat=True) for i in (1, 2)]
+    cfg = {"oracle": {"kind": "bt_mixture", "models": [{"path": p} for p in rms], "dtype": "float32"},
+           "model": base, "iterations": 1, "prompts_per_iteration": 4, "n_samples": 4, "batch_size": 16,
+           "micro_batch_size": 8, "eval_prompts": 0, "algo": "comal", "eta": 2.0, "tau": 0.1, "ref_update_every": 2}
+    (tmp_path / "rm.yaml").write_text(yaml.safe_dump(cfg))
+    rows = {}
+    for parallel in ("ddp", "fsdp"):
+        out = tmp_path / parallel
+        status, said, _ = launch("train_ddp", [str(tmp_path / "rm.yaml"), f"out_dir={out}", f"parallel={parallel}"],
+                                 tmp_path / f"logs_{parallel}")
+        assert status == [0, 0], said
+        rows[parallel] = [json.loads(x) for x in open(out / "metrics.jsonl") if '"train_s"' in x]
+    (d,), (f,) = rows["ddp"], rows["fsdp"]
+    assert d["loss"] == pytest.approx(f["loss"], rel=1e-4) and d["winrate_vs_mu"] == pytest.approx(f["winrate_vs_mu"], abs=1e-4)
+    assert d["preference_signal"] and 0 < d["winrate_vs_mu"] < 1
