@@ -151,7 +151,8 @@ class Writes:
 def is_os_error(e):
     """An OSError, or a Rust library's report of one (safetensors' SafetensorError, tokenizers' Exception:
     '... (os error 28)')."""
-    return isinstance(e, OSError) or bool(re.search(r"\(os error \d+\)", str(e)))
+    return (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+            or bool(re.search(r"\(os error \d+\)", str(e))))
 
 
 def os_problem(e):

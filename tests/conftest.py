@@ -36,6 +36,23 @@ def cli_rank(rank, world, port, module, argv, logs, patch):
         f.write(str(status))
 
 
+def run_cli(module, argv, log, cwd):
+    os.chdir(cwd)
+    with open(log, "w") as err:
+        sys.stderr = err
+        status = __import__(module).cli(argv)
+    sys.exit(status)
+
+
+def start(module, argv, log, cwd=None):
+    """`python MODULE.py ARGV` (in cwd, default the repository) as one process forked from the preloaded server: no interpreter start-up.
+    Its stderr goes to `log`; the returned multiprocessing Process has its pid (for signals) and, once joined,
+    exitcode = MODULE.cli's status."""
+    p = multiprocessing.get_context("forkserver").Process(target=run_cli, args=(module, argv, str(log), str(cwd or ROOT)))
+    p.start()
+    return p
+
+
 def launch(module, argv, logs, nprocs=2, patch=None):
     """What `torchrun --nproc_per_node N MODULE.py ARGV` runs, with the ranks forked from the preloaded server
     (no interpreter start-up): ([exit status], [stderr], [stdout]) of each rank. The launcher itself is tested

@@ -509,14 +509,14 @@ def cli(*args, timeout=300):
 
 
 @pytest.mark.slow
-def test_a_second_run_on_a_locked_out_dir_gets_one_line(base, tmp_path):
+def test_a_second_run_on_a_locked_out_dir_gets_one_line(base, tmp_path, capsys):
     out = tmp_path / "out"
-    held = checkpoint.lock_out_dir(str(out))  # this process is "the other run"
-    r = cli(os.path.join(ROOT, "configs", "tiny.yaml"), f"model={base}", f"out_dir={out}")
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [
+    held = checkpoint.lock_out_dir(str(out))  # this process is "the other run" (flock: per open file)
+    assert train_ddp.cli([os.path.join(ROOT, "configs", "tiny.yaml"), f"model={base}", f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
         f"error: out_dir {out} is in use by another run (pid {os.getpid()} on host {os.uname().nodename} since "
-        f"{r.stderr.split(' since ')[1].split(')')[0]}); wait for it to end or choose another out_dir"]
+        f"{err.split(' since ')[1].split(')')[0]}); wait for it to end or choose another out_dir"]
     assert not (out / "metrics.jsonl").exists()
     held.close()  # the holder ends (kill -9 releases it the same way): its file stays, the lock does not
     again = checkpoint.lock_out_dir(str(out))
@@ -571,7 +571,7 @@ def wait_for_step(out, k, proc, timeout=240):
     """Block until metrics.jsonl has an optimizer step of iteration k."""
     t0 = time.time()
     while time.time() - t0 < timeout:
-        assert proc.poll() is None, proc.communicate()
+        assert (proc.is_alive() if hasattr(proc, "is_alive") else proc.poll() is None), "the run ended first"
         if (out / "metrics.jsonl").exists():
             for line in open(out / "metrics.jsonl"):
                 if line.strip() and json.loads(line).get("iteration") == k and "step" in json.loads(line):
@@ -600,12 +600,14 @@ def stopped_where(line, out):
 def test_sigterm_stops_at_the_next_step_and_the_rerun_is_bitwise(base, run3, tmp_path):
     out = tmp_path / "out"
     cfg_file = write_cfg(cfg3(base, out), tmp_path / "c.yaml")
-    cmd = [sys.executable, os.path.join(ROOT, "train_ddp.py"), str(cfg_file), f"out_dir={out}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    from conftest import start
+
+    proc = start("train_ddp", [str(cfg_file), f"out_dir={out}"], tmp_path / "err.txt")  # `python train_ddp.py ...`
     wait_for_step(out, 1, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(timeout=120)
+    err = (tmp_path / "err.txt").read_text()
+    assert proc.exitcode == 0, err
     assert "Traceback" not in err
     expect = stopped_where(err.strip().splitlines()[-1], out)
     assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))] == expect
@@ -739,6 +741,17 @@ def test_a_full_disk_while_a_step_row_is_appended_stops_at_the_iteration_end(bas
     train(cfg3(base, out))
     assert_same_weights(checkpoint.checkpoint_dir(str(out), 2), checkpoint.checkpoint_dir(str(run3), 2))
     assert log_lines(out) == log_lines(run3)
+
+
+def test_write_errors_of_the_rust_libraries_count_as_os_errors():
+    """What the checkpoint writes can raise on a full disk: an OSError, safetensors' SafetensorError, tokenizers'
+    plain Exception with "(os error N)"; anything else is a bug and propagates."""
+    from safetensors import SafetensorError
+
+    assert checkpoint.is_os_error(OSError(28, "No space left on device"))
+    assert checkpoint.is_os_error(SafetensorError("Error while serializing: I/O error: No space left on device"))
+    assert checkpoint.is_os_error(Exception("File too large (os error 27)"))
+    assert not checkpoint.is_os_error(ValueError("tensor is not contiguous"))
 
 
 def test_an_unusable_out_dir_is_one_line(base, tmp_path, monkeypatch):

@@ -184,7 +184,6 @@ def test_readme_own_model_command_on_an_untrained_model_never_hangs(tmp_path, mo
     budget with one line; a SIGTERM during the enumeration stops it with one line and exit 0; without the
     exploitability (eval_prompts=0) it trains, warns that no iteration had a preference signal, and ends with
     its summary line."""
-    import subprocess
     import signal
     import time
 
@@ -208,14 +207,16 @@ def test_readme_own_model_command_on_an_untrained_model_never_hangs(tmp_path, mo
     said = lines_of(capsys.readouterr().err)
     assert said[-1].startswith("error: eval prompt 0: the exact category enumeration passed 20000 prefixes"), said
     assert "set eval_prompts=0" in said[-1]
-    err = tmp_path / "err.txt"
-    with open(err, "w") as f:  # no budget: the enumeration would run for hours; SIGTERM stops it
-        p = subprocess.Popen(train + ["eval_max_prefixes=1000000000", "out_dir=runs/term"], cwd=tmp_path, stderr=f)
-        while "exact category distribution" not in err.read_text() and p.poll() is None:
-            time.sleep(0.2)
-        time.sleep(1.0)
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=60) == 0
+    from conftest import start
+
+    err = tmp_path / "err.txt"  # no budget: the enumeration would run for hours; SIGTERM stops it
+    p = start("train_ddp", train[2:] + ["eval_max_prefixes=1000000000", "out_dir=runs/term"], err, tmp_path)
+    while "exact category distribution" not in (err.read_text() if err.exists() else "") and p.is_alive():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.kill(p.pid, signal.SIGTERM)
+    p.join(timeout=60)
+    assert p.exitcode == 0
     said = lines_of(err.read_text())
     assert said[-1] == ("stopped by SIGTERM at the exploitability evaluation of the start (nothing to save yet: rerun "
                         "the same command)"), said
