@@ -13,9 +13,11 @@ activation checkpointing, the fused log-prob's logits chunk, one gathered
 block and its fp32 gradient during the reduce-scatter). The state rows are
 exact parameter arithmetic, checked against the bytes the trainers hold
 (tests/test_sharded.py); activations are an estimate (saved tensors of a
-Llama-style block, in the compute dtype). The oracle's models are resident
-on every rank and are not derived here: --oracle-gib adds them (the paper
-recipes' two 8B reward models in bf16: 29.9). --measured prints the plan's
+Llama-style block, in the compute dtype). The oracle's models are derived
+from their own config.json when their directories are here (oracle_plan:
+shards under fsdp, gathered whole while they score: a third peak); else
+--oracle-gib adds them whole on every rank (the paper recipes' two 8B
+reward models in bf16: 29.9). --measured prints the plan's
 two peaks next to the largest rollout_peak_gib / train_peak_gib that a CUDA
 run of the same config logged (torch.cuda.max_memory_allocated per phase).
 """
@@ -109,12 +111,62 @@ def plan(cfg, hf, blocks, root, world, device="cuda"):
     return rows, rows_peak
 
 
+def oracle_plan(block, world, parallel, device="cuda"):
+    """(bytes each rank holds of the oracle's models between scorings, bytes gathered on top while they score)
+    from the models' own config.json (their directories must be here), or None when one is absent. Under
+    fsdp a model without trust_remote_code is held as shards of its blocks and root (train_ddp.oracle_loader)
+    and gathered whole to score; otherwise it is whole on every rank."""
+    import os
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if block.get("kind") == "bt_mixture":
+        entries, cls = block["models"], AutoModelForSequenceClassification
+    elif block.get("kind") == "pairwise_judge":
+        entries, cls = [block], AutoModelForCausalLM
+    else:
+        return 0, 0  # the category game holds no model; another kind's models are not modelled here
+    dtype = block.get("dtype")
+    b = 4 if dtype == "float32" or (dtype in (None, "auto") and device != "cuda") else 2
+    held = gathered = 0
+    for m in entries:
+        if not os.path.isfile(os.path.join(str(m["path"]), "config.json")):
+            return None
+        remote = bool(m.get("trust_remote_code"))
+        try:  # a model's own code (remote) may not build on the meta device: then the plan cannot count it
+            hf = AutoConfig.from_pretrained(m["path"], local_files_only=True, trust_remote_code=remote)
+            with torch.device("meta"):
+                model = cls.from_config(hf, trust_remote_code=remote)
+        except Exception:
+            if not remote:
+                raise
+            return None
+        seen, units = set(), []
+        for part in fsdp.transformer_blocks(model) + [model]:
+            ps = [p for p in part.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in ps)
+            units.append(sum(p.numel() for p in ps))
+        if parallel == "fsdp" and not remote:
+            held += b * sum(math.ceil(n / world) for n in units)
+            gathered += b * sum(math.ceil(n / world) * world for n in units)  # the full (padded) buffers
+        else:
+            held += b * sum(units)
+    return held, gathered
+
+
 def report(cfg, arch, world, gpu_gib=80.0, oracle_gib=0.0):
-    """(lines of the per-rank plan in GiB with its two peaks, rollout bytes, {activation_checkpointing: training
-    bytes}) of cfg on `world` ranks; arch: a recipe architecture name or a model directory."""
+    """(lines of the per-rank plan in GiB with its peaks, rollout bytes, {activation_checkpointing: training
+    bytes}) of cfg on `world` ranks; arch: a recipe architecture name or a model directory. The oracle: from
+    its models' config.json when they are here (oracle_plan; a third peak while it scores), else oracle_gib
+    whole on every rank."""
     hf, blocks, root = architecture(arch)
     rows, peaks = plan(cfg, hf, blocks, root, world)
-    rows["oracle models (--oracle-gib)"] = int(oracle_gib * GIB)
+    derived = None if oracle_gib else oracle_plan(cfg["oracle"], world, cfg["parallel"])
+    if derived is None:
+        rows["oracle models (--oracle-gib)"] = int(oracle_gib * GIB)
+    else:
+        rows["oracle models (shards under fsdp)"] = derived[0]
+        peaks["scoring: the oracle's models gathered"] = derived[1]
     state = sum(rows.values())
     lines = [f"memory on {world} rank(s), parallel {cfg['parallel']}, {(sum(blocks) + root) / 1e9:.2f}B parameters, "
              f"per rank (GiB):"]
@@ -124,9 +176,11 @@ def report(cfg, arch, world, gpu_gib=80.0, oracle_gib=0.0):
     for ckpt in (False, True):
         act = peaks["training: activations, activation_checkpointing" if ckpt else "training: activations, no checkpointing"]
         train[ckpt] = state + act + peaks["training: gathered unit / gradient buckets"]
-        fits = "fits" if max(rollout, train[ckpt]) <= gpu_gib * GIB else "does NOT fit"
+        scoring = state + peaks.get("scoring: the oracle's models gathered", 0)  # the rollout's buffers are freed
+        fits = "fits" if max(rollout, train[ckpt], scoring) <= gpu_gib * GIB else "does NOT fit"
         lines.append(f"  peak, activation_checkpointing={str(ckpt).lower():5s}: rollout {rollout / GIB:.1f}, training "
-                     f"{train[ckpt] / GIB:.1f} -> {fits} in {gpu_gib:g} GiB")
+                     f"{train[ckpt] / GIB:.1f}" + (f", scoring {scoring / GIB:.1f}" if derived else "") +
+                     f" -> {fits} in {gpu_gib:g} GiB")
     return lines, rollout, train
 
 

@@ -254,10 +254,14 @@ def test_sharded_oracle_scores_as_the_whole_one_and_holds_a_shard(tmp_path):
               "judge": {"kind": "pairwise_judge", "path": save_judge(tmp_path / "judge"), "dtype": "float32"}}
     pairs = all_pairs(PROMPTS, RESPONSES)
     spawn(oracle_worker, args=(2, str(tmp_path / "init"), blocks, pairs, str(tmp_path / "rank")), nprocs=2)
+    import memory_plan
+
     for name, block in blocks.items():
         whole = oracle_lib.build_oracle(block, "cpu").prob(*pairs)
+        held, gathered = memory_plan.oracle_plan(block, 2, "fsdp", device="cpu")  # the plan: exact arithmetic
         for r in (0, 1):
             got = torch.load(tmp_path / f"rank{r}")[name]
+            assert got["held"] == held and got["total"] <= gathered < got["total"] + 64 * 4 * 8, (got, held, gathered)
             assert got["allocated"] == 0 and got["allocated_after"] == 0, got  # nothing gathered outside scoring
             assert got["total"] / 2 <= got["held"] <= got["total"] / 2 + 64 * len(block.get("models", [0])) * 8, got
             assert torch.allclose(got["prob"].double(), whole[r::2].double(), atol=1e-5, rtol=0), (name, r)
