@@ -162,6 +162,7 @@ def report(cfg, arch, world, gpu_gib=80.0, oracle_gib=0.0):
     hf, blocks, root = architecture(arch)
     rows, peaks = plan(cfg, hf, blocks, root, world)
     derived = None if oracle_gib else oracle_plan(cfg["oracle"], world, cfg["parallel"])
+    uncounted = derived is None and not oracle_gib
     if derived is None:
         rows["oracle models (--oracle-gib)"] = int(oracle_gib * GIB)
     else:
@@ -181,6 +182,8 @@ def report(cfg, arch, world, gpu_gib=80.0, oracle_gib=0.0):
         lines.append(f"  peak, activation_checkpointing={str(ckpt).lower():5s}: rollout {rollout / GIB:.1f}, training "
                      f"{train[ckpt] / GIB:.1f}" + (f", scoring {scoring / GIB:.1f}" if derived else "") +
                      f" -> {fits} in {gpu_gib:g} GiB")
+    if uncounted:
+        lines.append("  NOT counted: the oracle's models (their directories are not here): --oracle-gib adds them")
     return lines, rollout, train
 
 
