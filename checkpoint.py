@@ -243,7 +243,7 @@ def save_sharded(model, path, writes, optimizer=None):
     from safetensors.torch import save_file
 
     units = model.flat_units
-    writes(os.makedirs, path, 0o777, True)
+    writes(lambda: os.makedirs(path, exist_ok=True))
     weight_map, total = {}, 0
     for i, u in enumerate(units):
         full = u.gathered_fp32()  # collective
@@ -257,7 +257,7 @@ def save_sharded(model, path, writes, optimizer=None):
         if optimizer is not None and optimizer.state.get(u.shard):
             st = optimizer.state[u.shard]
             moments = {key: u.gathered_fp32(st[key]).clone() for key in ("exp_avg", "exp_avg_sq")}
-            writes(os.makedirs, os.path.join(path, "optimizer"), 0o777, True)
+            writes(lambda: os.makedirs(os.path.join(path, "optimizer"), exist_ok=True))
             writes(save_file, {"step": st["step"].detach().cpu().reshape(()).clone(), **{k: v.cpu() for k, v in moments.items()}},
                    os.path.join(path, "optimizer", f"unit-{i:05d}.safetensors"))
     writes(write_json, os.path.join(path, "model.safetensors.index.json"),

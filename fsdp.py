@@ -404,6 +404,16 @@ def load_sharded(path, rank, world, device, compute_dtype, master_dtype=torch.fl
     return model
 
 
+def oracle_loader(cfg, rank, world, device):
+    """parallel fsdp: how the oracle loads its reward models and judge (oracle.build_oracle's load): held like the
+    frozen copies, 1/N of each on every rank, streamed from their safetensors and gathered whole only while
+    they score (oracle.models()). ddp: None, each rank loads them whole."""
+    if cfg["parallel"] != "fsdp":
+        return None
+    return lambda path, auto_class, dtype: load_sharded(path, rank, world, device, dtype, master_dtype=dtype,
+                                                       frozen=True, model_class=auto_class)
+
+
 def materialize_buffers(model, reader, device):
     """The skeleton's buffers: persistent ones from the checkpoint, derived ones recomputed by the model's
     _init_weights (e.g. rotary frequencies); one that neither provides is refused rather than left garbage."""

@@ -50,14 +50,19 @@ def architecture(arch):
         hf = AutoConfig.from_pretrained(arch, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf)
-
-    seen, blocks = set(), []
-    for block in fsdp.transformer_blocks(model):
-        ps = [p for p in block.parameters() if id(p) not in seen]
-        seen.update(id(p) for p in ps)
-        blocks.append(sum(p.numel() for p in ps))
-    root = sum(p.numel() for p in model.parameters() if id(p) not in seen)
+    *blocks, root = unit_sizes(model)
     return hf, blocks, root
+
+
+def unit_sizes(model):
+    """Parameters of each fsdp unit of `model`: its transformer blocks, then the root (everything else; a tied
+    weight counted once, where it first appears)."""
+    seen, sizes = set(), []
+    for part in fsdp.transformer_blocks(model) + [model]:
+        ps = [p for p in part.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in ps)
+        sizes.append(sum(p.numel() for p in ps))
+    return sizes
 
 
 def plan(cfg, hf, blocks, root, world, device="cuda"):
@@ -114,7 +119,7 @@ def plan(cfg, hf, blocks, root, world, device="cuda"):
 def oracle_plan(block, world, parallel, device="cuda"):
     """(bytes each rank holds of the oracle's models between scorings, bytes gathered on top while they score)
     from the models' own config.json (their directories must be here), or None when one is absent. Under
-    fsdp a model without trust_remote_code is held as shards of its blocks and root (train_ddp.oracle_loader)
+    fsdp a model without trust_remote_code is held as shards of its blocks and root (fsdp.oracle_loader)
     and gathered whole to score; otherwise it is whole on every rank."""
     import os
 
@@ -141,11 +146,7 @@ def oracle_plan(block, world, parallel, device="cuda"):
             if not remote:
                 raise
             return None
-        seen, units = set(), []
-        for part in fsdp.transformer_blocks(model) + [model]:
-            ps = [p for p in part.parameters() if id(p) not in seen]
-            seen.update(id(p) for p in ps)
-            units.append(sum(p.numel() for p in ps))
+        units = unit_sizes(model)
         if parallel == "fsdp" and not remote:
             held += b * sum(math.ceil(n / world) for n in units)
             gathered += b * sum(math.ceil(n / world) * world for n in units)  # the full (padded) buffers

@@ -432,7 +432,7 @@ def train_locked(cfg, rank, world, device, say):
     spec = comal.ALGOS[cfg["algo"]]
     base_path = base_policy_path(cfg, master, world, say)
     state, trainer = load_models(cfg, spec, base_path, resume, rank, world, device)
-    oracle = oracle_lib.build_oracle(cfg["oracle"], device=device, load=oracle_loader(cfg, rank, world, device))
+    oracle = oracle_lib.build_oracle(cfg["oracle"], device=device, load=fsdp.oracle_loader(cfg, rank, world, device))
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
 
     def log(record):  # rank 0; a failed write (a full disk) stops every rank at the iteration's end (io_check)
@@ -608,16 +608,6 @@ def saved_copies(spec):
     updated in rounds, the opponent always. A fixed pi_ref = pi_0 is reloaded from the base."""
     opp = OPPONENTS[spec.opponent]
     return [key for key, used in (("ref", spec.ref == "rounds"), ("opponent", bool(opp and opp.copy))) if used]
-
-
-def oracle_loader(cfg, rank, world, device):
-    """parallel fsdp: the oracle's reward models and judge are held like the frozen copies, 1/N of each on
-    every rank, streamed from their safetensors and gathered whole only while they score (oracle.models()).
-    ddp: None, each rank loads them whole."""
-    if cfg["parallel"] != "fsdp":
-        return None
-    return lambda path, auto_class, dtype: fsdp.load_sharded(path, rank, world, device, dtype, master_dtype=dtype,
-                                                            frozen=True, model_class=auto_class)
 
 
 def compute_dtype(cfg, device):

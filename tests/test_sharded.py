@@ -213,7 +213,7 @@ def test_gloo_reduce_scatter_by_all_to_all_equals_reduce_scatter(tmp_path, world
 
 
 def oracle_worker(rank, world, init_file, blocks, pairs, out):
-    """Each rank builds the mixture and the judge through train_ddp.oracle_loader (fsdp), records what it holds
+    """Each rank builds the mixture and the judge through fsdp.oracle_loader (fsdp), records what it holds
     outside scoring, and scores its own share of the pairs (every world-th: the ranks score different numbers
     of batches, so their forwards must need no collective)."""
     from types import SimpleNamespace
@@ -223,7 +223,7 @@ def oracle_worker(rank, world, init_file, blocks, pairs, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     cfg = dict(config.load_config(None, []), parallel="fsdp")
-    load = train_ddp.oracle_loader(cfg, rank, world, torch.device("cpu"))
+    load = fsdp.oracle_loader(cfg, rank, world, torch.device("cpu"))
     gatherer = SimpleNamespace(cfg=cfg, lockstep=True)  # what fsdp.ShardedMethods.gathered reads of a trainer
     result = {}
     for name, block in blocks.items():
