@@ -395,11 +395,10 @@ def iteration(k, eta, tau, state, prompts, prompt_ids, oracle, trainer, cfg):
 
     # 2. the oracle: (P, n, n) win rates within each group, and (P, n, n) P(y_i > y'_j) against the opponent
     t0 = time.time()
-    with trainer.gathered(*oracle.models(), whole=True):  # fsdp: the oracle's models whole while they score
-        M = oracle.winrate_matrix(prompts, groups)
-        M_opp = None
-        if opp:
-            M_opp = oracle.winrate_matrix(prompts, [g + o for g, o in zip(groups, opp_groups)])[:, :n, n:]
+    M = oracle.winrate_matrix(prompts, groups)  # fsdp: each of its models gathered whole while it scores, in turn
+    M_opp = None
+    if opp:
+        M_opp = oracle.winrate_matrix(prompts, [g + o for g, o in zip(groups, opp_groups)])[:, :n, n:]
     judge_s = time.time() - t0
 
     # 3. examples; 4. frozen log-probs

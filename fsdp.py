@@ -50,35 +50,21 @@ class ShardedMethods:
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg["lr"], weight_decay=0.0)
 
     @contextlib.contextmanager
-    def gathered(self, *models, whole=False):
+    def gathered(self, *models):
         """Forwards without collectives (rollout: gathered, the default): every unit of the sharded `models`
         gathered once, in the compute dtype, kept for the block and freed after, so sampling and the frozen
         log-probs run as on a plain model and the ranks need not decode in lockstep. rollout: sharded keeps
-        the per-block gathers inside every forward (for models too large to gather whole); whole=True (the
-        oracle's models while they score: each rank its own responses) gathers every unit regardless."""
+        the per-block gathers inside every forward (for models too large to gather whole)."""
         units = [u for m in models if m is not None for u in getattr(m, "flat_units", [])]  # unsharded: none
-        local = whole or self.cfg["rollout"] == "gathered"  # every unit gathered: forwards need no collective
+        local = self.cfg["rollout"] == "gathered"  # every unit gathered: forwards need no collective
         if not local:  # per-block gathers stay (ranks in lockstep); a frozen model's root is gathered here only
             units = [u for u in units if u is u.root and not u.keep_gathered]
-        if not units:
-            yield
-            return
-        roots = [u for u in units if u is u.root]  # embeddings first: the forward starts there
-        for u in roots + [u for u in units if u is not u.root]:
-            u.gather(async_op=True)  # all issued at once; each block's pre-hook waits for its own, so the
-            u.pinned = True          # transfers of later blocks overlap the first forward's earlier blocks
-        for u in roots:
-            u.wait()  # the root has no hook of its own (its output layer is read outside a module call)
         self.lockstep = not local
         try:
-            yield
+            with units_gathered(units):
+                yield
         finally:
             self.lockstep = True
-            for u in units:
-                u.wait()  # never free a buffer a transfer still writes into
-                u.pinned = False
-                if not u.keep_gathered:
-                    u.free()
 
     @property
     def local_forwards(self):
@@ -381,16 +367,18 @@ def checkpoint_blocks(model):
 
 
 def load_sharded(path, rank, world, device, compute_dtype, master_dtype=torch.float32, frozen=False,
-                 activation_checkpointing=False, model_class=None):
+                 activation_checkpointing=False, model_class=None, trust_remote_code=False):
     """A sharded model straight from a checkpoint directory: a meta-device skeleton (no weights), whose units
     each rank fills with its own slices of the safetensors files; non-persistent buffers (rotary inv_freq) are
     rebuilt by the model's own initialiser. At no time does a rank hold more than its shards and one unit.
-    model_class: an Auto class (default AutoModelForCausalLM; the oracle's reward models: ...SequenceClassification)."""
+    model_class: an Auto class (default AutoModelForCausalLM; the oracle's reward models: ...SequenceClassification);
+    trust_remote_code: the class is the directory's own code (config.json's auto_map, e.g. ArmoRM's)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = (model_class or AutoModelForCausalLM).from_config(config, dtype=torch.float32)
+        model = (model_class or AutoModelForCausalLM).from_config(config, dtype=torch.float32,
+                                                                  trust_remote_code=trust_remote_code)
     if frozen:
         model.eval()
         for p in model.parameters():
@@ -404,14 +392,45 @@ def load_sharded(path, rank, world, device, compute_dtype, master_dtype=torch.fl
     return model
 
 
-def oracle_loader(cfg, rank, world, device):
-    """parallel fsdp: how the oracle loads its reward models and judge (oracle.build_oracle's load): held like the
-    frozen copies, 1/N of each on every rank, streamed from their safetensors and gathered whole only while
-    they score (oracle.models()). ddp: None, each rank loads them whole."""
-    if cfg["parallel"] != "fsdp":
-        return None
-    return lambda path, auto_class, dtype: load_sharded(path, rank, world, device, dtype, master_dtype=dtype,
-                                                       frozen=True, model_class=auto_class)
+@contextlib.contextmanager
+def units_gathered(units):
+    """Every one of `units` gathered in its compute dtype for the block, freed after (one kept gathered stays)."""
+    roots = [u for u in units if u is u.root]  # embeddings first: the forward starts there
+    for u in roots + [u for u in units if u is not u.root]:
+        u.gather(async_op=True)  # all issued at once; each block's pre-hook waits for its own, so the
+        u.pinned = True          # transfers of later blocks overlap the first forward's earlier blocks
+    for u in roots:
+        u.wait()  # the root has no hook of its own (its output layer is read outside a module call)
+    try:
+        yield
+    finally:
+        for u in units:
+            u.wait()  # never free a buffer a transfer still writes into
+            u.pinned = False
+            if not u.keep_gathered:
+                u.free()
+
+
+class OracleShards:
+    """parallel fsdp: where the oracle's reward models and judge live (oracle.build_oracle's `shards`). Held like
+    the frozen copies: 1/N of each on every rank in the oracle's dtype, streamed from its safetensors (its own
+    code too, with trust_remote_code), and gathered whole, one model at a time, only inside scoring(model):
+    local forwards, each rank scoring the responses it sampled."""
+
+    def __init__(self, rank, world, device):
+        self.rank, self.world, self.device = rank, world, device
+
+    def load(self, path, auto_class, dtype, trust_remote_code=False):
+        return load_sharded(path, self.rank, self.world, self.device, dtype, master_dtype=dtype, frozen=True,
+                            model_class=auto_class, trust_remote_code=trust_remote_code)
+
+    def scoring(self, model):
+        return units_gathered(model.flat_units)
+
+
+def oracle_shards(cfg, rank, world, device):
+    """OracleShards under parallel: fsdp; ddp: None, each rank loads the oracle's models whole."""
+    return OracleShards(rank, world, device) if cfg["parallel"] == "fsdp" else None
 
 
 def materialize_buffers(model, reader, device):

@@ -14,10 +14,9 @@ block and its fp32 gradient during the reduce-scatter). The state rows are
 exact parameter arithmetic, checked against the bytes the trainers hold
 (tests/test_sharded.py); activations are an estimate (saved tensors of a
 Llama-style block, in the compute dtype). The oracle's models are derived
-from their own config.json when their directories are here (oracle_plan:
-shards under fsdp, gathered whole while they score: a third peak); else
---oracle-gib adds them whole on every rank (the paper recipes' two 8B
-reward models in bf16: 29.9). --measured prints the plan's
+from their own config.json when their directories are here, else from the
+`arch` of each oracle model entry (oracle_plan: shards under fsdp, each
+gathered whole in turn while it scores: a third peak). --measured prints the plan's
 two peaks next to the largest rollout_peak_gib / train_peak_gib that a CUDA
 run of the same config logged (torch.cuda.max_memory_allocated per phase).
 """
@@ -27,6 +26,7 @@ import torch
 
 import comal
 import fsdp
+from keys import ConfigError
 from opponents import OPPONENTS
 
 # the public config.json numbers of the recipes' models (configs/llama3_8b_*.yaml, configs/qwen25_7b_*.yaml)
@@ -35,6 +35,8 @@ ARCHS = {
                                 num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)),
     "qwen25_7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                                 num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)),
+    "qwen2_1p5b": ("qwen2", dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)),
 }
 GIB = 2 ** 30
 
@@ -116,76 +118,95 @@ def plan(cfg, hf, blocks, root, world, device="cuda"):
     return rows, rows_peak
 
 
-def oracle_plan(block, world, parallel, device="cuda"):
-    """(bytes each rank holds of the oracle's models between scorings, bytes gathered on top while they score)
-    from the models' own config.json (their directories must be here), or None when one is absent. Under
-    fsdp a model without trust_remote_code is held as shards of its blocks and root (fsdp.oracle_loader)
-    and gathered whole to score; otherwise it is whole on every rank."""
+def oracle_model(entry, auto_class):
+    """A meta-device build of one oracle model: from its directory's config.json (its own code with
+    trust_remote_code) when it is here, else from its `arch` entry (a name of ARCHS, the head of `auto_class`);
+    None when neither says. A named arch must agree with a present directory's config.json."""
     import os
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
+
+    where, arch, path = entry.get("where", "oracle"), entry.get("arch"), str(entry["path"])
+    if arch is not None and arch not in ARCHS:
+        raise ConfigError(f"{where}.arch {arch!r} is not one of {', '.join(ARCHS)}")
+    remote = bool(entry.get("trust_remote_code"))
+    if os.path.isfile(os.path.join(path, "config.json")):
+        hf = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=remote)
+        if arch is not None:
+            kind, kw = ARCHS[arch]
+            off = {k: (getattr(hf, k, None), v) for k, v in kw.items() if getattr(hf, k, None) != v}
+            if hf.model_type != kind or off:
+                raise ConfigError(f"{where}.arch {arch} disagrees with {path}/config.json (model_type "
+                                  f"{hf.model_type}; config.json vs arch: {off}): fix or drop the arch entry")
+    elif arch is not None:
+        kind, kw = ARCHS[arch]
+        hf, remote = AutoConfig.for_model(kind, **kw), False
+    else:
+        return None
+    with torch.device("meta"):
+        return auto_class.from_config(hf, trust_remote_code=remote)
+
+
+def oracle_plan(block, world, parallel, device="cuda"):
+    """(bytes each rank holds of the oracle's models between scorings, bytes gathered on top while one scores)
+    from each model's own config.json, or its `arch` entry before its weights are here (oracle_model); None
+    when a model has neither. Under fsdp each model is held as shards of its blocks and root
+    (fsdp.OracleShards) and gathered whole, one at a time, to score: the largest one's full (padded) buffers;
+    under ddp each is whole on every rank."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if block.get("kind") == "bt_mixture":
-        entries, cls = block["models"], AutoModelForSequenceClassification
+        entries = [dict(m, where=f"oracle.models[{k}]") for k, m in enumerate(block["models"])]
+        cls = AutoModelForSequenceClassification
     elif block.get("kind") == "pairwise_judge":
         entries, cls = [block], AutoModelForCausalLM
     else:
         return 0, 0  # the category game holds no model; another kind's models are not modelled here
     dtype = block.get("dtype")
     b = 4 if dtype == "float32" or (dtype in (None, "auto") and device != "cuda") else 2
-    held = gathered = 0
+    held, gathered = 0, 0
     for m in entries:
-        if not os.path.isfile(os.path.join(str(m["path"]), "config.json")):
-            return None
-        remote = bool(m.get("trust_remote_code"))
-        try:  # a model's own code (remote) may not build on the meta device: then the plan cannot count it
-            hf = AutoConfig.from_pretrained(m["path"], local_files_only=True, trust_remote_code=remote)
-            with torch.device("meta"):
-                model = cls.from_config(hf, trust_remote_code=remote)
-        except Exception:
-            if not remote:
-                raise
+        model = oracle_model(m, cls)
+        if model is None:
             return None
         units = unit_sizes(model)
-        if parallel == "fsdp" and not remote:
+        if parallel == "fsdp":
             held += b * sum(math.ceil(n / world) for n in units)
-            gathered += b * sum(math.ceil(n / world) * world for n in units)  # the full (padded) buffers
+            gathered = max(gathered, b * sum(math.ceil(n / world) * world for n in units))
         else:
             held += b * sum(units)
     return held, gathered
 
 
-def report(cfg, arch, world, gpu_gib=80.0, oracle_gib=0.0):
+def report(cfg, arch, world, gpu_gib=80.0):
     """(lines of the per-rank plan in GiB with its peaks, rollout bytes, {activation_checkpointing: training
-    bytes}) of cfg on `world` ranks; arch: a recipe architecture name or a model directory. The oracle: from
-    its models' config.json when they are here (oracle_plan; a third peak while it scores), else oracle_gib
-    whole on every rank."""
+    bytes}, scoring bytes or None) of cfg on `world` ranks; arch: a recipe architecture name or a model
+    directory. The oracle's models (oracle_plan) are in the state, and gathered one at a time in a third peak,
+    scoring, after the rollout's buffers are freed; a model with neither its directory nor an arch entry is
+    NOT counted, and the plan says so."""
     hf, blocks, root = architecture(arch)
     rows, peaks = plan(cfg, hf, blocks, root, world)
-    derived = None if oracle_gib else oracle_plan(cfg["oracle"], world, cfg["parallel"])
-    uncounted = derived is None and not oracle_gib
-    if derived is None:
-        rows["oracle models (--oracle-gib)"] = int(oracle_gib * GIB)
-    else:
+    derived = oracle_plan(cfg["oracle"], world, cfg["parallel"])
+    if derived is not None:
         rows["oracle models (shards under fsdp)"] = derived[0]
-        peaks["scoring: the oracle's models gathered"] = derived[1]
+        peaks["scoring: one oracle model gathered"] = derived[1]
     state = sum(rows.values())
     lines = [f"memory on {world} rank(s), parallel {cfg['parallel']}, {(sum(blocks) + root) / 1e9:.2f}B parameters, "
              f"per rank (GiB):"]
     lines += [f"  {k:50s} {v / GIB:8.2f}" for k, v in {**rows, **peaks}.items()]
     rollout = state + peaks["rollout: gathered weights"] + peaks["rollout: KV cache"]
+    scoring = state + derived[1] if derived is not None else None
     train = {}
     for ckpt in (False, True):
         act = peaks["training: activations, activation_checkpointing" if ckpt else "training: activations, no checkpointing"]
         train[ckpt] = state + act + peaks["training: gathered unit / gradient buckets"]
-        scoring = state + peaks.get("scoring: the oracle's models gathered", 0)  # the rollout's buffers are freed
-        fits = "fits" if max(rollout, train[ckpt], scoring) <= gpu_gib * GIB else "does NOT fit"
+        fits = "fits" if max(rollout, train[ckpt], scoring or 0) <= gpu_gib * GIB else "does NOT fit"
         lines.append(f"  peak, activation_checkpointing={str(ckpt).lower():5s}: rollout {rollout / GIB:.1f}, training "
-                     f"{train[ckpt] / GIB:.1f}" + (f", scoring {scoring / GIB:.1f}" if derived else "") +
+                     f"{train[ckpt] / GIB:.1f}" + (f", scoring {scoring / GIB:.1f}" if scoring else "") +
                      f" -> {fits} in {gpu_gib:g} GiB")
-    if uncounted:
-        lines.append("  NOT counted: the oracle's models (their directories are not here): --oracle-gib adds them")
-    return lines, rollout, train
+    if derived is None:
+        lines.append("  NOT counted: the oracle's models (neither their directories nor an arch entry for each)")
+    return lines, rollout, train, scoring
 
 
 def disk(cfg, arch):

@@ -20,6 +20,7 @@ each kind to its class, which checks and reads its own block.
 
 Models are loaded from local directories only (no hub is assumed reachable).
 """
+import contextlib
 import json
 import math
 import os
@@ -63,10 +64,11 @@ class Oracle:
     def from_config(cls, cfg, device):
         raise NotImplementedError
 
-    SHARDABLE = False  # from_config(cfg, device, load=...) loads its models through `load` (train_ddp, fsdp)
+    SHARDABLE = False  # from_config(cfg, device, shards=...) loads each model by shards.load and runs its forwards
+    #                    inside `with shards.scoring(model):` (train_ddp under fsdp: fsdp.OracleShards)
 
     def models(self):
-        """The torch modules the oracle holds (sharded under fsdp: gathered while it scores)."""
+        """The torch modules the oracle holds (sharded under fsdp: each gathered only while it scores)."""
         return []
 
     def prob(self, prompts, responses_a, responses_b):
@@ -100,6 +102,9 @@ def check_groups(prompts, groups):
         raise ValueError("every prompt needs the same number of responses in winrate_matrix")
 
 
+ARCH_KEY = Key(None, "the model's architecture for the memory plan before its weights are here (bench/plan.py; a "
+               "name of memory_plan.ARCHS, checked against its config.json by --check); not read by training",
+               optional(text))
 MODEL_COMMON = {  # the keys of every oracle kind that runs models
     "dtype": Key("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16",
                  one_of("auto", "float32", "bfloat16", "float16")),
@@ -359,26 +364,36 @@ class RewardModel:
     """One sequence-classification reward model with its own tokenizer and chat template."""
 
     def __init__(self, path, device, dtype=None, batch_size=8, max_length=4096, use_chat_template=None,
-                 reward_index=0, trust_remote_code=False, load=None):
+                 reward_index=0, trust_remote_code=False, shards=None):
         from transformers import AutoModelForSequenceClassification
 
         self.path, self.device, self.batch_size, self.max_length = path, device, batch_size, max_length
         self.use_chat_template, self.reward_index = use_chat_template, reward_index
         self.tokenizer = load_tokenizer(path, f"reward model {path}")
         self.tokenizer.padding_side = "right"
-        if load is not None and not trust_remote_code:  # sharded (train_ddp under fsdp): a missing head fails there
-            self.model = load(path, AutoModelForSequenceClassification, model_dtype(device, dtype))
-        else:
-            self.model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=model_dtype(device, dtype), local_files_only=True, output_loading_info=True,
-                trust_remote_code=trust_remote_code)  # custom reward heads (e.g. ArmoRM's gating head) ship code
-            if info["missing_keys"]:
-                raise OracleError(f"reward model {path}: weights missing from the checkpoint "
-                                  f"({', '.join(sorted(info['missing_keys'])[:3])}): it has no trained reward head")
-            self.model.to(device)
+        self.scoring = shards.scoring if shards is not None else lambda model: contextlib.nullcontext()
+        try:
+            self.model = self.load(AutoModelForSequenceClassification, model_dtype(device, dtype), trust_remote_code,
+                                   shards)
+        except Exception as e:  # the directory's own code was written against some transformers version
+            if not trust_remote_code or isinstance(e, OracleError):
+                raise
+            import transformers
+            raise OracleError(f"reward model {path}: its own code (trust_remote_code) failed to load with transformers "
+                              f"{transformers.__version__}: {type(e).__name__}: {e}") from e
         self.model.config.pad_token_id = self.tokenizer.pad_token_id  # rows end at their last non-pad token
         self.model.eval()
         self.calls = 0  # number of sequences scored, for tests and logging
+
+    def load(self, auto_class, dtype, trust_remote_code, shards):
+        if shards is not None:  # sharded (train_ddp under fsdp): a missing head fails in the streamed load
+            return shards.load(self.path, auto_class, dtype, trust_remote_code)
+        model, info = auto_class.from_pretrained(self.path, dtype=dtype, local_files_only=True, output_loading_info=True,
+                                                 trust_remote_code=trust_remote_code)  # e.g. ArmoRM's gating head
+        if info["missing_keys"]:
+            raise OracleError(f"reward model {self.path}: weights missing from the checkpoint "
+                              f"({', '.join(sorted(info['missing_keys'])[:3])}): it has no trained reward head")
+        return model.to(self.device)
 
     @torch.no_grad()
     def score(self, prompts, responses):
@@ -386,18 +401,19 @@ class RewardModel:
         texts = [chat_text(self.tokenizer, x, y, self.use_chat_template) for x, y in zip(prompts, responses)]
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out = torch.empty(len(texts), dtype=torch.float64)
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_length,
-                                 # a chat template writes its own BOS; adding special tokens again would double it
-                                 add_special_tokens=not wants_chat_template(self.tokenizer, self.use_chat_template),
-                                 ).to(self.device)
-            output = self.model(**enc)
-            score = getattr(output, "score", None)  # ArmoRM returns its preference score here
-            reward = score.reshape(len(idx), -1)[:, 0] if score is not None else output.logits[:, self.reward_index]
-            out[idx] = reward.double().cpu()
-            self.calls += len(idx)
+        with self.scoring(self.model):
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s:s + self.batch_size]
+                enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                                     max_length=self.max_length,
+                                     # a chat template writes its own BOS; adding special tokens again would double it
+                                     add_special_tokens=not wants_chat_template(self.tokenizer, self.use_chat_template),
+                                     ).to(self.device)
+                output = self.model(**enc)
+                score = getattr(output, "score", None)  # ArmoRM returns its preference score here
+                reward = score.reshape(len(idx), -1)[:, 0] if score is not None else output.logits[:, self.reward_index]
+                out[idx] = reward.double().cpu()
+                self.calls += len(idx)
         return out
 
 
@@ -424,6 +440,7 @@ class BTMixture(Oracle):
         "reward_index": Key(0, "which output of the head is the reward", integer(0)),
         "max_length": Key(None, "this model's token limit (default: the block's max_length)", optional(integer(1))),
         "trust_remote_code": Key(False, "run the model's own code (custom reward heads, e.g. ArmoRM)", flag),
+        "arch": ARCH_KEY,
     }
 
     @classmethod
@@ -444,10 +461,10 @@ class BTMixture(Oracle):
     SHARDABLE = True
 
     @classmethod
-    def from_config(cls, cfg, device, load=None):
+    def from_config(cls, cfg, device, shards=None):
         common = {k: cfg[k] for k in ("dtype", "batch_size", "max_length") if k in cfg}
         keys = ("use_chat_template", "reward_index", "max_length", "trust_remote_code")
-        rms = [RewardModel(m["path"], device, load=load, **dict(common, **{k: m[k] for k in keys if k in m}))
+        rms = [RewardModel(m["path"], device, shards=shards, **dict(common, **{k: m[k] for k in keys if k in m}))
                for m in cfg["models"]]
         return cls(rms, [m.get("weight", 1.0 / len(cfg["models"])) for m in cfg["models"]])
 
@@ -496,7 +513,7 @@ class PairwiseJudge(Oracle):
     """
 
     def __init__(self, path, device, template=DEFAULT_JUDGE_TEMPLATE, answer_a="Output (a)", answer_b="Output (b)",
-                 dtype=None, batch_size=8, max_length=4096, use_chat_template=None, load=None):
+                 dtype=None, batch_size=8, max_length=4096, use_chat_template=None, shards=None):
         from transformers import AutoModelForCausalLM
 
         check_template(template)
@@ -504,8 +521,9 @@ class PairwiseJudge(Oracle):
         self.batch_size, self.max_length, self.use_chat_template = batch_size, max_length, use_chat_template
         self.tokenizer = load_tokenizer(path, f"judge {path}")
         self.prefix_ids, self.token_a, self.token_b = answer_tokens(self.tokenizer, answer_a, answer_b)
-        if load is not None:  # sharded (train_ddp under fsdp)
-            self.model = load(path, AutoModelForCausalLM, model_dtype(device, dtype))
+        self.scoring = shards.scoring if shards is not None else lambda model: contextlib.nullcontext()
+        if shards is not None:  # sharded (train_ddp under fsdp)
+            self.model = shards.load(path, AutoModelForCausalLM, model_dtype(device, dtype))
         else:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype(device, dtype),
                                                               local_files_only=True).to(device)
@@ -520,6 +538,7 @@ class PairwiseJudge(Oracle):
         "answer_b": Key("Output (b)", "the answer that says the second output is better", text),
         "use_chat_template": Key(None, "wrap the judge's prompt in its chat template (default: if it has one)",
                                  optional(flag)),
+        "arch": ARCH_KEY,
         **MODEL_COMMON,
     }
 
@@ -538,9 +557,9 @@ class PairwiseJudge(Oracle):
     SHARDABLE = True
 
     @classmethod
-    def from_config(cls, cfg, device, load=None):
+    def from_config(cls, cfg, device, shards=None):
         keys = ("template", "answer_a", "answer_b", "use_chat_template", "dtype", "batch_size", "max_length")
-        return cls(cfg["path"], device, load=load, **{k: cfg[k] for k in keys if k in cfg})
+        return cls(cfg["path"], device, shards=shards, **{k: cfg[k] for k in keys if k in cfg})
 
     def models(self):
         return [self.model]
@@ -561,15 +580,16 @@ class PairwiseJudge(Oracle):
         seqs = [self.judge_ids(x, a, b) for x, a, b in zip(prompts, firsts, seconds)]
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         out = torch.empty(len(seqs), dtype=torch.float64)
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            ids, mask = left_pad([seqs[i] for i in idx], self.tokenizer.pad_token_id, self.device)
-            h = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                                      use_cache=False).last_hidden_state[:, -1]  # (b, H)
-            logits = output_logits(self.model, h).float()  # (b, V): only the last position reaches the output layer
-            two = torch.stack([logits[:, self.token_a], logits[:, self.token_b]], -1)
-            out[idx] = torch.softmax(two.double(), -1)[:, 0].cpu()
-            self.calls += len(idx)
+        with self.scoring(self.model):
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s:s + self.batch_size]
+                ids, mask = left_pad([seqs[i] for i in idx], self.tokenizer.pad_token_id, self.device)
+                h = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                                          use_cache=False).last_hidden_state[:, -1]  # (b, H)
+                logits = output_logits(self.model, h).float()  # (b, V): only the last position reaches the output
+                two = torch.stack([logits[:, self.token_a], logits[:, self.token_b]], -1)
+                out[idx] = torch.softmax(two.double(), -1)[:, 0].cpu()
+                self.calls += len(idx)
         return out
 
     def prob(self, prompts, responses_a, responses_b):
@@ -641,6 +661,26 @@ def check_reward_model_dir(m, where):
                           "not a *ForSequenceClassification reward model (no reward head)")
     if not m.get("trust_remote_code") and m.get("reward_index", 0) >= getattr(config, "num_labels", 1):
         raise OracleError(f"{where}.reward_index {m['reward_index']} >= num_labels {config.num_labels}")
+    if m.get("trust_remote_code"):
+        check_remote_code(m["path"], config, where)
+
+
+def check_remote_code(path, config, where):
+    """A trust_remote_code reward model's class, imported from its directory before any weights load: code
+    written against another transformers version (ArmoRM's imports LLAMA_INPUTS_DOCSTRING, gone in 5.x) fails
+    here, in one line."""
+    import transformers
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    ref = (getattr(config, "auto_map", None) or {}).get("AutoModelForSequenceClassification")
+    if not ref:
+        raise OracleError(f"{where}: trust_remote_code is set but {path}/config.json's auto_map names no "
+                          "AutoModelForSequenceClassification class")
+    try:
+        get_class_from_dynamic_module(ref, path, local_files_only=True)
+    except Exception as e:
+        raise OracleError(f"{where}: {path}'s own code ({ref}) does not import with transformers "
+                          f"{transformers.__version__}: {type(e).__name__}: {e}") from None
 
 
 def check_oracle_config(block, check_paths=True):
@@ -665,12 +705,15 @@ def load_payoff_file(path):
         raise OracleError(f"oracle.payoff: {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
-def build_oracle(block=None, device=None, load=None):
-    """An Oracle from a config block (default: the category game of App. I). load(path, auto_class, dtype) ->
-    model: how a kind whose SHARDABLE is set loads its models (train_ddp under fsdp: sharded; default whole)."""
+def build_oracle(block=None, device=None, shards=None):
+    """An Oracle from a config block (default: the category game of App. I). shards (train_ddp under fsdp:
+    fsdp.OracleShards): how a kind whose SHARDABLE is set loads its models and holds them while they score;
+    default: whole on `device`."""
     cfg = check_oracle_config(block if block is not None else {"kind": "category"})
     kind, device = KINDS[cfg["kind"]], torch.device(device) if device is not None else default_device()
-    return kind.from_config(cfg, device, load=load) if load is not None and kind.SHARDABLE else kind.from_config(cfg, device)
+    if shards is not None and kind.SHARDABLE:
+        return kind.from_config(cfg, device, shards=shards)
+    return kind.from_config(cfg, device)
 
 
 def load_oracle_yaml(path):

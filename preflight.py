@@ -4,7 +4,7 @@ checked without a GPU and without loading weights, every problem at once, then t
 Checked: each key's value, the algorithm's keys and its loss on a synthetic group, the model directory (config,
 weights, a tokenizer that loads, its chat template), the prompt set and its field, the held-out prompt file,
 every model directory of the oracle (and its head), and, when all of that holds, the relations between keys
-(config.check_config). A model's remote code (trust_remote_code) is not run here.
+(config.check_config). A reward model's own code (trust_remote_code) is imported, not run (oracle.check_remote_code).
 """
 import memory_plan
 import oracle as oracle_lib
@@ -81,10 +81,14 @@ def check(argv, world=1, gpu_gib=80.0):
     if found:
         print(f"check: {len(found)} problem(s) with {argv[0]}:\n" + "\n".join(f"  - {p}" for p in found))
         return 2
+    try:  # the plan reads the oracle's arch entries against their config.json
+        lines = memory_plan.report(cfg, cfg["model"], world, gpu_gib)[0] if cfg["model"] is not None else None
+    except ConfigError as e:
+        print(f"check: 1 problem with {argv[0]}:\n  - {e}")
+        return 2
     print(f"check: {argv[0]} is ready to run on {world} rank(s)")
-    if cfg["model"] is None:
+    if lines is None:
         print("check: model null: the tiny embedded base (built at the first run); no plan printed")
         return 0
-    lines, _, _ = memory_plan.report(cfg, cfg["model"], world, gpu_gib)
     print("\n".join(lines + [memory_plan.disk(cfg, cfg["model"])[2]]))
     return 0

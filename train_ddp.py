@@ -121,8 +121,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def gathered(self, *models, whole=False):
-        """The models' weights whole for a rollout or the oracle's scoring: they always are here."""
+    def gathered(self, *models):
+        """The models' weights whole for a rollout: they always are here."""
         yield
 
     @property
@@ -432,7 +432,7 @@ def train_locked(cfg, rank, world, device, say):
     spec = comal.ALGOS[cfg["algo"]]
     base_path = base_policy_path(cfg, master, world, say)
     state, trainer = load_models(cfg, spec, base_path, resume, rank, world, device)
-    oracle = oracle_lib.build_oracle(cfg["oracle"], device=device, load=fsdp.oracle_loader(cfg, rank, world, device))
+    oracle = oracle_lib.build_oracle(cfg["oracle"], device=device, shards=fsdp.oracle_shards(cfg, rank, world, device))
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
 
     def log(record):  # rank 0; a failed write (a full disk) stops every rank at the iteration's end (io_check)
@@ -573,8 +573,7 @@ def winrate_vs_mu(state, trainer, cfg, oracle, k, x, x_ids, responses):
     policy.eval()
     with trainer.autocast(), trainer.gathered(policy):
         _, new = comal.sample_groups(policy, tokenizer, x_ids, dict(cfg, n_samples=1), gen, trainer.all_done)
-    with trainer.gathered(*oracle.models(), whole=True):
-        wins = float(oracle.prob(x, [g[0] for g in new], responses).double().sum())
+    wins = float(oracle.prob(x, [g[0] for g in new], responses).double().sum())
     return trainer.all_reduce_sum(wins) / trainer.all_reduce_sum(float(len(x)))
 
 

@@ -33,6 +33,63 @@ def save_reward_model(path, seed, vocab, chat):
     return str(path)
 
 
+REMOTE_CODE = '''"""A reward model whose head is its own code (as ArmoRM's gating head is): a Llama trunk, a regression layer
+to several objectives, a frozen transform matrix and a gating MLP on the last token; its output carries `score`."""
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaModel, LlamaPreTrainedModel
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class GatedOutput(ModelOutput):
+    score: torch.FloatTensor = None
+    rewards: torch.FloatTensor = None
+
+
+class GatedRewardModel(LlamaPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        k = config.num_objectives
+        self.regression_layer = torch.nn.Linear(config.hidden_size, k, bias=False)
+        self.gating = torch.nn.Sequential(torch.nn.Linear(config.hidden_size, 16), torch.nn.ReLU(), torch.nn.Linear(16, k))
+        self.post_init()
+        self.reward_transform_matrix = torch.nn.Parameter(torch.ones(k, k) / k + torch.arange(k * k).view(k, k) / k ** 2,
+                                                          requires_grad=False)
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        h = self.model(input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(-1) - 1  # right padding
+        h = h[torch.arange(h.shape[0]), last]
+        rewards = self.regression_layer(h) @ self.reward_transform_matrix
+        score = (torch.softmax(self.gating(h), -1) * rewards).sum(-1)
+        return GatedOutput(score=score, rewards=rewards)
+'''
+
+
+def save_remote_code_reward_model(path, seed, vocab):
+    """A tiny reward model loadable only with trust_remote_code: its class lives in the directory's own
+    modeling_gated.py (config.json's auto_map), as ArmoRM's does."""
+    import importlib.util
+
+    os.makedirs(path, exist_ok=True)
+    (path / "modeling_gated.py").write_text(REMOTE_CODE)
+    spec = importlib.util.spec_from_file_location(f"modeling_gated_{seed}", path / "modeling_gated.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tok = tiny.train_tokenizer(tiny.synthetic_text(seed=seed), vocab, chat_template=True)
+    torch.manual_seed(seed)
+    config = llama_config(tok, num_objectives=3)
+    config.auto_map = {"AutoModelForSequenceClassification": "modeling_gated.GatedRewardModel"}
+    config.architectures = ["GatedRewardModel"]
+    module.GatedRewardModel(config).save_pretrained(path)
+    config.save_pretrained(path)  # save_pretrained of an unregistered class drops auto_map: write it back
+    tok.save_pretrained(path)
+    return str(path)
+
+
 def save_judge(path, seed=7):
     tok = tiny.train_tokenizer(tiny.synthetic_text(seed=seed), 350)
     torch.manual_seed(seed)
@@ -296,6 +353,24 @@ def test_bad_paths_fail_before_loading_with_one_line(models, tmp_path):
         oracle.load_oracle_yaml(str(tmp_path / "bad.yaml"))
     (tmp_path / "payoff.json").write_text(json.dumps([[0.5, 0.1], [0.9]]))
     expect_error({"kind": "category", "categories": ["a", "b"], "payoff": str(tmp_path / "payoff.json")}, "not square")
+
+
+def test_a_reward_models_own_code_that_does_not_import_is_one_line_before_loading(tmp_path):
+    """trust_remote_code: the class in the directory's auto_map is imported by the config check, before any
+    weights load; code written for another transformers (ArmoRM's imports LLAMA_INPUTS_DOCSTRING, which
+    transformers 5 no longer has) is one OracleError naming the model, the version and the import."""
+    path = save_remote_code_reward_model(tmp_path / "rm", 3, 300)
+    block = {"kind": "bt_mixture", "models": [{"path": path, "trust_remote_code": True}]}
+    assert oracle.check_oracle_config(block)["kind"] == "bt_mixture"  # it imports
+    code = tmp_path / "rm" / "modeling_gated.py"
+    code.write_text(code.read_text().replace(
+        "from transformers.utils import ModelOutput",
+        "from transformers.utils import ModelOutput\nfrom transformers.models.llama.modeling_llama import LLAMA_INPUTS_DOCSTRING"))
+    expect_error(block, "oracle.models[0]", "modeling_gated.GatedRewardModel", "does not import with transformers",
+                 "LLAMA_INPUTS_DOCSTRING")
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    (tmp_path / "rm" / "config.json").write_text(json.dumps(dict(config, auto_map={})))
+    expect_error(block, "auto_map names no AutoModelForSequenceClassification")
 
 
 def test_bad_templates_and_answers(models):

@@ -1,5 +1,6 @@
 """Sharded mode at scale: streamed loading (each rank reads only its slices of the checkpoint), rollout from
 gathered weights (no collectives per token, the same samples as the per-block path), and a two-node launch."""
+import contextlib
 import json
 import os
 import subprocess
@@ -213,59 +214,68 @@ def test_gloo_reduce_scatter_by_all_to_all_equals_reduce_scatter(tmp_path, world
 
 
 def oracle_worker(rank, world, init_file, blocks, pairs, out):
-    """Each rank builds the mixture and the judge through fsdp.oracle_loader (fsdp), records what it holds
-    outside scoring, and scores its own share of the pairs (every world-th: the ranks score different numbers
-    of batches, so their forwards must need no collective)."""
-    from types import SimpleNamespace
-
+    """Each rank builds the mixture and the judge through fsdp.OracleShards, records what it holds outside
+    scoring and the most it holds gathered at once while scoring, and scores its own share of the pairs (every
+    world-th: the ranks score different numbers of batches, so their forwards must need no collective)."""
     import oracle as oracle_lib
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    cfg = dict(config.load_config(None, []), parallel="fsdp")
-    load = fsdp.oracle_loader(cfg, rank, world, torch.device("cpu"))
-    gatherer = SimpleNamespace(cfg=cfg, lockstep=True)  # what fsdp.ShardedMethods.gathered reads of a trainer
-    result = {}
+    result, units = {}, []
+    allocated = lambda: sum(u.full.untyped_storage().size() for u in units)  # noqa: E731
+
+    class Watched(fsdp.OracleShards):
+        @contextlib.contextmanager
+        def scoring(self, model):
+            with super().scoring(model):
+                result[name]["at_once"] = max(result[name]["at_once"], allocated())
+                yield
+
     for name, block in blocks.items():
-        o = oracle_lib.build_oracle(block, "cpu", load=load)
+        result[name] = {"at_once": 0}
+        o = oracle_lib.build_oracle(block, "cpu", shards=Watched(rank, world, torch.device("cpu")))
         units = [u for m in o.models() for u in m.flat_units]
-        result[name] = {"held": sum(u.shard.numel() * u.shard.element_size() for u in units),
-                        "total": sum(u.total * u.shard.element_size() for u in units),
-                        "allocated": sum(u.full.untyped_storage().size() for u in units)}
+        result[name].update(held=sum(u.shard.numel() * u.shard.element_size() for u in units),
+                            total=sum(u.total * u.shard.element_size() for u in units), allocated=allocated(),
+                            largest=max(sum(u.total * u.shard.element_size() for u in m.flat_units) for m in o.models()))
         xs, a, b = (v[rank::world] for v in pairs)
-        with fsdp.ShardedMethods.gathered(gatherer, *o.models(), whole=True):
-            result[name]["prob"] = o.prob(xs, a, b)
-        result[name]["allocated_after"] = sum(u.full.untyped_storage().size() for u in units)
+        result[name]["prob"] = o.prob(xs, a, b)
+        result[name]["allocated_after"] = allocated()
     torch.save(result, f"{out}{rank}")
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_sharded_oracle_scores_as_the_whole_one_and_holds_a_shard(tmp_path):
-    """A Bradley-Terry mixture of two tiny reward models and a tiny pairwise judge under fsdp on 2 gloo ranks:
-    each rank holds 1/2 of their parameters outside scoring (no gathered buffer), and its scores of its own
-    pairs equal the unsharded oracle's to 1e-5 (fp32)."""
+    """A Bradley-Terry mixture of three tiny reward models (one of them its own code, loaded with
+    trust_remote_code as ArmoRM is) and a tiny pairwise judge under fsdp on 2 gloo ranks: each rank holds 1/2 of
+    their parameters outside scoring (no gathered buffer), one model whole at a time while scoring, and its
+    scores of its own pairs equal the unsharded oracle's to 1e-5 (fp32); the memory plan's bytes are these."""
+    import memory_plan
     import oracle as oracle_lib
-    from test_oracle import PROMPTS, RESPONSES, all_pairs, save_judge, save_reward_model
+    from test_oracle import PROMPTS, RESPONSES, all_pairs, save_judge, save_remote_code_reward_model, save_reward_model
 
     rm1, rm2 = save_reward_model(tmp_path / "rm1", 1, 300, chat=True), save_reward_model(tmp_path / "rm2", 2, 420, chat=False)
-    blocks = {"mixture": {"kind": "bt_mixture", "models": [{"path": rm1, "weight": 0.7}, {"path": rm2, "weight": 0.3}],
-                          "dtype": "float32"},
+    rm3 = save_remote_code_reward_model(tmp_path / "rm3", 3, 360)
+    blocks = {"mixture": {"kind": "bt_mixture", "dtype": "float32", "models": [
+                  {"path": rm1, "weight": 0.5}, {"path": rm2, "weight": 0.2}, {"path": rm3, "weight": 0.3,
+                                                                               "trust_remote_code": True}]},
               "judge": {"kind": "pairwise_judge", "path": save_judge(tmp_path / "judge"), "dtype": "float32"}}
     pairs = all_pairs(PROMPTS, RESPONSES)
     spawn(oracle_worker, args=(2, str(tmp_path / "init"), blocks, pairs, str(tmp_path / "rank")), nprocs=2)
-    import memory_plan
-
     for name, block in blocks.items():
         whole = oracle_lib.build_oracle(block, "cpu").prob(*pairs)
         held, gathered = memory_plan.oracle_plan(block, 2, "fsdp", device="cpu")  # the plan: exact arithmetic
         for r in (0, 1):
             got = torch.load(tmp_path / f"rank{r}")[name]
-            assert got["held"] == held and got["total"] <= gathered < got["total"] + 64 * 4 * 8, (got, held, gathered)
+            assert got["held"] == held, (got, held)
+            assert got["at_once"] == gathered and got["largest"] <= gathered < got["largest"] + 64 * 4 * 8, (got, gathered)
             assert got["allocated"] == 0 and got["allocated_after"] == 0, got  # nothing gathered outside scoring
             assert got["total"] / 2 <= got["held"] <= got["total"] / 2 + 64 * len(block.get("models", [0])) * 8, got
             assert torch.allclose(got["prob"].double(), whole[r::2].double(), atol=1e-5, rtol=0), (name, r)
         assert float((whole - 0.5).abs().max()) > 1e-3  # the scores say something
+    rm3_alone = oracle_lib.build_oracle(dict(blocks["mixture"], models=[dict(blocks["mixture"]["models"][2], weight=1)]))
+    assert float((rm3_alone.prob(*pairs) - 0.5).abs().max()) > 1e-3  # the remote-code model's scores count
 
 
 @pytest.mark.slow
