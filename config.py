@@ -44,8 +44,10 @@ RUN_KEYS = {
     "prompts_per_iteration": Key(32, "prompts used per iteration, from the iteration's subset (0 = all of it)",
                                  integer(0)),
     "lr": Key(5e-7, "AdamW peak learning rate, in (0, 1] (paper: 5e-7)", number(0, 1, lo_open=True)),
-    "warmup_ratio": Key(0.1, "linear warmup fraction of each iteration's steps, then cosine to 0 (paper: 10%)",
-                        number(0, 1, hi_open=True)),
+    "warmup_ratio": Key(0.1, "linear warmup fraction of each iteration's steps, then lr_schedule's decay to 0 "
+                        "(paper: 10%)", number(0, 1, hi_open=True)),
+    "lr_schedule": Key("cosine", "the decay after warmup, restarted every iteration: cosine (Sec. 5, App. J) or "
+                       "linear (App. K)", one_of("cosine", "linear")),
     "weight_decay": Key(0.0, "AdamW weight decay", number(0)),
     "batch_size": Key(32, "global examples per optimizer step, at most an iteration's examples (paper: 32)",
                       integer(1)),

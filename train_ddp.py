@@ -183,11 +183,14 @@ class Trainer:
                 p_t.mul_(1 - kappa).add_(p.detach().to(p_t.dtype), alpha=kappa)
 
     def lr_at(self, step, steps):
-        """Linear warmup over warmup_ratio of the iteration's steps, then cosine to 0 (restarted every iteration)."""
+        """Linear warmup over warmup_ratio of the iteration's steps, then cosine or linear (lr_schedule) to 0;
+        restarted every iteration."""
         warm = math.ceil(self.cfg["warmup_ratio"] * steps)
         if step < warm:
             return self.cfg["lr"] * (step + 1) / warm
         progress = (step - warm) / max(1, steps - warm)
+        if self.cfg["lr_schedule"] == "linear":
+            return self.cfg["lr"] * (1 - progress)
         return self.cfg["lr"] * 0.5 * (1 + math.cos(math.pi * progress))
 
     def step(self, micro_losses, k, step, steps):

@@ -27,7 +27,7 @@ from test_train import ddp_model, global_batches, micro_losses, small_cfg
 ITERATIONS = 4
 SETTINGS = {  # name: the config of an ITERATIONS-iteration run
     "comal_K2": dict(algo="comal", ref_update_every=2, warmup_ratio=0.4),  # 6 steps an iteration, 3 of warmup
-    "comal_K3": dict(algo="comal", ref_update_every=3),
+    "comal_K3": dict(algo="comal", ref_update_every=3, lr_schedule="linear", warmup_ratio=0.3),
     "mirror_prox": dict(algo="mirror_prox"),
     "omwu": dict(algo="omwu"),
     "nashmp": dict(algo="nashmp", kappa=0.3, epochs=1, batch_size=32, micro_batch_size=16),  # 0.5: a swap unseen
@@ -122,24 +122,26 @@ def test_nashmp_target_is_the_ema_of_every_optimizer_step(base, runs):
     assert not equal(copy_at(out, ITERATIONS - 1, "opponent"), policy_at(out, ITERATIONS - 1, base))
 
 
-def test_the_lr_schedule_warms_up_decays_and_restarts_every_iteration(base, runs):
+@pytest.mark.parametrize("name", ["comal_K2", "comal_K3"])
+def test_the_lr_schedule_warms_up_decays_and_restarts_every_iteration(base, runs, name):
     """The lr of every optimizer step (metrics.jsonl) against the schedule written out: in each iteration of S
-    steps, W = ceil(warmup_ratio S) steps of linear warmup lr (i + 1) / W, then a cosine from lr to 0 over the
-    other S - W steps; the next iteration starts again at step 0."""
+    steps, W = ceil(warmup_ratio S) steps of linear warmup lr (i + 1) / W, then a cosine (comal_K2) or a line
+    (comal_K3, lr_schedule linear) from lr to 0 over the other S - W steps; the next iteration starts again."""
     import json
     import math
 
-    out, _ = runs("comal_K2")
-    cfg = cfg_of(base, out, "comal_K2")
+    out, _ = runs(name)
+    cfg = cfg_of(base, out, name)
     rows = [json.loads(x) for x in open(out / "metrics.jsonl") if '"step"' in x]
     assert sorted({r["iteration"] for r in rows}) == list(range(ITERATIONS))
+    decay = {"cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p)), "linear": lambda p: 1 - p}[cfg["lr_schedule"]]
     for k in range(ITERATIONS):
         lrs = [r["lr"] for r in rows if r["iteration"] == k]
         S = len(lrs)
         W = math.ceil(cfg["warmup_ratio"] * S)
         assert S >= 4 and W >= 2, (S, W)
         want = [cfg["lr"] * (i + 1) / W for i in range(W)]
-        want += [cfg["lr"] * 0.5 * (1 + math.cos(math.pi * (i - W) / (S - W))) for i in range(W, S)]
+        want += [cfg["lr"] * decay((i - W) / (S - W)) for i in range(W, S)]
         assert lrs == pytest.approx(want, rel=1e-12, abs=0), (k, lrs, want)
 
 
