@@ -102,6 +102,10 @@ def test_check_lists_every_missing_path_of_a_recipe_at_once(capsys):
                    "oracle.models[0]: model directory /models/Skywork-Reward-Llama-3.1-8B-v0.2 does not exist",
                    "oracle.models[1]: model directory /models/ArmoRM-Llama3-8B-v0.1 does not exist"):
         assert f"\n  - {needle}" in out, needle
+    assert train_ddp.cli(["configs/qwen2_1p5b_comal.yaml", "--check", "--world", "8"]) == 2  # App. K: the judge
+    out = capsys.readouterr().out
+    assert out.startswith("check: 3 problem(s) with configs/qwen2_1p5b_comal.yaml:\n"), out
+    assert "\n  - oracle.path: model directory /models/Llama-3-OffsetBias-8B does not exist" in out, out
 
 
 def test_check_on_a_ready_config_prints_the_plans(base, capsys):
