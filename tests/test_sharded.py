@@ -261,6 +261,7 @@ def test_sharded_oracle_scores_as_the_whole_one_and_holds_a_shard(tmp_path):
                   {"path": rm1, "weight": 0.5}, {"path": rm2, "weight": 0.2}, {"path": rm3, "weight": 0.3,
                                                                                "trust_remote_code": True}]},
               "judge": {"kind": "pairwise_judge", "path": save_judge(tmp_path / "judge"), "dtype": "float32"}}
+    blocks["mixture_bf16"] = dict(blocks["mixture"], dtype="bfloat16")  # the GPU's oracle dtype, on CPU
     pairs = all_pairs(PROMPTS, RESPONSES)
     spawn(oracle_worker, args=(2, str(tmp_path / "init"), blocks, pairs, str(tmp_path / "rank")), nprocs=2)
     for name, block in blocks.items():
@@ -274,6 +275,8 @@ def test_sharded_oracle_scores_as_the_whole_one_and_holds_a_shard(tmp_path):
             assert got["total"] / 2 <= got["held"] <= got["total"] / 2 + 64 * len(block.get("models", [0])) * 8, got
             assert torch.allclose(got["prob"].double(), whole[r::2].double(), atol=1e-5, rtol=0), (name, r)
         assert float((whole - 0.5).abs().max()) > 1e-3  # the scores say something
+    fp32, bf16 = (oracle_lib.build_oracle(blocks[name], "cpu").prob(*pairs) for name in ("mixture", "mixture_bf16"))
+    assert 0 < float((bf16 - fp32).abs().max()) < 0.05  # bf16: near fp32 (measured 0.020 here), and not it
     rm3_alone = oracle_lib.build_oracle(dict(blocks["mixture"], models=[dict(blocks["mixture"]["models"][2], weight=1)]))
     assert float((rm3_alone.prob(*pairs) - 0.5).abs().max()) > 1e-3  # the remote-code model's scores count
 
@@ -282,7 +285,8 @@ def test_sharded_oracle_scores_as_the_whole_one_and_holds_a_shard(tmp_path):
 def test_training_with_a_sharded_reward_model_oracle_equals_ddp(base, tmp_path):
     """One COMAL iteration on 2 ranks with a Bradley-Terry mixture of two tiny reward models: under fsdp the
     oracle's models are sharded and gathered only while they score (comal.iteration, winrate_vs_mu); the logged
-    loss and win rate equal the DDP run's, whose ranks hold the reward models whole."""
+    loss and win rate equal the DDP run's, whose ranks hold the reward models whole. Then the bf16 path with
+    the oracle sharded in bf16: a resume from iteration 0 is bitwise, and its loss is near fp32's."""
     import yaml
 
     from conftest import launch
@@ -303,3 +307,21 @@ def test_training_with_a_sharded_reward_model_oracle_equals_ddp(base, tmp_path):
     (d,), (f,) = rows["ddp"], rows["fsdp"]
     assert d["loss"] == pytest.approx(f["loss"], rel=1e-4) and d["winrate_vs_mu"] == pytest.approx(f["winrate_vs_mu"], abs=1e-4)
     assert d["preference_signal"] and 0 < d["winrate_vs_mu"] < 1
+
+    # bf16, the GPU's path on CPU: fsdp with the reward models sharded in bf16 for 2 iterations, and the same run
+    # resumed from its iteration 0 in another out_dir: iteration 1's checkpoint (policy, pi_ref) and its logged
+    # row are bitwise the uninterrupted run's
+    argv = [str(tmp_path / "rm.yaml"), "parallel=fsdp", "dtype=bfloat16", "oracle.dtype=bfloat16", "iterations=2"]
+    bf, again = tmp_path / "bf16", tmp_path / "bf16_resumed"
+    for out, extra in ((bf, []), (again, [f"resume={checkpoint.checkpoint_dir(str(bf), 0)}"])):
+        status, said, _ = launch("train_ddp", argv + [f"out_dir={out}"] + extra, tmp_path / f"logs_{out.name}")
+        assert status == [0, 0], said
+    assert "resumed from" in said[0]
+    tensors = [{name: f["sha256"] for name, f in json.load(open(os.path.join(checkpoint.checkpoint_dir(str(out), 1),
+                                                                         "manifest.json")))["files"].items()
+                if name.endswith(".safetensors")} for out in (bf, again)]  # policy, pi_ref, AdamW: every shard
+    assert tensors[0] == tensors[1] and any(n.startswith("ref/") for n in tensors[0]), tensors
+    last = [[json.loads(x) for x in open(out / "metrics.jsonl") if '"train_s"' in x][-1] for out in (bf, again)]
+    assert {k: last[0][k] for k in ("loss", "winrate_vs_mu")} == {k: last[1][k] for k in ("loss", "winrate_vs_mu")}
+    first = [json.loads(x) for x in open(bf / "metrics.jsonl") if '"train_s"' in x][0]
+    assert first["loss"] != f["loss"] and first["loss"] == pytest.approx(f["loss"], rel=0.1)  # bf16, near fp32
