@@ -1,6 +1,7 @@
 """Sharded mode at scale: streamed loading (each rank reads only its slices of the checkpoint), rollout from
 gathered weights (no collectives per token, the same samples as the per-block path), and a two-node launch."""
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -281,6 +282,26 @@ def test_sharded_oracle_scores_as_the_whole_one_and_holds_a_shard(tmp_path):
     assert float((rm3_alone.prob(*pairs) - 0.5).abs().max()) > 1e-3  # the remote-code model's scores count
 
 
+def watch_phases(path, rank):
+    """launch's patch: whenever an oracle model starts scoring, this rank appends to path.RANK the bytes then
+    gathered by sharded units other than that model's and those kept gathered (the rollout's policy, the frozen
+    copies, the other oracle models): the phases must not overlap, so every line reads 0."""
+    units, init, scoring = [], fsdp.FlatUnit.__init__, fsdp.OracleShards.scoring
+
+    def register(self, *a, **kw):
+        init(self, *a, **kw)
+        units.append(self)
+
+    def watched(self, model):
+        mine = {id(u) for u in model.flat_units}
+        stray = sum(u.full.untyped_storage().size() for u in units if id(u) not in mine and not u.keep_gathered)
+        with open(f"{path}.{rank}", "a") as f:
+            f.write(f"{stray}\n")
+        return scoring(self, model)
+
+    fsdp.FlatUnit.__init__, fsdp.OracleShards.scoring = register, watched
+
+
 @pytest.mark.slow
 def test_training_with_a_sharded_reward_model_oracle_equals_ddp(base, tmp_path):
     """One COMAL iteration on 2 ranks with a Bradley-Terry mixture of two tiny reward models: under fsdp the
@@ -301,12 +322,15 @@ def test_training_with_a_sharded_reward_model_oracle_equals_ddp(base, tmp_path):
     for parallel in ("ddp", "fsdp"):
         out = tmp_path / parallel
         status, said, _ = launch("train_ddp", [str(tmp_path / "rm.yaml"), f"out_dir={out}", f"parallel={parallel}"],
-                                 tmp_path / f"logs_{parallel}")
+                                 tmp_path / f"logs_{parallel}",
+                                 patch=functools.partial(watch_phases, str(tmp_path / "phases")) if parallel == "fsdp" else None)
         assert status == [0, 0], said
         rows[parallel] = [json.loads(x) for x in open(out / "metrics.jsonl") if '"train_s"' in x]
     (d,), (f,) = rows["ddp"], rows["fsdp"]
     assert d["loss"] == pytest.approx(f["loss"], rel=1e-4) and d["winrate_vs_mu"] == pytest.approx(f["winrate_vs_mu"], abs=1e-4)
     assert d["preference_signal"] and 0 < d["winrate_vs_mu"] < 1
+    for r in (0, 1):  # 2 reward models scoring the groups, then the win rate vs mu: nothing else gathered then
+        assert (tmp_path / f"phases.{r}").read_text().split() == ["0"] * 4, r
 
     # bf16, the GPU's path on CPU: fsdp with the reward models sharded in bf16 for 2 iterations, and the same run
     # resumed from its iteration 0 in another out_dir: iteration 1's checkpoint (policy, pi_ref) and its logged
