@@ -9,6 +9,7 @@ import os
 import checkpoint
 import comal
 import examples
+import model_dirs
 import oracle as oracle_lib
 import smollm2  # noqa: F401 -- adds the offline demo's oracle kind, minilm_rubrics, to oracle.KINDS
 from keys import ConfigError  # noqa: F401 -- config.ConfigError, as callers name it
@@ -229,7 +230,7 @@ def check_config(cfg, world):
         raise ConfigError(f"resume_changes: {unknown} are not config keys")
     if cfg["model"] is not None:
         try:
-            oracle_lib.check_model_dir(cfg["model"], "model")
+            model_dirs.check_model_dir(cfg["model"], "model")
         except oracle_lib.OracleError as e:
             raise ConfigError(str(e)) from None
     # reads the prompts: a missing field or subsets too small for the world size are reported now

@@ -38,6 +38,7 @@ import torch.distributed as dist
 import checkpoint
 import comal
 import config
+import model_dirs
 import oracle as oracle_lib
 
 GENERATED = []  # names of the models generated for in this process (tests count them)
@@ -54,7 +55,7 @@ class EvalError(ValueError):
 
 def check_checkpoint(path, name):
     try:
-        config = oracle_lib.check_model_dir(path, f"model {name}")
+        config = model_dirs.check_model_dir(path, f"model {name}")
     except oracle_lib.OracleError as e:
         raise EvalError(str(e)) from None
     archs = getattr(config, "architectures", None) or []

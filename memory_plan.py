@@ -20,6 +20,7 @@ gathered whole in turn while it scores: a third peak). --measured prints the pla
 two peaks next to the largest rollout_peak_gib / train_peak_gib that a CUDA
 run of the same config logged (torch.cuda.max_memory_allocated per phase).
 """
+import functools
 import math
 
 import torch
@@ -46,14 +47,23 @@ def architecture(arch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if arch in ARCHS:
-        kind, kw = ARCHS[arch]
-        hf = AutoConfig.for_model(kind, **kw)
-    else:
-        hf = AutoConfig.from_pretrained(arch, local_files_only=True)
+        hf = AutoConfig.for_model(ARCHS[arch][0], **ARCHS[arch][1])
+        *blocks, root = named_units(arch, AutoModelForCausalLM)
+        return hf, blocks, root
+    hf = AutoConfig.from_pretrained(arch, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf)
     *blocks, root = unit_sizes(model)
     return hf, blocks, root
+
+
+@functools.lru_cache(maxsize=None)
+def named_units(arch, auto_class):
+    """unit_sizes of a named architecture (ARCHS) with `auto_class`'s head, built once on the meta device."""
+    from transformers import AutoConfig
+
+    with torch.device("meta"):
+        return tuple(unit_sizes(auto_class.from_config(AutoConfig.for_model(ARCHS[arch][0], **ARCHS[arch][1]))))
 
 
 def unit_sizes(model):
@@ -118,10 +128,10 @@ def plan(cfg, hf, blocks, root, world, device="cuda"):
     return rows, rows_peak
 
 
-def oracle_model(entry, auto_class):
-    """A meta-device build of one oracle model: from its directory's config.json (its own code with
-    trust_remote_code) when it is here, else from its `arch` entry (a name of ARCHS, the head of `auto_class`);
-    None when neither says. A named arch must agree with a present directory's config.json."""
+def oracle_units(entry, auto_class):
+    """unit_sizes of one oracle model, built on the meta device from its directory's config.json (its own code
+    with trust_remote_code) when it is here, else from its `arch` entry (a name of ARCHS, the head of
+    `auto_class`); None when neither says. A named arch must agree with a present directory's config.json."""
     import os
 
     from transformers import AutoConfig
@@ -139,17 +149,16 @@ def oracle_model(entry, auto_class):
                 raise ConfigError(f"{where}.arch {arch} disagrees with {path}/config.json (model_type "
                                   f"{hf.model_type}; config.json vs arch: {off}): fix or drop the arch entry")
     elif arch is not None:
-        kind, kw = ARCHS[arch]
-        hf, remote = AutoConfig.for_model(kind, **kw), False
+        return list(named_units(arch, auto_class))
     else:
         return None
     with torch.device("meta"):
-        return auto_class.from_config(hf, trust_remote_code=remote)
+        return unit_sizes(auto_class.from_config(hf, trust_remote_code=remote))
 
 
 def oracle_plan(block, world, parallel, device="cuda"):
     """(bytes each rank holds of the oracle's models between scorings, bytes gathered on top while one scores)
-    from each model's own config.json, or its `arch` entry before its weights are here (oracle_model); None
+    from each model's own config.json, or its `arch` entry before its weights are here (oracle_units); None
     when a model has neither. Under fsdp each model is held as shards of its blocks and root
     (fsdp.OracleShards) and gathered whole, one at a time, to score: the largest one's full (padded) buffers;
     under ddp each is whole on every rank."""
@@ -166,10 +175,9 @@ def oracle_plan(block, world, parallel, device="cuda"):
     b = 4 if dtype == "float32" or (dtype in (None, "auto") and device != "cuda") else 2
     held, gathered = 0, 0
     for m in entries:
-        model = oracle_model(m, cls)
-        if model is None:
+        units = oracle_units(m, cls)
+        if units is None:
             return None
-        units = unit_sizes(model)
         if parallel == "fsdp":
             held += b * sum(math.ceil(n / world) for n in units)
             gathered = max(gathered, b * sum(math.ceil(n / world) * world for n in units))

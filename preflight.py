@@ -4,9 +4,10 @@ checked without a GPU and without loading weights, every problem at once, then t
 Checked: each key's value, the algorithm's keys and its loss on a synthetic group, the model directory (config,
 weights, a tokenizer that loads, its chat template), the prompt set and its field, the held-out prompt file,
 every model directory of the oracle (and its head), and, when all of that holds, the relations between keys
-(config.check_config). A reward model's own code (trust_remote_code) is imported, not run (oracle.check_remote_code).
+(config.check_config). A reward model's own code (trust_remote_code) is imported, not run (model_dirs.check_remote_code).
 """
 import memory_plan
+import model_dirs
 import oracle as oracle_lib
 from config import (ConfigError, RUN_KEYS, check_algorithm_keys, check_config, eval_prompt_texts, iteration_prompts,
                     load_config, load_prompts)
@@ -38,7 +39,7 @@ def check_model(cfg):
     """The policy's directory: a config, weights, a tokenizer that loads (and says whether it has a chat template)."""
     if cfg["model"] is None:
         return
-    oracle_lib.check_model_dir(cfg["model"], "model")
+    model_dirs.check_model_dir(cfg["model"], "model")
     from transformers import AutoTokenizer
 
     try:
@@ -60,7 +61,7 @@ def oracle_problems(block):
         for i, m in enumerate(models):
             if isinstance(m, dict) and "path" in m:
                 try:
-                    oracle_lib.check_reward_model_dir(m, f"oracle.models[{i}]")
+                    model_dirs.check_reward_model_dir(m, f"oracle.models[{i}]")
                 except oracle_lib.OracleError as e:
                     found.append(str(e))
     try:

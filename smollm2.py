@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+import model_dirs
 import oracle
 from keys import Key, integer, one_of, optional, positive, text
 
@@ -222,7 +223,7 @@ class RubricMixture(oracle.BTMixture):
             oracle.check_block(r, cls.ITEM_KEYS, where)
         oracle.check_weights([r.get("weight", 1.0 / len(rubrics)) for r in rubrics], "oracle.rubrics")
         if check_paths and block.get("path") is not None:
-            oracle.check_model_dir(block["path"], "oracle.path")
+            model_dirs.check_model_dir(block["path"], "oracle.path")
         return dict(block, rubrics=rubrics)
 
     @classmethod
