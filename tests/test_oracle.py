@@ -60,7 +60,10 @@ class GatedRewardModel(LlamaPreTrainedModel):
                                                           requires_grad=False)
 
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        h = self.model(input_ids, attention_mask=attention_mask).last_hidden_state
+        # the trunk called with the keywords of code written for transformers 4 (ArmoRM's does this)
+        h = self.model(input_ids, attention_mask=attention_mask, position_ids=None, past_key_values=None,
+                       inputs_embeds=None, use_cache=False, output_attentions=False, output_hidden_states=False,
+                       return_dict=True)[0]
         last = attention_mask.sum(-1) - 1  # right padding
         h = h[torch.arange(h.shape[0]), last]
         rewards = self.regression_layer(h) @ self.reward_transform_matrix
