@@ -251,3 +251,14 @@ def test_ultrafeedback_prompts_script_feeds_the_recipes(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "ultrafeedback_prompts.py"), str(tmp_path / "none"),
                         "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith("error:") and len(r.stderr.splitlines()) == 1
+    # held-out prompts from a test split, then training prompts without them
+    pq.write_table(pa.table({"prompt": ["Name a fruit", "Question 3", "Unseen one"]}),
+                   tmp_path / "uf" / "data" / "test_prefs-00000-of-00001.parquet")
+    held = tmp_path / "test_prompts.jsonl"
+    script = [sys.executable, os.path.join(ROOT, "data", "ultrafeedback_prompts.py"), str(tmp_path / "uf")]
+    run_ok(script + ["--split", "test_prefs", "--out", str(held)], tmp_path)
+    assert sorted(json.loads(x)["prompt"] for x in held.read_text().splitlines()) == ["Name a fruit", "Question 3",
+                                                                                   "Unseen one"]
+    run_ok(script + ["--split", "train", "--exclude", str(held), "--out", str(out)], tmp_path)
+    got = [json.loads(x)["prompt"] for x in out.read_text().splitlines()]
+    assert sorted(got) == sorted(set(rows) - {"  ", "Name a fruit", "Question 3"})
