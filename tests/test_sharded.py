@@ -247,11 +247,13 @@ def oracle_worker(rank, world, init_file, blocks, pairs, out):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # the remote code's keywords
 def test_sharded_oracle_scores_as_the_whole_one_and_holds_a_shard(tmp_path):
     """A Bradley-Terry mixture of three tiny reward models (one of them its own code, loaded with
     trust_remote_code as ArmoRM is) and a tiny pairwise judge under fsdp on 2 gloo ranks: each rank holds 1/2 of
     their parameters outside scoring (no gathered buffer), one model whole at a time while scoring, and its
-    scores of its own pairs equal the unsharded oracle's to 1e-5 (fp32); the memory plan's bytes are these."""
+    scores of its own pairs equal the unsharded oracle's to 1e-5 (fp32); the memory plan's bytes are these
+    (N = 2, and N = 1 in this process)."""
     import memory_plan
     import oracle as oracle_lib
     from test_oracle import PROMPTS, RESPONSES, all_pairs, save_judge, save_remote_code_reward_model, save_reward_model
@@ -279,6 +281,11 @@ def test_sharded_oracle_scores_as_the_whole_one_and_holds_a_shard(tmp_path):
         assert float((whole - 0.5).abs().max()) > 1e-3  # the scores say something
     fp32, bf16 = wholes["mixture"], wholes["mixture_bf16"]
     assert 0 < float((bf16 - fp32).abs().max()) < 0.05  # bf16: near fp32 (measured 0.020 here), and not it
+    for name in ("mixture", "judge"):  # N = 1, in this process: the plan's bytes and the same scores
+        o = oracle_lib.build_oracle(blocks[name], "cpu", shards=fsdp.OracleShards(0, 1, torch.device("cpu")))
+        held = sum(u.shard.numel() * u.shard.element_size() for m in o.models() for u in m.flat_units)
+        assert held == memory_plan.oracle_plan(blocks[name], 1, "fsdp", device="cpu")[0], name
+        assert torch.allclose(o.prob(*pairs).double(), wholes[name].double(), atol=1e-5, rtol=0), name
     rm3_alone = oracle_lib.build_oracle(dict(blocks["mixture"], models=[dict(blocks["mixture"]["models"][2], weight=1)]))
     assert float((rm3_alone.prob(*pairs) - 0.5).abs().max()) > 1e-3  # the remote-code model's scores count
 
