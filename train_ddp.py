@@ -457,13 +457,24 @@ def train_locked(cfg, rank, world, device, say):
     return run_iterations(cfg, state, trainer, oracle, start, say)
 
 
+def game_metrics(game, state, trainer, eval_ids, prev, cfg, groups):
+    """(the category game's metrics of the updated policy, its distribution for the next call): category_metrics
+    on the eval prompts, and the categories of this iteration's samples (what its step was computed from)."""
+    with trainer.gathered(state["policy"]):
+        cm, prev = category_metrics(game, state, eval_ids, prev, cfg, show=trainer.rank == 0)
+    cats = game.category([y for g in groups for y in g])
+    cm["sample_category_counts"] = [int(trainer.all_reduce_sum(float((cats == c).sum())))
+                                    for c in [*range(len(game.categories)), -1]]
+    return cm, prev
+
+
 def run_iterations(cfg, state, trainer, oracle, start, say):
     """comal.run from iteration `start`, with this run's callbacks: each iteration's prompts (prompts_for), and
     after it its metrics, exploitability on the category game, checkpoint and printed line (after_iteration)."""
     from tqdm import tqdm
 
     rank, world, log, out_dir = trainer.rank, trainer.world, trainer.log, cfg["out_dir"]
-    tokenizer, policy = state["tokenizer"], state["policy"]
+    tokenizer = state["tokenizer"]
     prompts = load_prompts(cfg)
     game = oracle if isinstance(oracle, oracle_lib.CategoryGame) and cfg["eval_prompts"] else None
     eval_ids = encode_prompts(tokenizer, config.eval_prompt_texts(cfg), cfg["max_prompt_tokens"]) if game else None
@@ -491,14 +502,8 @@ def run_iterations(cfg, state, trainer, oracle, start, say):
             m[key] = trainer.all_reduce_sum(m[key]) / world
         m["seconds"] = time.time() - t0
         if game:
-            with trainer.gathered(policy):
-                cm, prev = category_metrics(game, state, eval_ids, prev, cfg, show=rank == 0)
+            cm, prev = game_metrics(game, state, trainer, eval_ids, prev, cfg, groups)
             m.update(cm)
-            # the categories of this iteration's samples (mu on the training prompts, all ranks): what the step
-            # was computed from, next to the eval prompts' exact distribution of the same policy (iteration k-1)
-            cats = game.category([y for g in groups for y in g])
-            m["sample_category_counts"] = [int(trainer.all_reduce_sum(float((cats == c).sum())))
-                                           for c in [*range(len(game.categories)), -1]]
         io_check(trainer, k)
         stop = k + 1 < cfg["iterations"] and trainer.all_reduce_sum(float(STOP["signal"] is not None)) > 0
         due = (k + 1) % cfg["checkpoint_every"] == 0 or k + 1 == cfg["iterations"] or stop
