@@ -116,12 +116,7 @@ def exact_steps(game, cfg, recs):
         eta, tau = comal.round_params(cfg, k // K)
         return toy_game.tabular_step(spec, game4, toy, None, log_pi, log_ref, tau if spec.tau else None, None, eta)
 
-    def centred(d):
-        return d - d.mean()
-
-    def mean(xs):
-        return sum(xs) / len(xs)
-
+    centred = lambda d: d - d.mean()  # noqa: E731
     per = []  # per track: {iteration: row}
     for logs in tracks:
         rows, sim, sim_ref = {}, logs[-1], logs[-1]
@@ -138,6 +133,13 @@ def exact_steps(game, cfg, recs):
                        "cos": float(d_m @ d_x / (d_m.norm() * d_x.norm()).clamp(min=1e-30)),
                        "length_ratio": float(d_m.norm() / d_x.norm().clamp(min=1e-30)), "d_model": d_m, "d_exact": d_x}
         per.append(rows)
+    return over_prompts(game, per)
+
+
+def over_prompts(game, per):
+    """exact_steps' rows averaged over the prompts (per: one {iteration: row} per prompt), at the iterations
+    every prompt has; the centred changes kept per prompt (step_fit pools them)."""
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     out = []
     for k in sorted(set.intersection(*(set(r) for r in per))):
         rs = [r[k] for r in per]
