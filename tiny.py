@@ -3,6 +3,9 @@
 train_tokenizer():  a byte-level BPE tokenizer trained on given text, with
                     <|pad|>, <|bos|>, <|eos|> and a small chat template, as a
                     transformers PreTrainedTokenizerFast.
+build_base():       the embedded default's SFT'd policy.
+save_reward_model(), save_judge(): untrained oracle models (a reward head, a causal LM judge) with their own
+                    tokenizers, for the oracle tests and the GPU check's sharded oracle.
 """
 import torch
 
@@ -127,3 +130,35 @@ def build_base(path, categories=("rock", "paper", "scissors"), probs=(0.2, 0.5, 
     tok.save_pretrained(tmp)
     os.replace(tmp, path)
     return path
+
+
+def llama_config(tok, **kw):
+    """A 2-block Llama of width 32 for `tok`, with large initial weights (so an untrained head's scores differ)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       initializer_range=0.5, **kw)
+
+
+def save_reward_model(path, seed, vocab, chat):
+    """An untrained LlamaForSequenceClassification (one label) and its tokenizer (chat template or not) at path."""
+    from transformers import LlamaForSequenceClassification
+
+    tok = train_tokenizer(synthetic_text(seed=seed), vocab, chat_template=chat)
+    torch.manual_seed(seed)
+    LlamaForSequenceClassification(llama_config(tok, num_labels=1)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def save_judge(path, seed=7):
+    """An untrained LlamaForCausalLM judge and its tokenizer at path."""
+    from transformers import LlamaForCausalLM
+
+    tok = train_tokenizer(synthetic_text(seed=seed), 350)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(llama_config(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

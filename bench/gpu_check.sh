@@ -36,6 +36,9 @@ if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
   part "per-rank state, ddp vs fsdp" 60 python bench/memory.py --device cuda --worlds 1
   [ -d runs/cache/tiny-base-v1 ] || python -c "import tiny; tiny.build_base('runs/cache/tiny-base-v1')"
   plan_vs_cuda tiny runs/cache/tiny-base-v1 iterations=3
+  python -c "import tiny; tiny.save_reward_model('$OUT/rm1', 1, 300, True); tiny.save_reward_model('$OUT/rm2', 2, 420, False)"
+  plan_vs_cuda tiny-rm-oracle-fsdp runs/cache/tiny-base-v1 iterations=2 eval_prompts=0 parallel=fsdp \
+    "oracle={kind: bt_mixture, models: [{path: $OUT/rm1}, {path: $OUT/rm2}]}"  # the sharded oracle, bf16, nccl
   SMOL=runs/cache/smollm2-135m-instruct
   if [ ! -f $SMOL/model.safetensors ] && [ -d runs/cache/smollm2-shape ]; then
     SMOL=$OUT/smollm2-random; python bench/random_like.py runs/cache/smollm2-shape $SMOL
@@ -56,6 +59,10 @@ else
   part "per-rank state, ddp vs fsdp" 600 python bench/memory.py --hidden 128 --layers 2 --vocab 2048
   part "the tiny default, one process (cpu)" 600 python train_ddp.py configs/tiny.yaml out_dir="$OUT/tiny" \
     iterations=3 resume=never
+  python -c "import tiny; tiny.save_reward_model('$OUT/rm1', 1, 300, True); tiny.save_reward_model('$OUT/rm2', 2, 420, False)"
+  part "a sharded two-reward-model oracle, one process (cpu)" 600 python train_ddp.py configs/tiny.yaml \
+    out_dir="$OUT/tiny_rm" iterations=2 resume=never eval_prompts=0 parallel=fsdp \
+    "oracle={kind: bt_mixture, models: [{path: $OUT/rm1}, {path: $OUT/rm2}]}"
   if [ -d runs/cache/smollm2-135m-instruct ]; then
     part "whole-process peak, rollout and training, ddp vs fsdp (SmolLM2-135M)" 1200 python bench/sharded_rss.py --nproc 2 --repeats 1
   else

@@ -75,7 +75,7 @@ def test_plan_reads_oracle_arch_entries_and_checks_them_against_the_directory(tm
     counted; a wrong arch name, or one that disagrees with a present config.json, is one error line."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import plan
-    from test_oracle import save_reward_model
+    from tiny import save_reward_model
 
     recipe = os.path.join(ROOT, "configs", "llama3_8b_comal.yaml")
     plan.main([recipe, "--world", "8", "--arch", "llama3_8b", "--gpu-gib", "48"])

@@ -5,32 +5,16 @@ import os
 import pytest
 import torch
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 import category_dist
 import oracle
 import tiny
 import toy_game
+from tiny import llama_config, save_judge, save_reward_model
 
 PROMPTS = ["why rock", "write a short poem", "list two numbers"]
 RESPONSES = ["rock is good", "paper beats it because", "scissors and more", "the answer is no",
              "very long story about code", "yes."]
-
-
-def llama_config(tok, **kw):
-    return LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       initializer_range=0.5, **kw)
-
-
-def save_reward_model(path, seed, vocab, chat):
-    tok = tiny.train_tokenizer(tiny.synthetic_text(seed=seed), vocab, chat_template=chat)
-    torch.manual_seed(seed)
-    model = LlamaForSequenceClassification(llama_config(tok, num_labels=1))
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 REMOTE_CODE = '''"""A reward model whose head is its own code (as ArmoRM's gating head is): a Llama trunk, a regression layer
@@ -89,14 +73,6 @@ def save_remote_code_reward_model(path, seed, vocab):
     config.architectures = ["GatedRewardModel"]
     module.GatedRewardModel(config).save_pretrained(path)
     config.save_pretrained(path)  # save_pretrained of an unregistered class drops auto_map: write it back
-    tok.save_pretrained(path)
-    return str(path)
-
-
-def save_judge(path, seed=7):
-    tok = tiny.train_tokenizer(tiny.synthetic_text(seed=seed), 350)
-    torch.manual_seed(seed)
-    LlamaForCausalLM(llama_config(tok)).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 

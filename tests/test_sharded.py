@@ -256,7 +256,8 @@ def test_sharded_oracle_scores_as_the_whole_one_and_holds_a_shard(tmp_path):
     (N = 2, and N = 1 in this process)."""
     import memory_plan
     import oracle as oracle_lib
-    from test_oracle import PROMPTS, RESPONSES, all_pairs, save_judge, save_remote_code_reward_model, save_reward_model
+    from test_oracle import PROMPTS, RESPONSES, all_pairs, save_remote_code_reward_model
+    from tiny import save_judge, save_reward_model
 
     rm1, rm2 = save_reward_model(tmp_path / "rm1", 1, 300, chat=True), save_reward_model(tmp_path / "rm2", 2, 420, chat=False)
     rm3 = save_remote_code_reward_model(tmp_path / "rm3", 3, 360)
@@ -319,7 +320,7 @@ def test_training_with_a_sharded_reward_model_oracle_equals_ddp(base, tmp_path):
     import yaml
 
     from conftest import launch
-    from test_oracle import save_reward_model
+    from tiny import save_reward_model
 
     rms = [save_reward_model(tmp_path / f"rm{i}", i, 300, chat=True) for i in (1, 2)]
     cfg = {"oracle": {"kind": "bt_mixture", "models": [{"path": p} for p in rms], "dtype": "float32"},
