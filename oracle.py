@@ -62,7 +62,8 @@ class Oracle:
         raise NotImplementedError
 
     SHARDABLE = False  # from_config(cfg, device, shards=...) loads each model by shards.load and runs its forwards
-    #                    inside `with shards.scoring(model):` (train_ddp under fsdp: fsdp.OracleShards)
+    #                    inside `with shards.scoring(model):` (train_ddp under fsdp: fsdp.OracleShards); entering
+    #                    scoring gathers (a collective), so every rank enters it as often, even with no pairs
 
     def models(self):
         """The torch modules the oracle holds (sharded under fsdp: each gathered only while it scores)."""
