@@ -241,6 +241,7 @@ def oracle_worker(rank, world, init_file, blocks, pairs, out):
                             largest=max(sum(u.total * u.shard.element_size() for u in m.flat_units) for m in o.models()))
         xs, a, b = (v[rank::world] for v in pairs)
         result[name]["prob"] = o.prob(xs, a, b)
+        result[name]["empty"] = o.prob([], [], [])  # a rank without pairs still enters scoring (a collective)
         result[name]["allocated_after"] = allocated()
     torch.save(result, f"{out}{rank}")
     dist.destroy_process_group()
@@ -279,6 +280,7 @@ def test_sharded_oracle_scores_as_the_whole_one_and_holds_a_shard(tmp_path):
             assert got["allocated"] == 0 and got["allocated_after"] == 0, got  # nothing gathered outside scoring
             assert got["total"] / 2 <= got["held"] <= got["total"] / 2 + 64 * len(block.get("models", [0])) * 8, got
             assert torch.allclose(got["prob"].double(), whole[r::2].double(), atol=1e-5, rtol=0), (name, r)
+            assert got["empty"].shape == (0,)
         assert float((whole - 0.5).abs().max()) > 1e-3  # the scores say something
     fp32, bf16 = wholes["mixture"], wholes["mixture_bf16"]
     assert 0 < float((bf16 - fp32).abs().max()) < 0.05  # bf16: near fp32 (measured 0.020 here), and not it
