@@ -435,20 +435,30 @@ def oracle_shards(cfg, rank, world, device):
 
 def materialize_buffers(model, reader, device):
     """The skeleton's buffers: persistent ones from the checkpoint, derived ones recomputed by the model's
-    _init_weights (e.g. rotary frequencies); one that neither provides is refused rather than left garbage."""
+    _init_weights (rotary frequencies, Gemma's embedding scale), run with the module's own parameters stood in
+    for by meta tensors (theirs are views of the flat units: only buffers take values); one that neither
+    provides is refused rather than left garbage."""
     for prefix, module in model.named_modules():
         meta = [k for k, b in module._buffers.items() if b is not None and b.device.type == "meta"]
         if not meta:
             continue
+        loaded = {}
         for k in meta:
             b, name = module._buffers[k], f"{prefix}.{k}" if prefix else k
             if k not in module._non_persistent_buffers_set and reader.has(name):
-                module._buffers[k] = reader.tensor(name).to(device, b.dtype)
+                loaded[k] = module._buffers[k] = reader.tensor(name).to(device, b.dtype)
             else:
                 module._buffers[k] = torch.full(b.shape, float("nan") if b.is_floating_point() else 0, dtype=b.dtype,
                                                 device=device)
-        if not list(module.parameters(recurse=False)):
-            model._init_weights(module)
+        if len(loaded) < len(meta):
+            own = module._parameters
+            module._parameters = {k: p if p is None else torch.nn.Parameter(torch.empty_like(p, device="meta"),
+                                                                             requires_grad=False) for k, p in own.items()}
+            try:
+                model._init_weights(module)
+            finally:
+                module._parameters = own
+            module._buffers.update(loaded)  # what the checkpoint holds wins over the initialiser
         bad = [k for k in meta if module._buffers[k].is_floating_point() and not torch.isfinite(module._buffers[k]).all()]
         if bad:
             raise ConfigError(f"parallel: fsdp cannot rebuild the buffer {prefix}.{bad[0]} of "

@@ -94,6 +94,36 @@ def test_streamed_loading_reads_each_ranks_slices_and_rollouts_agree(base, tmp_p
         assert got["sharded_lockstep"] and not got["gathered_lockstep"]
 
 
+@pytest.mark.parametrize("arch", ["gemma", "llama_rm"])
+def test_streamed_loading_rebuilds_the_buffers_a_modules_init_computes(tmp_path, arch):
+    """A buffer the checkpoint does not hold is computed by the model's own _init_weights with the module's
+    parameters stood in for by meta tensors: Gemma's embedding scale (a module with a weight of its own) and
+    the rotary frequencies; the sharded model's outputs equal the whole one's (world 1, in process)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GemmaConfig, GemmaForCausalLM
+
+    import tiny
+
+    if arch == "gemma":
+        tok = tiny.train_tokenizer(tiny.synthetic_text(seed=3), 300)
+        torch.manual_seed(0)
+        GemmaForCausalLM(GemmaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0)
+                         ).save_pretrained(tmp_path / arch)
+        auto = AutoModelForCausalLM
+    else:
+        tiny.save_reward_model(tmp_path / arch, 1, 300, chat=True)
+        auto = AutoModelForSequenceClassification
+    whole = auto.from_pretrained(tmp_path / arch).eval()
+    sharded = fsdp.load_sharded(str(tmp_path / arch), 0, 1, torch.device("cpu"), torch.float32, frozen=True,
+                                model_class=auto)
+    ids = torch.randint(1, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), fsdp.units_gathered(sharded.flat_units):
+        got = sharded(input_ids=ids).logits
+    assert torch.allclose(got, whole(input_ids=ids).logits, atol=1e-5, rtol=0)
+    if arch == "gemma":
+        assert float(sharded.model.embed_tokens.embed_scale) == pytest.approx(32 ** 0.5)
+
+
 def test_two_nodes_equal_one_node(torchrun_run, tmp_path):
     """torchrun --nnodes 2 (one process each, c10d rendezvous on localhost) gives the numbers of
     --nproc_per_node 2 (the shared 3-iteration run, the same command) bitwise. Each "node" is pinned to its own
