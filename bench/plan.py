@@ -11,7 +11,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import config  # noqa: E402
 from keys import ConfigError  # noqa: E402
-from memory_plan import ARCHS, GIB, architecture, disk, plan, report  # noqa: E402,F401 (the tests use plan)
+from memory_plan import ARCHS, GIB, disk, report  # noqa: E402
 
 
 def main(argv=None):
