@@ -211,7 +211,8 @@ def report(cfg, arch, world, gpu_gib=80.0):
         fits = "fits" if max(rollout, train[ckpt], scoring or 0) <= gpu_gib * GIB else "does NOT fit"
         lines.append(f"  peak, activation_checkpointing={str(ckpt).lower():5s}: rollout {rollout / GIB:.1f}, training "
                      f"{train[ckpt] / GIB:.1f}" + (f", scoring {scoring / GIB:.1f}" if scoring else "") +
-                     f" -> {fits} in {gpu_gib:g} GiB")
+                     f" -> {fits} in {gpu_gib:g} GiB" +
+                     ("  <- this config" if ckpt == bool(cfg["activation_checkpointing"]) else ""))
     if derived is None:
         lines.append("  NOT counted: the oracle's models (neither their directories nor an arch entry for each)")
     return lines, rollout, train, scoring

@@ -80,7 +80,7 @@ def test_plan_reads_oracle_arch_entries_and_checks_them_against_the_directory(tm
     recipe = os.path.join(ROOT, "configs", "llama3_8b_comal.yaml")
     plan.main([recipe, "--world", "8", "--arch", "llama3_8b", "--gpu-gib", "48"])
     out = capsys.readouterr().out
-    assert "oracle models (shards under fsdp)                      3.49" in out and "-> fits in 48 GiB" in out, out
+    assert "oracle models (shards under fsdp)                      3.49" in out and "-> fits in 48 GiB  <- this config" in out, out
     bare = "oracle.models=[{path: /nowhere/a}, {path: /nowhere/b}]"
     plan.main([recipe, bare, "--world", "8", "--arch", "llama3_8b"])
     assert "NOT counted: the oracle's models" in capsys.readouterr().out
