@@ -6,6 +6,8 @@ import copy
 import json
 import os
 
+import torch
+
 import checkpoint
 import comal
 import examples
@@ -200,6 +202,14 @@ def check_algorithm_keys(cfg):
     except comal.SpecError as e:
         raise ConfigError(str(e)) from None
     return spec
+
+
+def compute_dtype(cfg, device):
+    """The dtype the forwards run in, on every device alike: bf16 for dtype bfloat16 (and auto on CUDA), else
+    fp32. In bf16: autocast, frozen copies and fsdp's gathered weights in bf16; the master weights, AdamW state
+    and the gradients' reduction (DDP buckets, fsdp's reduce-scatter) stay fp32."""
+    bf16 = cfg["dtype"] == "bfloat16" or (cfg["dtype"] == "auto" and torch.device(device).type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def check_config(cfg, world):

@@ -26,7 +26,9 @@ import math
 import torch
 
 import comal
+import config
 import fsdp
+import model_dirs
 from keys import ConfigError
 from opponents import OPPONENTS
 
@@ -79,7 +81,7 @@ def unit_sizes(model):
 
 def plan(cfg, hf, blocks, root, world, device="cuda"):
     """{row: bytes per rank}. The units of parallel: fsdp are the blocks and the root, each padded to N."""
-    c = 2 if device == "cuda" and cfg["dtype"] != "float32" else 4  # compute dtype bytes
+    c = config.compute_dtype(cfg, device).itemsize  # the trainers' compute dtype (bf16: 2 bytes)
     spec = comal.ALGOS[cfg["algo"]]
     P = sum(blocks) + root
     shard = sum(math.ceil(n / world) for n in blocks + [root])  # this rank's entries over all units
@@ -171,8 +173,7 @@ def oracle_plan(block, world, parallel, device="cuda"):
         entries, cls = [block], AutoModelForCausalLM
     else:
         return 0, 0  # the category game holds no model; another kind's models are not modelled here
-    dtype = block.get("dtype")
-    b = 4 if dtype == "float32" or (dtype in (None, "auto") and device != "cuda") else 2
+    b = model_dirs.model_dtype(device, block.get("dtype")).itemsize  # the dtype the oracle loads its models in
     held, gathered = 0, 0
     for m in entries:
         units = oracle_units(m, cls)
@@ -225,7 +226,7 @@ def disk(cfg, arch):
     hf, blocks, root = architecture(arch)
     P = sum(blocks) + root
     spec, opp = comal.ALGOS[cfg["algo"]], OPPONENTS[comal.ALGOS[cfg["algo"]].opponent]
-    c = 4 if cfg["dtype"] == "float32" else 2
+    c = config.compute_dtype(cfg, "cuda").itemsize
     one = 4 * P + (8 * P if cfg["optimizer_reset"] == "never" else 0) + (c * P if spec.ref == "rounds" else 0)
     one += (4 if opp.copy == "float32" else c) * P if opp and opp.copy else 0
     written = math.ceil(cfg["iterations"] / cfg["checkpoint_every"])

@@ -116,7 +116,7 @@ class Trainer:
                 dist.broadcast(p.data, 0)
 
     def autocast(self):
-        if compute_dtype(self.cfg, self.device) == torch.bfloat16:
+        if config.compute_dtype(self.cfg, self.device) == torch.bfloat16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -617,14 +617,6 @@ def saved_copies(spec):
     return [key for key, used in (("ref", spec.ref == "rounds"), ("opponent", bool(opp and opp.copy))) if used]
 
 
-def compute_dtype(cfg, device):
-    """The dtype the forwards run in, on every device alike: bf16 for dtype bfloat16 (and auto on CUDA), else
-    fp32. In bf16: autocast, frozen copies and fsdp's gathered weights in bf16; the master weights, AdamW state
-    and the gradients' reduction (DDP buckets, fsdp's reduce-scatter) stay fp32."""
-    bf16 = cfg["dtype"] == "bfloat16" or (cfg["dtype"] == "auto" and torch.device(device).type == "cuda")
-    return torch.bfloat16 if bf16 else torch.float32
-
-
 def load_models(cfg, spec, base_path, resume, rank, world, device):
     """(state, trainer): the policy (from the checkpoint when resuming, checked to give the log-probs of its own
     logits: sample.check_logprob_path) and the spec's frozen copies pi_ref and opponent. A checkpoint is read
@@ -637,7 +629,7 @@ def load_models(cfg, spec, base_path, resume, rank, world, device):
     tokenizer = AutoTokenizer.from_pretrained(start_path, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dtype = compute_dtype(cfg, device)
+    dtype = config.compute_dtype(cfg, device)
     cls = ShardedTrainer if cfg["parallel"] == "fsdp" else Trainer  # its load_policy / load_frozen
 
     def load(path, dtype, frozen=True):

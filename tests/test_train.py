@@ -257,7 +257,7 @@ def test_each_algorithm_runs_and_lowers_its_loss(base, algo, tmp_path):
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_bfloat16_on_cpu_takes_the_gpu_path(base, tmp_path, parallel):
-    """dtype bfloat16 makes on CPU the choices it makes on CUDA (train_ddp.compute_dtype): pi_ref in bf16 (fsdp:
+    """dtype bfloat16 makes on CPU the choices it makes on CUDA (config.compute_dtype): pi_ref in bf16 (fsdp:
     its shards too), the policy's master weights fp32 (fsdp: its gathered weights bf16), forwards under bf16
     autocast; dtype float32 keeps everything fp32."""
     for dtype, want in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
