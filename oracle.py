@@ -62,7 +62,7 @@ class Oracle:
         raise NotImplementedError
 
     SHARDABLE = False  # from_config(cfg, device, shards=...) loads each model by shards.load and runs its forwards
-    #                    inside `with shards.scoring(model):` (train_ddp under fsdp: fsdp.OracleShards); entering
+    #                    inside `with scoring_of(shards)(model):` (train_ddp under fsdp: fsdp.OracleShards); entering
     #                    scoring gathers (a collective), so every rank enters it as often, even with no pairs
 
     def models(self):
@@ -91,6 +91,12 @@ class Oracle:
             M[:, i, j] = p[:, k]
             M[:, j, i] = 1 - p[:, k]
         return M
+
+
+def scoring_of(shards):
+    """The context a model scores in: shards.scoring (fsdp.OracleShards: the model gathered whole for the block)
+    or, for models loaded whole, nothing to do."""
+    return shards.scoring if shards is not None else lambda model: contextlib.nullcontext()
 
 
 def check_groups(prompts, groups):
@@ -305,7 +311,7 @@ class RewardModel:
         self.use_chat_template, self.reward_index = use_chat_template, reward_index
         self.tokenizer = load_tokenizer(path, f"reward model {path}")
         self.tokenizer.padding_side = "right"
-        self.scoring = shards.scoring if shards is not None else lambda model: contextlib.nullcontext()
+        self.scoring = scoring_of(shards)
         try:
             self.model = self.load(AutoModelForSequenceClassification, model_dtype(device, dtype), trust_remote_code,
                                    shards)
@@ -455,7 +461,7 @@ class PairwiseJudge(Oracle):
         self.batch_size, self.max_length, self.use_chat_template = batch_size, max_length, use_chat_template
         self.tokenizer = load_tokenizer(path, f"judge {path}")
         self.prefix_ids, self.token_a, self.token_b = answer_tokens(self.tokenizer, answer_a, answer_b)
-        self.scoring = shards.scoring if shards is not None else lambda model: contextlib.nullcontext()
+        self.scoring = scoring_of(shards)
         if shards is not None:  # sharded (train_ddp under fsdp)
             self.model = shards.load(path, AutoModelForCausalLM, model_dtype(device, dtype))
         else:
